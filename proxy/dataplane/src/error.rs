@@ -1,0 +1,53 @@
+//! Errors of the data plane control library, each naming what failed.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no program {0:?}")]
+    MissingProgram(&'static str),
+    #[error("the eBPF object has no map {0:?}")]
+    MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching XDP to interface {interface}: {source}")]
+    Attach {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("interface {0} has no XDP program of ours attached")]
+    NotAttached(String),
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("creating the pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service map is full ({capacity} frontends): cannot add {frontend}")]
+    ServicesFull { frontend: String, capacity: u32 },
+    #[error("frontend {frontend} has {count} backends; the backend map allows {capacity} in all")]
+    BackendsFull {
+        frontend: String,
+        count: usize,
+        capacity: u32,
+    },
+}
+
+impl DataplaneError {
+    pub(crate) fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |source| DataplaneError::Map { map, source }
+    }
+}

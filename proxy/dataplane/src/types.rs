@@ -1,0 +1,157 @@
+//! The vocabulary of the data plane's control API: frontends, backends,
+//! ports and protocols, in types that cannot hold a wrong value.
+
+use std::{fmt, net::Ipv4Addr, num::NonZeroU16, str::FromStr};
+
+use vipr_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+
+/// A TCP or UDP port; never zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Port(NonZeroU16);
+
+impl Port {
+    /// `None` for port 0, which no service or backend can use.
+    pub const fn new(port: u16) -> Option<Self> {
+        match NonZeroU16::new(port) {
+            Some(p) => Some(Port(p)),
+            None => None,
+        }
+    }
+
+    pub const fn get(self) -> u16 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Port {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl TryFrom<u16> for Port {
+    type Error = InvalidPort;
+    fn try_from(port: u16) -> Result<Self, InvalidPort> {
+        Port::new(port).ok_or(InvalidPort)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("port 0 is not a valid service or backend port")]
+pub struct InvalidPort;
+
+/// The L4 protocols the data plane translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub const fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            other => Err(format!("unknown protocol {other:?}: expected tcp or udp")),
+        }
+    }
+}
+
+/// What a client dials: a virtual (or node) address, a port and a protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: Port,
+    pub protocol: Protocol,
+}
+
+impl Frontend {
+    pub(crate) fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.get().to_be(),
+            proto: self.protocol.ip_proto(),
+            _pad: 0,
+        }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+    }
+}
+
+/// Where translated packets of a flow go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub addr: Ipv4Addr,
+    pub port: Port,
+}
+
+impl BackendAddr {
+    pub(crate) fn to_map_value(self) -> Backend {
+        Backend {
+            addr: u32::from(self.addr).to_be(),
+            port: self.port.get().to_be(),
+            _pad: 0,
+        }
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_is_rejected() {
+        assert_eq!(Port::try_from(0), Err(InvalidPort));
+        assert_eq!(Port::try_from(80).unwrap().get(), 80);
+    }
+
+    #[test]
+    fn frontend_key_is_network_order() {
+        let fe = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 1),
+            port: Port::new(80).unwrap(),
+            protocol: Protocol::Tcp,
+        };
+        let key = fe.key();
+        assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 1]);
+        assert_eq!(key.port.to_ne_bytes(), [0, 80]);
+        assert_eq!(key.proto, 6);
+    }
+}

@@ -1,0 +1,369 @@
+//! Packet fixtures: the real XDP program, loaded into the kernel, run through
+//! BPF_PROG_TEST_RUN on crafted packets. Each case states the input packet,
+//! the expected verdict and the expected output packet (Katran's fixture
+//! tables are the model). Needs root (CAP_BPF).
+
+mod packet;
+
+use std::net::Ipv4Addr;
+
+use packet::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Ipv4Packet, L4, ethernet, verify_checksums};
+use vipr_dataplane::{
+    BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend, Port, Protocol,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const VIP_NO_ENDPOINTS: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const UNKNOWN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 3);
+const TCP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
+const UDP_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 6);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+fn port(p: u16) -> Port {
+    Port::new(p).unwrap()
+}
+
+fn frontend(addr: Ipv4Addr, p: u16, protocol: Protocol) -> Frontend {
+    Frontend {
+        addr,
+        port: port(p),
+        protocol,
+    }
+}
+
+fn backend(addr: Ipv4Addr, p: u16) -> BackendAddr {
+    BackendAddr {
+        addr,
+        port: port(p),
+    }
+}
+
+/// A data plane with the fixture services: VIP:80/TCP -> TCP_BACKEND:8080,
+/// VIP:53/UDP -> UDP_BACKEND:5353, VIP_NO_ENDPOINTS:80/TCP -> none; service
+/// CIDR 10.96.0.0/12.
+fn dataplane() -> Dataplane {
+    let options = DataplaneOptions {
+        service_cidr: Some("10.96.0.0/12".parse().unwrap()),
+        ..DataplaneOptions::default()
+    };
+    let mut dp = Dataplane::load(&options).expect("load the XDP program (needs root)");
+    dp.program_service(
+        frontend(VIP, 80, Protocol::Tcp),
+        &[backend(TCP_BACKEND, 8080)],
+    )
+    .unwrap();
+    dp.program_service(
+        frontend(VIP, 53, Protocol::Udp),
+        &[backend(UDP_BACKEND, 5353)],
+    )
+    .unwrap();
+    dp.program_service(frontend(VIP_NO_ENDPOINTS, 80, Protocol::Tcp), &[])
+        .unwrap();
+    dp
+}
+
+/// Runs one packet; returns the verdict and the packet as the program left it.
+fn run(dp: &mut Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let result = dp.test_run(input, &mut out, 1).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+enum Expect {
+    /// Passed with exactly these bytes (untouched or translated).
+    Pass(Vec<u8>),
+    Drop,
+}
+
+struct Case {
+    name: &'static str,
+    input: Vec<u8>,
+    expect: Expect,
+}
+
+fn check(dp: &mut Dataplane, case: &Case) {
+    let (verdict, out) = run(dp, &case.input);
+    match &case.expect {
+        Expect::Drop => assert_eq!(verdict, XDP_DROP, "{}: verdict", case.name),
+        Expect::Pass(expected) => {
+            assert_eq!(verdict, XDP_PASS, "{}: verdict", case.name);
+            assert_eq!(&out, expected, "{}: output packet", case.name);
+        }
+    }
+}
+
+fn tcp_to_vip() -> Ipv4Packet {
+    Ipv4Packet::tcp((CLIENT, 40000), (VIP, 80))
+}
+
+fn udp_to_vip() -> Ipv4Packet {
+    Ipv4Packet::udp((CLIENT, 40001), (VIP, 53))
+}
+
+fn truncated(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
+    frame.truncate(len);
+    frame
+}
+
+#[test]
+fn translation_fixtures() {
+    let mut dp = dataplane();
+    let tcp = tcp_to_vip();
+    let udp = udp_to_vip();
+    let mut udp_no_csum = Ipv4Packet::udp((CLIENT, 40002), (VIP, 53));
+    udp_no_csum.l4 = L4::Udp {
+        src_port: 40002,
+        dst_port: 53,
+        checksum: false,
+    };
+    let mut with_options = Ipv4Packet::tcp((CLIENT, 40003), (VIP, 80));
+    with_options.options = vec![0x94, 0x04, 0, 0]; // Router Alert
+    let mut ttl_one = Ipv4Packet::tcp((CLIENT, 40004), (VIP, 80));
+    ttl_one.ttl = 1;
+    let tcp_elsewhere = Ipv4Packet::tcp((CLIENT, 40005), (OUTSIDE, 80));
+
+    let cases = vec![
+        Case {
+            name: "TCP SYN to a VIP is sent to the backend",
+            input: tcp.build(),
+            expect: Expect::Pass(tcp.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "the same flow again keeps its backend",
+            input: tcp.build(),
+            expect: Expect::Pass(tcp.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "the backend's reply gets the VIP back as source",
+            input: tcp.clone().with_dst(TCP_BACKEND, 8080).reply().build(),
+            expect: Expect::Pass(tcp.reply().build()),
+        },
+        Case {
+            name: "UDP to a VIP is sent to the backend",
+            input: udp.build(),
+            expect: Expect::Pass(udp.clone().with_dst(UDP_BACKEND, 5353).build()),
+        },
+        Case {
+            name: "UDP reply is translated back",
+            input: udp.clone().with_dst(UDP_BACKEND, 5353).reply().build(),
+            expect: Expect::Pass(udp.reply().build()),
+        },
+        Case {
+            name: "UDP without checksum stays without checksum",
+            input: udp_no_csum.build(),
+            expect: Expect::Pass(udp_no_csum.clone().with_dst(UDP_BACKEND, 5353).build()),
+        },
+        Case {
+            name: "IP options: L4 found past them, header checksum covers them",
+            input: with_options.build(),
+            expect: Expect::Pass(with_options.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "TTL 1 is translated; expiry is the kernel's to report",
+            input: ttl_one.build(),
+            expect: Expect::Pass(ttl_one.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "a VIP without endpoints drops",
+            input: Ipv4Packet::tcp((CLIENT, 40006), (VIP_NO_ENDPOINTS, 80)).build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "an unknown address in the service CIDR drops",
+            input: Ipv4Packet::tcp((CLIENT, 40007), (UNKNOWN_VIP, 80)).build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "a VIP on a port it does not serve drops",
+            input: Ipv4Packet::tcp((CLIENT, 40008), (VIP, 81)).build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "UDP to a TCP-only VIP port drops",
+            input: Ipv4Packet::udp((CLIENT, 40009), (VIP, 80)).build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "traffic outside the service CIDR is untouched",
+            input: tcp_elsewhere.build(),
+            expect: Expect::Pass(tcp_elsewhere.build()),
+        },
+        Case {
+            name: "ICMP echo to a VIP drops",
+            input: Ipv4Packet::icmp_echo(CLIENT, VIP).build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "ICMP elsewhere is untouched",
+            input: Ipv4Packet::icmp_echo(CLIENT, OUTSIDE).build(),
+            expect: Expect::Pass(Ipv4Packet::icmp_echo(CLIENT, OUTSIDE).build()),
+        },
+    ];
+    for case in &cases {
+        check(&mut dp, case);
+    }
+
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.packets(Counter::NewFlow), 5, "new flows");
+    assert_eq!(counters.packets(Counter::FlowHit), 1, "flow hits");
+    assert_eq!(counters.packets(Counter::ReplyTranslated), 2, "replies");
+    assert_eq!(counters.packets(Counter::DropNoEndpoints), 1);
+    assert_eq!(counters.packets(Counter::DropUnknownVip), 4);
+    assert_eq!(counters.packets(Counter::Passed), 2);
+}
+
+#[test]
+fn malformed_and_foreign_fixtures() {
+    let mut dp = dataplane();
+    let tcp = tcp_to_vip().build();
+    let tcp_elsewhere = Ipv4Packet::tcp((CLIENT, 40010), (OUTSIDE, 80)).build();
+    let mut fragment = tcp_to_vip();
+    fragment.frag = 0x2000; // MF
+    let mut later_fragment = tcp_to_vip();
+    later_fragment.frag = 0x0010; // offset 128 bytes
+    let mut foreign_fragment = Ipv4Packet::tcp((CLIENT, 40011), (OUTSIDE, 80));
+    foreign_fragment.frag = 0x2000;
+    let mut bad_ihl = tcp.clone();
+    bad_ihl[14] = 0x44;
+    let mut bad_version = tcp.clone();
+    bad_version[14] = 0x65;
+    let mut arp = ethernet(ETH_P_ARP);
+    arp.extend([0u8; 28]);
+    let mut ipv6 = ethernet(ETH_P_IPV6);
+    ipv6.extend([0x60, 0, 0, 0, 0, 8, 17, 64]);
+    ipv6.extend([0u8; 40]);
+    let mut ip_header_only = ethernet(ETH_P_IP);
+    ip_header_only.extend(&tcp[14..24]);
+
+    let cases = vec![
+        Case {
+            name: "ARP is untouched",
+            input: arp.clone(),
+            expect: Expect::Pass(arp),
+        },
+        Case {
+            name: "IPv6 is untouched",
+            input: ipv6.clone(),
+            expect: Expect::Pass(ipv6),
+        },
+        Case {
+            name: "an IPv4 header cut short is left to the kernel",
+            input: ip_header_only.clone(),
+            expect: Expect::Pass(ip_header_only),
+        },
+        Case {
+            name: "a TCP header cut short to a VIP drops",
+            input: truncated(tcp.clone(), 14 + 20 + 10),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "a TCP header cut short elsewhere is untouched",
+            input: truncated(tcp_elsewhere.clone(), 14 + 20 + 10),
+            expect: Expect::Pass(truncated(tcp_elsewhere, 14 + 20 + 10)),
+        },
+        Case {
+            name: "a first fragment to a VIP drops",
+            input: fragment.build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "a later fragment to a VIP drops",
+            input: later_fragment.build(),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "a fragment elsewhere is untouched",
+            input: foreign_fragment.build(),
+            expect: Expect::Pass(foreign_fragment.build()),
+        },
+        Case {
+            name: "IHL 4 to a VIP drops",
+            input: bad_ihl,
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "IP version 6 inside an IPv4 frame to a VIP drops",
+            input: bad_version,
+            expect: Expect::Drop,
+        },
+    ];
+    for case in &cases {
+        check(&mut dp, case);
+    }
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.packets(Counter::DropMalformed), 3);
+    assert_eq!(counters.packets(Counter::DropFragment), 2);
+    assert_eq!(counters.packets(Counter::NewFlow), 0);
+}
+
+#[test]
+fn every_rewrite_has_valid_checksums() {
+    let mut dp = dataplane();
+    // Many ports and payload lengths exercise carries in the incremental sums.
+    for i in 0..200u16 {
+        let mut tcp = Ipv4Packet::tcp((CLIENT, 1024 + i * 37), (VIP, 80));
+        tcp.payload = vec![i as u8; usize::from(i % 13)];
+        let (verdict, out) = run(&mut dp, &tcp.build());
+        assert_eq!(verdict, XDP_PASS);
+        verify_checksums(&out).unwrap_or_else(|e| panic!("TCP flow {i}: {e}"));
+
+        let reply = tcp.clone().with_dst(TCP_BACKEND, 8080).reply();
+        let (verdict, out) = run(&mut dp, &reply.build());
+        assert_eq!(verdict, XDP_PASS);
+        verify_checksums(&out).unwrap_or_else(|e| panic!("TCP reply {i}: {e}"));
+
+        let udp = Ipv4Packet::udp((CLIENT, 60000 - i * 91), (VIP, 53));
+        let (verdict, out) = run(&mut dp, &udp.build());
+        assert_eq!(verdict, XDP_PASS);
+        verify_checksums(&out).unwrap_or_else(|e| panic!("UDP flow {i}: {e}"));
+    }
+}
+
+#[test]
+fn flows_spread_over_backends_and_stick() {
+    let mut dp = dataplane();
+    let backends: Vec<_> = (1..=3)
+        .map(|i| backend(Ipv4Addr::new(10, 244, 2, i), 8080))
+        .collect();
+    dp.program_service(frontend(VIP, 80, Protocol::Tcp), &backends)
+        .unwrap();
+
+    let mut chosen = std::collections::HashMap::new();
+    for client_port in 20000..20300u16 {
+        let packet = Ipv4Packet::tcp((CLIENT, client_port), (VIP, 80)).build();
+        let (verdict, out) = run(&mut dp, &packet);
+        assert_eq!(verdict, XDP_PASS);
+        let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+        assert!(backends.iter().any(|b| b.addr == dst), "{dst} is no backend");
+        chosen.insert(client_port, dst);
+    }
+    // Every backend gets a fair share (expected 100 each; 50 is far below chance).
+    for b in &backends {
+        let share = chosen.values().filter(|d| **d == b.addr).count();
+        assert!(share > 50, "backend {} got only {share} of 300 flows", b.addr);
+    }
+    // Removing a backend does not move established flows.
+    dp.program_service(frontend(VIP, 80, Protocol::Tcp), &backends[..1])
+        .unwrap();
+    for (client_port, dst) in &chosen {
+        let packet = Ipv4Packet::tcp((CLIENT, *client_port), (VIP, 80)).build();
+        let (_, out) = run(&mut dp, &packet);
+        assert_eq!(Ipv4Addr::new(out[30], out[31], out[32], out[33]), *dst);
+    }
+}
+
+#[test]
+fn removed_service_address_drops() {
+    let mut dp = dataplane();
+    let fe = frontend(VIP, 80, Protocol::Tcp);
+    assert!(dp.remove_service(&fe).unwrap());
+    assert!(!dp.remove_service(&fe).unwrap());
+    let (verdict, _) = run(&mut dp, &Ipv4Packet::tcp((CLIENT, 41000), (VIP, 80)).build());
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(dp.frontends().len(), 2);
+}
