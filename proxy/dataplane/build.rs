@@ -14,7 +14,8 @@ use std::{
 const EBPF_BIN: &str = "vipr-ebpf";
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let workspace = manifest_dir.join("../..");
     let programs = workspace.join("ebpf/programs");
@@ -30,9 +31,15 @@ fn main() {
 
 fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
     for watched in ["src", "Cargo.toml", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", programs.join(watched).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            programs.join(watched).display()
+        );
     }
-    println!("cargo:rerun-if-changed={}", workspace.join("ebpf/common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("ebpf/common/src").display()
+    );
 
     // A target dir of its own that outlives this build script's OUT_DIR, so
     // `cargo build`, `clippy` and `test` share one eBPF build.
@@ -44,7 +51,15 @@ fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
     let mut cargo = Command::new("rustup");
     cargo
         .current_dir(programs)
-        .args(["run", "nightly", "cargo", "build", "--release", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "-Z",
+            "build-std=core",
+        ])
         .args(["--target", "bpfel-unknown-none", "--target-dir"])
         .arg(&target_dir);
     // The outer cargo's settings are for the host build, not this one.
@@ -60,7 +75,9 @@ fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
         }
     }
     let status = cargo.status().unwrap_or_else(|e| {
-        panic!("running `rustup run nightly cargo` for the eBPF programs: {e}; run `cargo xtask setup`")
+        panic!(
+            "running `rustup run nightly cargo` for the eBPF programs: {e}; run `cargo xtask setup`"
+        )
     });
     if !status.success() {
         panic!(

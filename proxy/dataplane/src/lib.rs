@@ -19,4 +19,5 @@ pub use types::{BackendAddr, Frontend, InvalidPort, Port, Protocol};
 pub use vipr_common::Counter;
 
 /// The eBPF object this crate was built with.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipr-ebpf.o"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipr-ebpf.o"));

@@ -50,8 +50,7 @@ impl ServiceTable {
                 },
             );
         }
-        let used: std::collections::HashSet<u32> =
-            table.frontends.values().map(|p| p.id).collect();
+        let used: std::collections::HashSet<u32> = table.frontends.values().map(|p| p.id).collect();
         table.free_ids = (0..table.next_id).filter(|id| !used.contains(id)).collect();
         Ok(table)
     }

@@ -47,12 +47,14 @@ impl Dataplane {
             let per_cpu = array
                 .get(&index, 0)
                 .map_err(DataplaneError::map(map_names::STATS))?;
-            values.push(per_cpu.iter().fold(CounterValue::default(), |acc, v| {
-                CounterValue {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
-                }
-            }));
+            values.push(
+                per_cpu
+                    .iter()
+                    .fold(CounterValue::default(), |acc, v| CounterValue {
+                        packets: acc.packets + v.packets,
+                        bytes: acc.bytes + v.bytes,
+                    }),
+            );
         }
         Ok(Counters { values })
     }

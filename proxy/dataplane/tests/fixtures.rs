@@ -8,9 +8,7 @@ mod packet;
 use std::net::Ipv4Addr;
 
 use packet::{ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Ipv4Packet, L4, ethernet, verify_checksums};
-use vipr_dataplane::{
-    BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend, Port, Protocol,
-};
+use vipr_dataplane::{BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend, Port, Protocol};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -339,13 +337,20 @@ fn flows_spread_over_backends_and_stick() {
         let (verdict, out) = run(&mut dp, &packet);
         assert_eq!(verdict, XDP_PASS);
         let dst = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
-        assert!(backends.iter().any(|b| b.addr == dst), "{dst} is no backend");
+        assert!(
+            backends.iter().any(|b| b.addr == dst),
+            "{dst} is no backend"
+        );
         chosen.insert(client_port, dst);
     }
     // Every backend gets a fair share (expected 100 each; 50 is far below chance).
     for b in &backends {
         let share = chosen.values().filter(|d| **d == b.addr).count();
-        assert!(share > 50, "backend {} got only {share} of 300 flows", b.addr);
+        assert!(
+            share > 50,
+            "backend {} got only {share} of 300 flows",
+            b.addr
+        );
     }
     // Removing a backend does not move established flows.
     dp.program_service(frontend(VIP, 80, Protocol::Tcp), &backends[..1])
@@ -363,7 +368,10 @@ fn removed_service_address_drops() {
     let fe = frontend(VIP, 80, Protocol::Tcp);
     assert!(dp.remove_service(&fe).unwrap());
     assert!(!dp.remove_service(&fe).unwrap());
-    let (verdict, _) = run(&mut dp, &Ipv4Packet::tcp((CLIENT, 41000), (VIP, 80)).build());
+    let (verdict, _) = run(
+        &mut dp,
+        &Ipv4Packet::tcp((CLIENT, 41000), (VIP, 80)).build(),
+    );
     assert_eq!(verdict, XDP_DROP);
     assert_eq!(dp.frontends().len(), 2);
 }

@@ -14,9 +14,17 @@ pub const ETH_P_ARP: u16 = 0x0806;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { src_port: u16, dst_port: u16, flags: u8 },
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
     /// `checksum: false` sends the "no checksum" zero UDP allows.
-    Udp { src_port: u16, dst_port: u16, checksum: bool },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        checksum: bool,
+    },
     IcmpEcho,
 }
 
@@ -159,7 +167,9 @@ impl Ipv4Packet {
                 let c = pseudo_checksum(self.src, self.dst, 17, &l4);
                 Some((6, if c == 0 { 0xffff } else { c }))
             }
-            L4::Udp { checksum: false, .. } => None,
+            L4::Udp {
+                checksum: false, ..
+            } => None,
             L4::IcmpEcho => Some((2, internet_checksum(&l4))),
         };
         if let Some((offset, sum)) = checksum {
