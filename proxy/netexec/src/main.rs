@@ -1,0 +1,88 @@
+//! `vipr-netexec`: the test workload of vipr's pods, after Kubernetes'
+//! agnhost `netexec`.
+//!
+//! - [`http`] owns the HTTP/1.1 endpoints (`/hostname`, `/clientip`, `/echo`,
+//!   `/exit`, `/healthz`, `/ready`): a deliberately minimal server, one
+//!   request per connection, always `Connection: close`.
+//! - [`udp`] owns the UDP commands (`hostname`, `echo X`, `clientip`).
+//! - This file owns the command line, the listeners and shutdown: SIGTERM or
+//!   SIGINT ends the process with status 0.
+//!
+//! On start it prints one line to stdout, `listening http=ADDR udp=ADDR`, so
+//! whoever started it with port 0 learns the ports the kernel chose.
+
+mod http;
+mod udp;
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Test workload: answers hostname, client IP and echo requests over HTTP and UDP.
+#[derive(Debug, Parser)]
+#[command(name = "vipr-netexec", version)]
+struct Args {
+    /// TCP port of the HTTP server (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// UDP port of the datagram server (0: any free port).
+    #[arg(long, default_value_t = 8081)]
+    udp_port: u16,
+    /// Address both servers listen on.
+    #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    address: IpAddr,
+}
+
+/// What every handler may need to know about this process.
+#[derive(Debug)]
+pub struct Shared {
+    /// Read once at start: a pod's hostname does not change.
+    pub hostname: String,
+    /// Flipped by `/ready?set=...`.
+    pub ready: std::sync::atomic::AtomicBool,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let shared = Arc::new(Shared {
+        hostname: hostname()?,
+        ready: std::sync::atomic::AtomicBool::new(true),
+    });
+    let tcp = TcpListener::bind(SocketAddr::new(args.address, args.http_port))
+        .await
+        .with_context(|| format!("binding HTTP port {}", args.http_port))?;
+    let udp = UdpSocket::bind(SocketAddr::new(args.address, args.udp_port))
+        .await
+        .with_context(|| format!("binding UDP port {}", args.udp_port))?;
+    announce(tcp.local_addr()?, udp.local_addr()?)?;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        r = http::serve(tcp, shared.clone()) => r.context("HTTP server")?,
+        r = udp::serve(udp, shared) => r.context("UDP server")?,
+        _ = term.recv() => eprintln!("vipr-netexec: SIGTERM, exiting"),
+        _ = int.recv() => eprintln!("vipr-netexec: SIGINT, exiting"),
+    }
+    Ok(())
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name = nix::unistd::gethostname().context("reading the hostname")?;
+    Ok(name.to_string_lossy().into_owned())
+}
+
+/// The readiness line tests and humans wait for; flushed because stdout is
+/// a pipe (block buffered) when a test or the pod runtime reads it.
+fn announce(http: SocketAddr, udp: SocketAddr) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening http={http} udp={udp}")?;
+    out.flush()?;
+    Ok(())
+}
