@@ -4,19 +4,19 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object")]
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no program {0:?}")]
     MissingProgram(&'static str),
     #[error("the eBPF object has no map {0:?}")]
     MissingMap(&'static str),
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("attaching XDP to interface {interface}: {source}")]
+    #[error("attaching XDP to interface {interface}")]
     Attach {
         interface: String,
         #[source]
@@ -24,13 +24,13 @@ pub enum DataplaneError {
     },
     #[error("interface {0} has no XDP program of ours attached")]
     NotAttached(String),
-    #[error("map {map}: {source}")]
+    #[error("map {map}")]
     Map {
         map: &'static str,
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("creating the pin directory {path}: {source}")]
+    #[error("creating the pin directory {path}")]
     PinDir {
         path: PathBuf,
         #[source]

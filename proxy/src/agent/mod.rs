@@ -1,0 +1,223 @@
+//! `vipr agent`: the composition root. It owns the desired state (the
+//! store), runs the pods (the runtime), feeds the data plane and the DNS
+//! server, and answers the CLI. Nothing else in vipr wires parts together.
+//!
+//! Threads and tasks:
+//! - the reconciler thread follows the store's change feed: it starts and
+//!   stops pods and programs services (one full sync, then increments);
+//! - a task copies pod status from the runtime into the store (which wakes
+//!   the reconciler) and attaches XDP to each new pod's node-side veth;
+//! - the API, metrics and DNS servers run as tasks.
+
+mod api_handler;
+mod dns_snapshot;
+mod frontends;
+mod node;
+mod pods;
+mod reconciler;
+mod sync;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
+use vipr_dns::{DnsConfig, DnsServer, Upstreams};
+use vipr_pod_runtime::{Runtime, RuntimeConfig};
+use vipr_store::{ServiceNetwork, Store, StoreConfig};
+
+use crate::{
+    cli::{AgentArgs, Source},
+    metrics::{self, Metrics},
+};
+use frontends::NodeAddresses;
+use reconciler::{ComputedSlices, Reconciler};
+
+/// Runs the agent until SIGINT/SIGTERM (or cleans up with `--cleanup`).
+pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
+    if args.source == Source::Kube {
+        bail!("--source kube is not built yet; use --source local (the default)");
+    }
+    let node = node::NodeIdentity::resolve(&args)?;
+    if args.cleanup {
+        node::cleanup(&args, &node, &api_socket)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args, node, api_socket))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -> Result<()> {
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let metrics = Metrics::new()?;
+    let store = Arc::new(open_store(&args)?);
+    pods::ensure_dns_service(&store, args.cluster_dns)?;
+
+    let mut dataplane = Dataplane::load(&DataplaneOptions {
+        pin_dir: Some(node.pin_dir.clone()),
+        service_cidr: Some(args.service_cidr),
+        ..DataplaneOptions::default()
+    })
+    .context("loading the XDP data plane")?;
+    dataplane.spawn_log_forwarder();
+    if let Some(uplink) = &args.uplink {
+        node::enable_forwarding(uplink)?;
+        dataplane
+            .attach(uplink, XdpMode::Default)
+            .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
+    }
+    let dataplane = Arc::new(Mutex::new(dataplane));
+
+    node::bind_cluster_dns(args.cluster_dns)?;
+    let dns = Arc::new(
+        DnsServer::start(dns_config(&args), &Default::default())
+            .await
+            .context("starting the cluster DNS server")?,
+    );
+
+    let pod_runtime = Runtime::new(
+        runtime_config(&args, &node)?,
+        Arc::new(pods::StoreLookup(store.clone())),
+    )
+    .context("starting the pod runtime")?;
+
+    let slices = ComputedSlices::default();
+    let mut reconciler = Reconciler {
+        store: store.clone(),
+        dataplane: dataplane.clone(),
+        dns: Some(dns.clone()),
+        metrics: metrics.clone(),
+        node: NodeAddresses {
+            node_ip: node.node_ip,
+        },
+        cluster_dns: args.cluster_dns,
+        slices: slices.clone(),
+        sync: Default::default(),
+    };
+    let controller = pods::PodController::new(store.clone(), pod_runtime.clone());
+    controller.adopt_existing();
+    let reconcile_thread = std::thread::Builder::new()
+        .name("reconciler".into())
+        .spawn(move || pods::run_loop(&mut reconciler, &controller))?;
+
+    tokio::spawn(pods::follow_pod_status(
+        store.clone(),
+        pod_runtime.clone(),
+        dataplane.clone(),
+    ));
+    tokio::spawn(export_datapath_counters(dataplane.clone(), metrics.clone()));
+    for addr in [args.metrics_addr, args.healthz_addr] {
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(addr, metrics).await {
+                tracing::error!(error = %format!("{error:#}"), "metrics/healthz server stopped");
+            }
+        });
+    }
+    let handler = Arc::new(api_handler::AgentApi {
+        store: store.clone(),
+        runtime: pod_runtime.clone(),
+        slices,
+    });
+    let api = tokio::spawn({
+        let api_socket = api_socket.clone();
+        async move { crate::api::serve(&api_socket, handler).await }
+    });
+    tracing::info!(
+        node = %node.name,
+        node_ip = ?node.node_ip,
+        socket = %api_socket.display(),
+        dns = %dns.local_addr(),
+        "vipr agent ready"
+    );
+
+    tokio::select! {
+        result = api => result.context("API server task")?.context("API server")?,
+        _ = shutdown_signal() => tracing::info!("shutting down; pods and pinned maps stay"),
+    }
+    if reconcile_thread.is_finished() {
+        reconcile_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("reconciler panicked"))??;
+    }
+    // Pods keep running and maps stay pinned: a restarted agent adopts them.
+    pod_runtime.detach();
+    let _ = std::fs::remove_file(&api_socket);
+    Ok(())
+}
+
+fn open_store(args: &AgentArgs) -> Result<Store> {
+    let mut config = StoreConfig::new(args.state_dir.join("store"));
+    config.service_network = ServiceNetwork {
+        cidr: args.service_cidr.into(),
+        ..ServiceNetwork::default()
+    };
+    Store::open(config).with_context(|| {
+        format!(
+            "opening the store under {}",
+            args.state_dir.join("store").display()
+        )
+    })
+}
+
+fn dns_config(args: &AgentArgs) -> DnsConfig {
+    let mut config = DnsConfig {
+        zone: args.cluster_domain.clone(),
+        listen: args
+            .dns_listen
+            .unwrap_or_else(|| (args.cluster_dns, 53).into()),
+        ..DnsConfig::default()
+    };
+    if !args.dns_upstream.is_empty() {
+        config.upstreams = Upstreams::Static(args.dns_upstream.clone());
+    }
+    config.allowed_clients = vec![
+        args.pod_cidr.into(),
+        args.service_cidr.into(),
+        "127.0.0.0/8".parse().expect("static CIDR"),
+    ];
+    config
+}
+
+fn runtime_config(args: &AgentArgs, node: &node::NodeIdentity) -> Result<RuntimeConfig> {
+    let mut config = RuntimeConfig::new(args.state_dir.join("runtime"), args.pod_cidr);
+    let exe = std::env::current_exe().context("locating the vipr binary")?;
+    config.node_name = node.name.clone();
+    config.cluster_dns = vec![args.cluster_dns.into()];
+    config.cluster_domain = args.cluster_domain.clone();
+    config.cgroup_root = Some(args.cgroup_root.clone());
+    // Containers find vipr-netexec (and vipr) without a path.
+    config.extra_path = exe.parent().map(PathBuf::from).into_iter().collect();
+    config.shim_command = vec![exe.display().to_string(), crate::POD_SHIM_COMMAND.into()];
+    Ok(config)
+}
+
+async fn export_datapath_counters(dataplane: Arc<Mutex<Dataplane>>, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let counters = dataplane.lock().unwrap().counters();
+        match counters {
+            Ok(counters) => metrics.set_datapath(&counters),
+            Err(error) => tracing::warn!(error = %error, "reading data plane counters"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

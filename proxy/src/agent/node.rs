@@ -1,0 +1,143 @@
+//! The node the agent runs on: its name, its address, where its maps are
+//! pinned, the local address of the cluster DNS, and `--cleanup`.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cli::AgentArgs;
+
+/// Where pinned maps live; one folder per node so several agents (one per
+/// test node namespace) never share maps.
+const BPFFS_ROOT: &str = "/sys/fs/bpf/vipr";
+
+pub struct NodeIdentity {
+    pub name: String,
+    pub node_ip: Option<Ipv4Addr>,
+    pub pin_dir: PathBuf,
+}
+
+impl NodeIdentity {
+    pub fn resolve(args: &AgentArgs) -> Result<Self> {
+        let name = match &args.node_name {
+            Some(name) => name.clone(),
+            None => nix::unistd::gethostname()
+                .context("reading the host name")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let node_ip = match (args.node_ip, &args.uplink) {
+            (Some(ip), _) => Some(ip),
+            (None, Some(uplink)) => Some(first_ipv4(uplink)?),
+            (None, None) => None,
+        };
+        Ok(NodeIdentity {
+            pin_dir: Path::new(BPFFS_ROOT).join(&name),
+            name,
+            node_ip,
+        })
+    }
+}
+
+/// The first IPv4 address of `interface`.
+fn first_ipv4(interface: &str) -> Result<Ipv4Addr> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
+    for addr in addrs.filter(|a| a.interface_name == interface) {
+        if let Some(sin) = addr.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            return Ok(sin.ip());
+        }
+    }
+    bail!("uplink {interface} has no IPv4 address; pass --node-ip")
+}
+
+/// Makes the cluster DNS address local with a `local` route, so the DNS
+/// server can bind it and answer from it (its replies then need no reverse
+/// translation). A route rather than an interface address, so the kernel
+/// never picks it as the source of the node's own connections. Idempotent.
+pub fn bind_cluster_dns(addr: Ipv4Addr) -> Result<()> {
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        &format!("{addr}/32"),
+        "dev",
+        "lo",
+    ])
+}
+
+/// Lets the node forward what arrives on the uplink (NodePort and external
+/// traffic translated to pods). Pod veths get forwarding from the runtime.
+pub fn enable_forwarding(interface: &str) -> Result<()> {
+    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
+    std::fs::write(&path, "1").with_context(|| format!("enabling forwarding: writing {path}"))
+}
+
+/// Removes a cgroup folder and its (now empty) children, deepest first; a
+/// cgroup that still has processes stays, and so do its parents.
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
+    if !output.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `vipr agent --cleanup`: removes every pod, the pinned maps, the DNS
+/// interface and the API socket, like `kube-proxy --cleanup`. The store is
+/// kept: it is the user's desired state, not something the agent made.
+pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Result<()> {
+    let config =
+        vipr_pod_runtime::RuntimeConfig::new(args.state_dir.join("runtime"), args.pod_cidr);
+    let runtime_dir = config.state_dir.clone();
+    if runtime_dir.exists() {
+        let runtime = vipr_pod_runtime::Runtime::new(config, Arc::new(vipr_pod_runtime::NoObjects))
+            .context("opening the pod runtime")?;
+        for pod in runtime.list() {
+            let _ = runtime.delete_pod(&pod.key, Some(0));
+        }
+        for pod in runtime.list() {
+            if !runtime.wait_deleted(&pod.key, Duration::from_secs(10)) {
+                tracing::warn!(pod = %pod.key, "pod did not stop within 10s");
+            }
+        }
+        runtime.detach();
+    }
+    if node.pin_dir.exists() {
+        std::fs::remove_dir_all(&node.pin_dir)
+            .with_context(|| format!("removing pinned maps {}", node.pin_dir.display()))?;
+    }
+    // The shared parent goes too once the last node's folder is gone.
+    let _ = std::fs::remove_dir(BPFFS_ROOT);
+    remove_cgroup_tree(&args.cgroup_root);
+    let dns = format!("{}/32", args.cluster_dns);
+    let _ = Command::new("ip")
+        .args(["route", "del", "local", &dns, "dev", "lo"])
+        .output();
+    let _ = std::fs::remove_file(api_socket);
+    eprintln!("vipr: removed pods, pinned maps and the cluster DNS address {dns}");
+    Ok(())
+}

@@ -1,0 +1,258 @@
+//! The reconciler: follows the store's change feed and keeps the data plane
+//! and the DNS snapshot equal to what the services and pods say.
+//!
+//! One full sync at start (list at a revision), then increments: a change to
+//! a service recomputes that service; a change to a pod recomputes the
+//! selector services of its namespace; a user EndpointSlice recomputes its
+//! service. Only frontends whose backends changed reach the maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, RwLock},
+    time::Instant,
+};
+
+use anyhow::Result;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use vipr_dataplane::{BackendAddr, Dataplane, Frontend, Port, Protocol};
+use vipr_dns::DnsHandle;
+use vipr_store::{
+    Event, Kind, Object, Store,
+    endpoints::{self, EndpointGroup},
+};
+
+use super::{
+    dns_snapshot::cluster_snapshot,
+    frontends::{FrontendTable, NodeAddresses, service_frontends},
+    sync::{DataplaneSync, ServiceName},
+};
+use crate::metrics::Metrics;
+
+/// The service the agent's own DNS server answers for.
+pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
+
+/// EndpointSlices computed for selector services, by service; shared with
+/// the API so `vipr get endpointslices` shows what the data plane uses.
+pub type ComputedSlices = Arc<RwLock<BTreeMap<ServiceName, Vec<EndpointSlice>>>>;
+
+pub struct Reconciler {
+    pub store: Arc<Store>,
+    pub dataplane: Arc<Mutex<Dataplane>>,
+    pub dns: Option<Arc<DnsHandle>>,
+    pub metrics: Arc<Metrics>,
+    pub node: NodeAddresses,
+    /// Where the cluster DNS address is served (bound locally by the agent).
+    pub cluster_dns: Ipv4Addr,
+    pub slices: ComputedSlices,
+    pub sync: DataplaneSync,
+}
+
+impl Reconciler {
+    /// Programs every service from scratch and removes frontends left in
+    /// pinned maps that no service wants any more.
+    pub fn full_sync(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let services: Vec<ServiceName> = self
+            .store
+            .list(Kind::Service, None)
+            .iter()
+            .filter_map(|o| o.as_service().map(service_name))
+            .collect();
+        for service in &services {
+            self.sync_service(service)?;
+        }
+        let strays = self
+            .sync
+            .remove_strays(&mut self.dataplane.lock().unwrap())?;
+        self.publish_dns();
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.synced();
+        tracing::info!(
+            services = services.len(),
+            frontends = self.sync.frontend_count(),
+            removed_stale = strays,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "full sync done"
+        );
+        Ok(())
+    }
+
+    /// Applies one batch of store events.
+    pub fn apply_events(&mut self, events: &[Event]) -> Result<()> {
+        let started = Instant::now();
+        self.metrics.change_pending();
+        let mut affected = BTreeSet::new();
+        for event in events {
+            self.affected_services(&event.object, &mut affected);
+        }
+        for service in &affected {
+            self.sync_service(service)?;
+        }
+        self.publish_dns();
+        let took = started.elapsed().as_secs_f64();
+        self.metrics.sync_duration.observe(took);
+        self.metrics.programming_duration.observe(took);
+        self.metrics.synced();
+        tracing::debug!(
+            events = events.len(),
+            services = affected.len(),
+            took_ms = took * 1e3,
+            "synced"
+        );
+        Ok(())
+    }
+
+    fn affected_services(&self, object: &Object, affected: &mut BTreeSet<ServiceName>) {
+        match object {
+            Object::Service(service) => {
+                self.metrics.service_changes.inc();
+                affected.insert(service_name(service));
+            }
+            Object::Pod(pod) => {
+                self.metrics.endpoint_changes.inc();
+                let namespace = pod.metadata.namespace.as_deref();
+                for other in self.store.list(Kind::Service, namespace) {
+                    if let Some(service) = other.as_service()
+                        && endpoints::is_selector_managed(service)
+                    {
+                        affected.insert(service_name(service));
+                    }
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                self.metrics.endpoint_changes.inc();
+                if let Some(name) = endpoints::slice_service_name(slice) {
+                    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+                    affected.insert((namespace, name.to_owned()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Recomputes one service's endpoints and frontends and programs the diff.
+    fn sync_service(&mut self, name: &ServiceName) -> Result<()> {
+        let object = self.store.get(&vipr_store::ObjectKey::namespaced(
+            Kind::Service,
+            &name.0,
+            name.1.clone(),
+        ));
+        let Some(service) = object.as_deref().and_then(Object::as_service) else {
+            self.slices.write().unwrap().remove(name);
+            self.sync.sync_service(
+                &mut self.dataplane.lock().unwrap(),
+                name,
+                FrontendTable::new(),
+            )?;
+            return Ok(());
+        };
+        let groups = self.endpoint_groups(service, &name.0);
+        let table = if (name.0.as_str(), name.1.as_str()) == DNS_SERVICE {
+            self.dns_frontends(service)
+        } else {
+            service_frontends(service, &groups, self.node)
+        };
+        if endpoints::is_selector_managed(service) {
+            let slices = endpoints::to_endpoint_slices(service, &groups);
+            self.slices.write().unwrap().insert(name.clone(), slices);
+        }
+        self.sync
+            .sync_service(&mut self.dataplane.lock().unwrap(), name, table)?;
+        Ok(())
+    }
+
+    fn endpoint_groups(&self, service: &Service, namespace: &str) -> Vec<EndpointGroup> {
+        if endpoints::is_selector_managed(service) {
+            let pods = self.store.list(Kind::Pod, Some(namespace));
+            endpoints::compute(service, pods.iter().filter_map(|o| o.as_pod()))
+        } else {
+            let service_name = service.metadata.name.as_deref().unwrap_or_default();
+            self.store
+                .list(Kind::EndpointSlice, Some(namespace))
+                .iter()
+                .filter_map(|o| o.as_endpoint_slice())
+                .filter(|s| endpoints::slice_service_name(s) == Some(service_name))
+                .filter_map(endpoints::from_endpoint_slice)
+                .collect()
+        }
+    }
+
+    /// The agent's own DNS service: its ports translate to the address the
+    /// DNS server itself listens on (the cluster DNS address, bound locally),
+    /// so replies need no reverse translation.
+    fn dns_frontends(&self, service: &Service) -> FrontendTable {
+        let mut table = FrontendTable::new();
+        for port in service.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            let protocol = port
+                .protocol
+                .as_deref()
+                .unwrap_or("TCP")
+                .parse::<Protocol>();
+            let port = u16::try_from(port.port).ok().and_then(Port::new);
+            if let (Ok(protocol), Some(port)) = (protocol, port) {
+                let backend = BackendAddr {
+                    addr: self.cluster_dns,
+                    port,
+                };
+                table.insert(
+                    Frontend {
+                        addr: self.cluster_dns,
+                        port,
+                        protocol,
+                    },
+                    vec![backend],
+                );
+            }
+        }
+        table
+    }
+
+    /// Hands the DNS server a fresh snapshot of services, endpoints and pods.
+    fn publish_dns(&self) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        let namespaces = self
+            .store
+            .list(Kind::Namespace, None)
+            .iter()
+            .map(|o| o.key().name().to_owned())
+            .collect();
+        let services: Vec<Service> = self
+            .store
+            .list(Kind::Service, None)
+            .iter()
+            .filter_map(|o| o.as_service().cloned())
+            .collect();
+        let mut slices: Vec<EndpointSlice> = self
+            .store
+            .list(Kind::EndpointSlice, None)
+            .iter()
+            .filter_map(|o| o.as_endpoint_slice().cloned())
+            .collect();
+        slices.extend(self.slices.read().unwrap().values().flatten().cloned());
+        let pods: Vec<Pod> = self
+            .store
+            .list(Kind::Pod, None)
+            .iter()
+            .filter_map(|o| o.as_pod().cloned())
+            .collect();
+        let snapshot = cluster_snapshot(namespaces, &services, &slices, &pods);
+        if let Err(error) = dns.update(&snapshot) {
+            tracing::warn!(error = %error, "DNS snapshot rejected");
+        }
+    }
+}
+
+pub fn service_name(service: &Service) -> ServiceName {
+    (
+        service.metadata.namespace.clone().unwrap_or_default(),
+        service.metadata.name.clone().unwrap_or_default(),
+    )
+}

@@ -1,0 +1,77 @@
+//! The agent's API: requests the CLI sends over the unix socket and the
+//! answers it gets. One JSON request line per connection, one JSON answer line.
+//!
+//! The socket is created mode 0600 (root only): it can change everything
+//! the agent runs.
+
+mod client;
+mod server;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::call;
+pub use server::{Handler, serve};
+
+/// Default socket path; `--api-socket` or `VIPR_SOCKET` override it.
+pub const DEFAULT_SOCKET: &str = "/run/vipr/vipr.sock";
+
+/// The largest request accepted (a manifest directory's worth of YAML).
+pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Create or update every object in the manifests, all or nothing.
+    Apply { manifests: String },
+    /// Delete the objects the manifests name.
+    DeleteManifests { manifests: String },
+    /// Delete one object.
+    Delete {
+        kind: String,
+        namespace: Option<String>,
+        name: String,
+    },
+    /// List objects of a kind (one when `name` is set), as Kubernetes JSON.
+    Get {
+        kind: String,
+        namespace: Option<String>,
+        all_namespaces: bool,
+        name: Option<String>,
+    },
+    /// A pod's container log.
+    Logs {
+        namespace: Option<String>,
+        pod: String,
+        container: Option<String>,
+    },
+    /// Runs a command in a pod's container.
+    Exec {
+        namespace: Option<String>,
+        pod: String,
+        container: Option<String>,
+        command: Vec<String>,
+    },
+    /// An object with its events, for `describe`.
+    Describe {
+        kind: String,
+        namespace: Option<String>,
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    /// Success; `lines` are human-readable outcome lines (`service/web created`).
+    Done { lines: Vec<String> },
+    /// Success with data (objects, tables).
+    Data { value: serde_json::Value },
+    /// A command's outcome inside a container.
+    Exec {
+        code: Option<i32>,
+        stdout: String,
+        stderr: String,
+    },
+    /// Failure: one line naming the object and the problem.
+    Error { message: String },
+}

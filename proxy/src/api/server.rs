@@ -1,0 +1,64 @@
+//! The agent side of the API socket.
+
+use std::{os::unix::fs::PermissionsExt, path::Path, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{MAX_REQUEST_BYTES, Request, Response};
+
+/// Answers API requests; implemented by the agent.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, request: Request) -> impl Future<Output = Response> + Send;
+}
+
+/// Listens on `path` (replacing a stale socket) until the task is dropped.
+pub async fn serve<H: Handler>(path: &Path, handler: Arc<H>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to root", path.display()))?;
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .context("accepting on the API socket")?;
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            if let Err(error) = answer(stream, handler).await {
+                tracing::debug!(error = %format!("{error:#}"), "API connection failed");
+            }
+        });
+    }
+}
+
+async fn answer<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1))
+        .read_line(&mut line)
+        .await?;
+    let response = if line.len() > MAX_REQUEST_BYTES {
+        Response::Error {
+            message: format!("request larger than {} MiB", MAX_REQUEST_BYTES >> 20),
+        }
+    } else {
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handler.handle(request).await,
+            Err(error) => Response::Error {
+                message: format!("malformed API request: {error}"),
+            },
+        }
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The command line: `vipr agent` and the kubectl-like client commands.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::Ipv4Net;
+
+use crate::api::DEFAULT_SOCKET;
+
+#[derive(Parser)]
+#[command(
+    name = "vipr",
+    version,
+    about = "A Kubernetes service data plane on eBPF/XDP: a kube-proxy replacement",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, env = "VIPR_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node agent: store, pods, data plane, DNS, API.
+    Agent(Box<AgentArgs>),
+    /// Create or update objects from manifests (a file, a folder, or - for stdin).
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete objects named in manifests, or one object by kind and name.
+    Delete {
+        #[arg(short = 'f', long = "filename", conflicts_with_all = ["kind", "name"])]
+        files: Vec<PathBuf>,
+        /// Kind (kubectl's names and short names: po, svc, deploy...).
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// List objects, kubectl style.
+    Get(GetArgs),
+    /// Show an object in detail, with its events.
+    Describe {
+        kind: String,
+        name: String,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Print a container's log.
+    Logs {
+        pod: String,
+        #[arg(short, long)]
+        container: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// Run a command in a container: vipr exec POD [-c C] -- CMD...
+    Exec {
+        pod: String,
+        #[arg(short, long)]
+        container: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    /// Kind (kubectl's names and short names: po, svc, deploy, ep, cm...).
+    pub kind: String,
+    pub name: Option<String>,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(short, long, value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum OutputFormat {
+    Wide,
+    Json,
+    Yaml,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// Where the store, pod state and IPAM live.
+    #[arg(long, default_value = "/var/lib/vipr")]
+    pub state_dir: PathBuf,
+    /// The node's uplink interface: NodePort and external traffic arrives here.
+    #[arg(long)]
+    pub uplink: Option<String>,
+    /// The node's address (NodePorts); default: the uplink's first IPv4 address.
+    #[arg(long)]
+    pub node_ip: Option<std::net::Ipv4Addr>,
+    /// The node's name; default: the host name.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: Ipv4Net,
+    #[arg(long, default_value = "10.96.0.0/12")]
+    pub service_cidr: Ipv4Net,
+    /// The cluster DNS service address pods are given.
+    #[arg(long, default_value = "10.96.0.10")]
+    pub cluster_dns: std::net::Ipv4Addr,
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Where the DNS server listens; the cluster DNS address forwards here.
+    #[arg(long)]
+    pub dns_listen: Option<SocketAddr>,
+    /// Upstream resolvers for names outside the cluster; default: the node's resolv.conf.
+    #[arg(long)]
+    pub dns_upstream: Vec<SocketAddr>,
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    pub metrics_addr: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    pub healthz_addr: SocketAddr,
+    /// cgroup under which pod cgroups are made.
+    #[arg(long, default_value = "/sys/fs/cgroup/unified/vipr")]
+    pub cgroup_root: PathBuf,
+    /// The node's default balancing algorithm.
+    #[arg(long, default_value = "random")]
+    pub lb_algorithm: String,
+    #[arg(long, default_value_t = 0)]
+    pub maglev_seed: u64,
+    /// Where services come from.
+    #[arg(long, value_enum, default_value_t = Source::Local)]
+    pub source: Source,
+    /// Remove everything the agent made (programs, maps, links, pods) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Source {
+    /// The embedded store under --state-dir, fed by `vipr apply`.
+    Local,
+    /// A Kubernetes API server (not built yet).
+    Kube,
+}

@@ -1,0 +1,198 @@
+//! Prometheus metrics (kube-proxy's names where they exist, vipr's own for
+//! the data plane) and the `/healthz` and `/metrics` HTTP endpoints.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// A sync that has waited longer than this makes /healthz fail, as in
+/// kube-proxy (which uses 2x its sync period).
+const HEALTHY_SYNC_LAG: Duration = Duration::from_secs(60);
+
+pub struct Metrics {
+    registry: Registry,
+    pub sync_duration: Histogram,
+    pub programming_duration: Histogram,
+    pub service_changes: IntCounter,
+    pub endpoint_changes: IntCounter,
+    datapath_packets: IntCounterVec,
+    datapath_bytes: IntCounterVec,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    last_sync: Option<SystemTime>,
+    /// When the oldest change not yet programmed arrived.
+    pending_since: Option<SystemTime>,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Self>> {
+        let registry = Registry::new();
+        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)?;
+        let sync_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "Time to apply one change to the data plane's maps",
+            )
+            .buckets(buckets.clone()),
+        )?;
+        let programming_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "kubeproxy_network_programming_duration_seconds",
+                "Time from an object change to the data plane serving it",
+            )
+            .buckets(buckets),
+        )?;
+        let service_changes = IntCounter::new(
+            "kubeproxy_sync_proxy_rules_service_changes_total",
+            "Service changes seen",
+        )?;
+        let endpoint_changes = IntCounter::new(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+            "Endpoint changes seen",
+        )?;
+        let datapath_packets = IntCounterVec::new(
+            Opts::new(
+                "vipr_datapath_packets_total",
+                "Packets by data plane outcome",
+            ),
+            &["outcome"],
+        )?;
+        let datapath_bytes = IntCounterVec::new(
+            Opts::new("vipr_datapath_bytes_total", "Bytes by data plane outcome"),
+            &["outcome"],
+        )?;
+        for collector in [
+            Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(programming_duration.clone()),
+            Box::new(service_changes.clone()),
+            Box::new(endpoint_changes.clone()),
+            Box::new(datapath_packets.clone()),
+            Box::new(datapath_bytes.clone()),
+        ] {
+            registry.register(collector)?;
+        }
+        Ok(Arc::new(Metrics {
+            registry,
+            sync_duration,
+            programming_duration,
+            service_changes,
+            endpoint_changes,
+            datapath_packets,
+            datapath_bytes,
+            health: Mutex::new(Health::default()),
+        }))
+    }
+
+    /// Records that a change arrived and is not programmed yet.
+    pub fn change_pending(&self) {
+        let mut health = self.health.lock().unwrap();
+        health.pending_since.get_or_insert_with(SystemTime::now);
+    }
+
+    /// Records a completed sync: everything pending is programmed.
+    pub fn synced(&self) {
+        let mut health = self.health.lock().unwrap();
+        health.last_sync = Some(SystemTime::now());
+        health.pending_since = None;
+    }
+
+    /// Sets the data plane counters (monotonic totals read from BPF maps).
+    pub fn set_datapath(&self, counters: &vipr_dataplane::Counters) {
+        for (counter, value) in counters.iter() {
+            set_counter(&self.datapath_packets, counter.name(), value.packets);
+            set_counter(&self.datapath_bytes, counter.name(), value.bytes);
+        }
+    }
+
+    fn healthz(&self) -> (u16, String) {
+        let health = self.health.lock().unwrap();
+        let now = SystemTime::now();
+        let stale = health
+            .pending_since
+            .is_some_and(|since| now.duration_since(since).unwrap_or_default() > HEALTHY_SYNC_LAG);
+        let body = format!(
+            "{{\"lastUpdated\": \"{}\", \"currentTime\": \"{}\"}}",
+            health.last_sync.map(unix_seconds).unwrap_or_default(),
+            unix_seconds(now)
+        );
+        (if stale { 503 } else { 200 }, body)
+    }
+
+    fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+fn set_counter(vec: &IntCounterVec, label: &str, total: u64) {
+    let counter = vec.with_label_values(&[label]);
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` (both paths on both listeners,
+/// as kube-proxy's ports do not mind either).
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _ = answer(stream, &metrics).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, metrics: &Metrics) -> Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await??;
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let (status, content_type, body) = match request.parse(&buf[..n]) {
+        Ok(_) => match (request.method, request.path) {
+            (Some("GET"), Some("/healthz")) => {
+                let (status, body) = metrics.healthz();
+                (status, "application/json", body)
+            }
+            (Some("GET"), Some("/metrics")) => (200, "text/plain; version=0.0.4", metrics.render()),
+            _ => (404, "text/plain", "not found\n".to_owned()),
+        },
+        Err(_) => (400, "text/plain", "bad request\n".to_owned()),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        503 => "Service Unavailable",
+        _ => "Bad Request",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    Ok(())
+}
