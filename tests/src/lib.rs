@@ -174,3 +174,5 @@ pub fn veth_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+pub mod agent;

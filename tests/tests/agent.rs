@@ -1,0 +1,162 @@
+//! `vipr agent` end to end: real pods (vipr-netexec) behind a ClusterIP,
+//! reached from another pod by address and by name, readiness followed by
+//! the data plane, an agent killed with SIGKILL adopting its pods, and bad
+//! manifests rejected without touching what is stored.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use vipr_e2e::{agent::AgentNode, require_root};
+
+const MANIFEST: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, labels: {app: web}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
+    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
+    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, labels: {app: web}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
+    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
+    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  containers:
+  - name: shell
+    image: host
+    command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: udp, port: 81, targetPort: udp, protocol: UDP}
+"#;
+
+/// The set of hostnames that answered `n` HTTP requests to `url` from the client pod.
+fn answering(node: &AgentNode, url: &str, n: usize) -> Result<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..n {
+        let (ok, out) = node.exec("client", &["curl", "-s", "-m", "2", url])?;
+        if ok {
+            seen.insert(out.trim().to_owned());
+        }
+    }
+    Ok(seen)
+}
+
+#[test]
+fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
+    require_root();
+    let mut node = AgentNode::start("agt")?;
+    let applied = node.apply(MANIFEST)?;
+    assert!(applied.contains("service/web created"), "{applied}");
+    node.wait_ready(&["web-1", "web-2", "client"], Duration::from_secs(30))?;
+    let vip = node.cluster_ip("web")?;
+
+    // TCP through the VIP reaches both backends.
+    let both: BTreeSet<String> = ["web-1", "web-2"].map(String::from).into();
+    let url = format!("http://{vip}/hostname");
+    assert_eq!(answering(&node, &url, 20)?, both);
+
+    // The cluster DNS answers the service name through the pod's search path.
+    let (ok, hosts) = node.exec("client", &["getent", "hosts", "web"])?;
+    assert!(ok && hosts.starts_with(&vip), "getent hosts web: {hosts:?}");
+    assert_eq!(answering(&node, "http://web/hostname", 10)?.len(), 2);
+
+    // UDP through the VIP.
+    let (ok, answer) = node.exec(
+        "client",
+        &["sh", "-c", &format!("echo hostname | nc -u -w1 {vip} 81")],
+    )?;
+    assert!(ok && answer.starts_with("web-"), "UDP answer {answer:?}");
+
+    // A pod that turns unready leaves the backends within about a probe period.
+    let web1_ip = node.pod("web-1")?["status"]["podIP"].as_str().unwrap().to_owned();
+    node.exec("client", &["curl", "-s", &format!("http://{web1_ip}:8080/ready?set=false")])?;
+    let only_web2: BTreeSet<String> = ["web-2".to_string()].into();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answering(&node, &url, 10)? != only_web2 {
+        assert!(Instant::now() < deadline, "web-1 still serves 5s after turning unready");
+    }
+    node.exec("client", &["curl", "-s", &format!("http://{web1_ip}:8080/ready?set=true")])?;
+
+    // kill -9 of the agent: pods keep running, the new agent adopts them
+    // without restarting a container, and traffic flows again.
+    let before = node.pod("web-2")?;
+    node.restart_agent()?;
+    node.wait_ready(&["web-1", "web-2"], Duration::from_secs(30))?;
+    let after = node.pod("web-2")?;
+    assert_eq!(
+        before["status"]["containerStatuses"][0]["restartCount"],
+        after["status"]["containerStatuses"][0]["restartCount"]
+    );
+    assert_eq!(
+        before["status"]["containerStatuses"][0]["state"],
+        after["status"]["containerStatuses"][0]["state"],
+        "the container was restarted"
+    );
+    assert_eq!(answering(&node, &url, 20)?, both);
+
+    // A deleted service stops answering.
+    node.vipr_ok(&["delete", "svc", "web"])?;
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(answering(&node, &url, 2)?.is_empty());
+    Ok(())
+}
+
+#[test]
+fn bad_manifests_are_rejected_whole() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("bad")?;
+    node.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: keep}\ndata: {a: b}\n")?;
+
+    let cases = [
+        ("apiVersion: v1\nkind: Pod\nmetadata: {name: x\n", "YAML"),
+        ("apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n", "Gadget"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: c, imagee: host}\n",
+            "imagee",
+        ),
+        (
+            // Valid first document, invalid second: nothing of the batch is stored.
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: new}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: BAD_NAME}\nspec: {ports: [{port: 80}]}\n",
+            "BAD_NAME",
+        ),
+    ];
+    for (manifest, named) in cases {
+        let error = node.apply(manifest).expect_err("a bad manifest was accepted");
+        assert!(
+            error.to_string().contains(named),
+            "the error does not name {named:?}: {error}"
+        );
+    }
+    let configmaps = node.vipr_ok(&["get", "cm"])?;
+    assert!(configmaps.contains("keep"), "{configmaps}");
+    assert!(!configmaps.contains("new"), "half of a failed batch was stored: {configmaps}");
+
+    let unknown = node.vipr(&["get", "gadgets"])?;
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("gadgets"));
+    Ok(())
+}
