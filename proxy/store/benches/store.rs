@@ -34,11 +34,22 @@ fn store_with_pods() -> (tempfile::TempDir, Store) {
         let status = PodStatus {
             phase: Some("Running".into()),
             pod_ip: Some(format!("10.244.{}.{}", i / 250, i % 250 + 1)),
-            pod_ips: Some(vec![PodIP { ip: format!("10.244.{}.{}", i / 250, i % 250 + 1) }]),
-            conditions: Some(vec![PodCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }]),
+            pod_ips: Some(vec![PodIP {
+                ip: format!("10.244.{}.{}", i / 250, i % 250 + 1),
+            }]),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
             ..Default::default()
         };
-        store.update_status(&ObjectKey::new(Kind::Pod, None, format!("web-{i}")), Status::Pod(status)).unwrap();
+        store
+            .update_status(
+                &ObjectKey::new(Kind::Pod, None, format!("web-{i}")),
+                Status::Pod(status),
+            )
+            .unwrap();
     }
     (dir, store)
 }
@@ -52,7 +63,12 @@ fn services_manifest() -> String {
         ));
         for e in 0..ENDPOINTS_PER_SERVICE {
             let n = s * ENDPOINTS_PER_SERVICE + e;
-            out.push_str(&format!("- addresses: [10.{}.{}.{}]\n  conditions: {{ready: true}}\n", n >> 16 & 255, n >> 8 & 255, n & 255));
+            out.push_str(&format!(
+                "- addresses: [10.{}.{}.{}]\n  conditions: {{ready: true}}\n",
+                n >> 16 & 255,
+                n >> 8 & 255,
+                n & 255
+            ));
         }
         out.push_str("---\n");
     }
@@ -63,11 +79,17 @@ fn bench_list(c: &mut Criterion) {
     let (_dir, store) = store_with_pods();
     let store = Arc::new(store);
     let mut group = c.benchmark_group("list_1000_pods");
-    group.bench_function("list", |b| b.iter(|| black_box(store.list(Kind::Pod, Some("default")))));
+    group.bench_function("list", |b| {
+        b.iter(|| black_box(store.list(Kind::Pod, Some("default"))))
+    });
     // What the agent does for `vipr get pods -o json`: list and serialize everything.
     group.bench_function("list_and_serialize_json", |b| {
         b.iter(|| {
-            let items: Vec<serde_json::Value> = store.list(Kind::Pod, Some("default")).iter().map(|o| o.to_json_value()).collect();
+            let items: Vec<serde_json::Value> = store
+                .list(Kind::Pod, Some("default"))
+                .iter()
+                .map(|o| o.to_json_value())
+                .collect();
             black_box(serde_json::to_vec(&items).unwrap())
         })
     });
@@ -79,8 +101,13 @@ fn bench_apply(c: &mut Criterion) {
     let objects: Vec<Object> = parse_manifests(&text).unwrap();
     assert_eq!(objects.len(), 2 * SERVICES);
     let mut group = c.benchmark_group("apply_10k_services_100k_endpoints");
-    group.sample_size(10).measurement_time(Duration::from_secs(20)).warm_up_time(Duration::from_secs(1));
-    group.bench_function("parse_manifest", |b| b.iter(|| black_box(parse_manifests(&text).unwrap())));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20))
+        .warm_up_time(Duration::from_secs(1));
+    group.bench_function("parse_manifest", |b| {
+        b.iter(|| black_box(parse_manifests(&text).unwrap()))
+    });
     group.bench_function("apply_typed", |b| {
         b.iter_batched(
             || (fresh_store(), objects.clone()),
@@ -89,13 +116,23 @@ fn bench_apply(c: &mut Criterion) {
         )
     });
     group.bench_function("parse_and_apply_manifest", |b| {
-        b.iter_batched(fresh_store, |(_dir, store)| black_box(store.apply_manifest(&text).unwrap().len()), BatchSize::PerIteration)
+        b.iter_batched(
+            fresh_store,
+            |(_dir, store)| black_box(store.apply_manifest(&text).unwrap().len()),
+            BatchSize::PerIteration,
+        )
     });
     group.bench_function("reopen_20k_objects", |b| {
         let (dir, store) = fresh_store();
         store.apply(objects.clone()).unwrap();
         drop(store);
-        b.iter(|| black_box(Store::open(StoreConfig::new(dir.path())).unwrap().revision()))
+        b.iter(|| {
+            black_box(
+                Store::open(StoreConfig::new(dir.path()))
+                    .unwrap()
+                    .revision(),
+            )
+        })
     });
     group.finish();
 }

@@ -61,7 +61,11 @@ enum Resource {
 
 impl Allocator {
     pub(crate) fn new(net: ServiceNetwork) -> Allocator {
-        Allocator { net, ips: HashMap::new(), ports: HashMap::new() }
+        Allocator {
+            net,
+            ips: HashMap::new(),
+            ports: HashMap::new(),
+        }
     }
 
     pub(crate) fn network(&self) -> &ServiceNetwork {
@@ -72,7 +76,11 @@ impl Allocator {
     /// and broadcast addresses are never handed out).
     fn size(&self) -> u128 {
         let bits = u32::from(self.net.cidr.max_prefix_len() - self.net.cidr.prefix_len());
-        if bits >= 20 { MAX_SEARCHED_ADDRESSES.min(1u128 << bits.min(127)) } else { 1u128 << bits }
+        if bits >= 20 {
+            MAX_SEARCHED_ADDRESSES.min(1u128 << bits.min(127))
+        } else {
+            1u128 << bits
+        }
     }
 
     fn offset_of(&self, ip: IpAddr) -> Option<u128> {
@@ -84,7 +92,10 @@ impl Allocator {
     }
 
     fn ip_at(&self, offset: u128) -> IpAddr {
-        from_u128(self.net.cidr.network(), to_u128(self.net.cidr.network()) + offset)
+        from_u128(
+            self.net.cidr.network(),
+            to_u128(self.net.cidr.network()) + offset,
+        )
     }
 }
 
@@ -112,7 +123,10 @@ pub(crate) struct AllocTxn<'a> {
 
 impl<'a> AllocTxn<'a> {
     pub(crate) fn new(alloc: &'a mut Allocator) -> AllocTxn<'a> {
-        AllocTxn { alloc, undo: Vec::new() }
+        AllocTxn {
+            alloc,
+            undo: Vec::new(),
+        }
     }
 
     pub(crate) fn commit(mut self) {
@@ -126,7 +140,10 @@ impl<'a> AllocTxn<'a> {
     /// Claims a specific ClusterIP for `owner`; claiming one it already owns is a no-op.
     pub(crate) fn claim_ip(&mut self, owner: &ObjectKey, ip: IpAddr) -> Result<(), String> {
         if self.alloc.offset_of(ip).is_none() {
-            return Err(format!("provided IP is not in the valid range. The range of valid IPs is {}", self.alloc.net.cidr));
+            return Err(format!(
+                "provided IP is not in the valid range. The range of valid IPs is {}",
+                self.alloc.net.cidr
+            ));
         }
         match self.alloc.ips.get(&ip) {
             Some(o) if o == owner => Ok(()),
@@ -169,7 +186,8 @@ impl<'a> AllocTxn<'a> {
     pub(crate) fn release_ip(&mut self, owner: &ObjectKey, ip: IpAddr) {
         if self.alloc.ips.get(&ip) == Some(owner) {
             self.alloc.ips.remove(&ip);
-            self.undo.push(Undo::Released(Resource::Ip(ip), owner.clone()));
+            self.undo
+                .push(Undo::Released(Resource::Ip(ip), owner.clone()));
         }
     }
 
@@ -178,7 +196,11 @@ impl<'a> AllocTxn<'a> {
     pub(crate) fn claim_port(&mut self, owner: &ObjectKey, port: u16) -> Result<(), String> {
         if !self.alloc.net.node_ports.contains(&port) {
             let r = &self.alloc.net.node_ports;
-            return Err(format!("provided port is not in the valid range. The range of valid ports is {}-{}", r.start(), r.end()));
+            return Err(format!(
+                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                r.start(),
+                r.end()
+            ));
         }
         match self.alloc.ports.get(&port) {
             Some(o) if o == owner => Ok(()),
@@ -192,7 +214,10 @@ impl<'a> AllocTxn<'a> {
     }
 
     pub(crate) fn allocate_port(&mut self, owner: &ObjectKey) -> Result<u16, String> {
-        let (lo, hi) = (*self.alloc.net.node_ports.start(), *self.alloc.net.node_ports.end());
+        let (lo, hi) = (
+            *self.alloc.net.node_ports.start(),
+            *self.alloc.net.node_ports.end(),
+        );
         let span = u32::from(hi - lo) + 1;
         let start = rand::rng().random_range(0..span);
         let free = (0..span)
@@ -206,7 +231,8 @@ impl<'a> AllocTxn<'a> {
     pub(crate) fn release_port(&mut self, owner: &ObjectKey, port: u16) {
         if self.alloc.ports.get(&port) == Some(owner) {
             self.alloc.ports.remove(&port);
-            self.undo.push(Undo::Released(Resource::Port(port), owner.clone()));
+            self.undo
+                .push(Undo::Released(Resource::Port(port), owner.clone()));
         }
     }
 
@@ -237,7 +263,6 @@ impl Drop for AllocTxn<'_> {
     }
 }
 
-
 /// What a service holds in the allocator.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Holdings {
@@ -255,8 +280,15 @@ fn holdings(spec: &ServiceSpec) -> Holdings {
         .filter_map(|p| p.node_port.and_then(|n| u16::try_from(n).ok()))
         .filter(|n| *n != 0)
         .collect();
-    let health_check_port = spec.health_check_node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0);
-    Holdings { ip, node_ports, health_check_port }
+    let health_check_port = spec
+        .health_check_node_port
+        .and_then(|n| u16::try_from(n).ok())
+        .filter(|n| *n != 0);
+    Holdings {
+        ip,
+        node_ports,
+        health_check_port,
+    }
 }
 
 /// Records a stored service's addresses when the store opens. A clash means the state
@@ -264,12 +296,19 @@ fn holdings(spec: &ServiceSpec) -> Holdings {
 pub(crate) fn restore_service(alloc: &mut Allocator, key: &ObjectKey, spec: &ServiceSpec) {
     let h = holdings(spec);
     let mut txn = AllocTxn::new(alloc);
-    let claimed = h.ip.map_or(Ok(()), |ip| txn.claim_ip(key, ip)).and_then(|()| {
-        h.node_ports.iter().chain(&h.health_check_port).try_for_each(|p| txn.claim_port(key, *p))
-    });
+    let claimed =
+        h.ip.map_or(Ok(()), |ip| txn.claim_ip(key, ip))
+            .and_then(|()| {
+                h.node_ports
+                    .iter()
+                    .chain(&h.health_check_port)
+                    .try_for_each(|p| txn.claim_port(key, *p))
+            });
     match claimed {
         Ok(()) => txn.commit(),
-        Err(e) => tracing::warn!(service = %key, error = %e, "stored service address clashes; not reserved"),
+        Err(e) => {
+            tracing::warn!(service = %key, error = %e, "stored service address clashes; not reserved")
+        }
     }
 }
 
@@ -303,14 +342,29 @@ pub(crate) fn assign_service(
     if let Some(ip) = before.ip.filter(|ip| after.ip != Some(*ip)) {
         txn.release_ip(key, ip);
     }
-    let kept: Vec<u16> = after.node_ports.iter().chain(&after.health_check_port).copied().collect();
-    for p in before.node_ports.iter().chain(&before.health_check_port).filter(|p| !kept.contains(p)) {
+    let kept: Vec<u16> = after
+        .node_ports
+        .iter()
+        .chain(&after.health_check_port)
+        .copied()
+        .collect();
+    for p in before
+        .node_ports
+        .iter()
+        .chain(&before.health_check_port)
+        .filter(|p| !kept.contains(p))
+    {
         txn.release_port(key, *p);
     }
     Ok(())
 }
 
-fn assign_cluster_ip(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&ServiceSpec>, new: &mut ServiceSpec) -> Result<(), FieldError> {
+fn assign_cluster_ip(
+    txn: &mut AllocTxn<'_>,
+    key: &ObjectKey,
+    old: Option<&ServiceSpec>,
+    new: &mut ServiceSpec,
+) -> Result<(), FieldError> {
     if new.type_.as_deref() == Some("ExternalName") {
         // Switching to ExternalName drops the ClusterIP, as in Kubernetes.
         new.cluster_ip = None;
@@ -333,13 +387,22 @@ fn assign_cluster_ip(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&Servi
     let ip = if ip_text == "None" {
         None
     } else if ip_text.is_empty() {
-        Some(txn.allocate_ip(key).map_err(|e| FieldError { field: "spec.clusterIP".into(), message: e })?)
+        Some(txn.allocate_ip(key).map_err(|e| FieldError {
+            field: "spec.clusterIP".into(),
+            message: e,
+        })?)
     } else {
-        let ip: IpAddr = ip_text.parse().map_err(|_| invalid("spec.clusterIP", &ip_text, "must be a valid IP address"))?;
-        txn.claim_ip(key, ip).map_err(|e| invalid("spec.clusterIP", &ip_text, e))?;
+        let ip: IpAddr = ip_text
+            .parse()
+            .map_err(|_| invalid("spec.clusterIP", &ip_text, "must be a valid IP address"))?;
+        txn.claim_ip(key, ip)
+            .map_err(|e| invalid("spec.clusterIP", &ip_text, e))?;
         Some(ip)
     };
-    let family = match ip.map(|ip| ip.is_ipv4()).unwrap_or(txn.network().cidr.network().is_ipv4()) {
+    let family = match ip
+        .map(|ip| ip.is_ipv4())
+        .unwrap_or(txn.network().cidr.network().is_ipv4())
+    {
         true => "IPv4",
         false => "IPv6",
     };
@@ -347,7 +410,8 @@ fn assign_cluster_ip(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&Servi
     new.cluster_ip = Some(text.clone());
     new.cluster_ips = Some(vec![text]);
     new.ip_families = Some(vec![family.to_owned()]);
-    new.ip_family_policy.get_or_insert_with(|| "SingleStack".into());
+    new.ip_family_policy
+        .get_or_insert_with(|| "SingleStack".into());
     Ok(())
 }
 
@@ -371,7 +435,12 @@ fn stored_node_port(old: Option<&ServiceSpec>, port: &ServicePort) -> Option<i32
         .filter(|n| *n != 0)
 }
 
-fn assign_node_ports(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&ServiceSpec>, new: &mut ServiceSpec) -> Result<(), FieldError> {
+fn assign_node_ports(
+    txn: &mut AllocTxn<'_>,
+    key: &ObjectKey,
+    old: Option<&ServiceSpec>,
+    new: &mut ServiceSpec,
+) -> Result<(), FieldError> {
     let wanted = wants_node_ports(new);
     let kind = new.type_.clone().unwrap_or_default();
     let mut used: Vec<(u16, String)> = Vec::new();
@@ -380,17 +449,24 @@ fn assign_node_ports(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&Servi
         let requested = port.node_port.filter(|n| *n != 0);
         if !wanted {
             if let Some(n) = requested {
-                return Err(forbidden(field, format!("may not be used when `type` is '{kind}' ({n})")));
+                return Err(forbidden(
+                    field,
+                    format!("may not be used when `type` is '{kind}' ({n})"),
+                ));
             }
             continue;
         }
         let number = match requested.or_else(|| stored_node_port(old, port)) {
             Some(n) => {
-                let n = u16::try_from(n).map_err(|_| invalid(&field, n, "must be between 1 and 65535, inclusive"))?;
+                let n = u16::try_from(n)
+                    .map_err(|_| invalid(&field, n, "must be between 1 and 65535, inclusive"))?;
                 txn.claim_port(key, n).map_err(|e| invalid(&field, n, e))?;
                 n
             }
-            None => txn.allocate_port(key).map_err(|e| FieldError { field: field.clone(), message: e })?,
+            None => txn.allocate_port(key).map_err(|e| FieldError {
+                field: field.clone(),
+                message: e,
+            })?,
         };
         let protocol = port.protocol.clone().unwrap_or_default();
         if used.contains(&(number, protocol.clone())) {
@@ -402,29 +478,54 @@ fn assign_node_ports(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&Servi
     Ok(())
 }
 
-fn assign_health_check_port(txn: &mut AllocTxn<'_>, key: &ObjectKey, old: Option<&ServiceSpec>, new: &mut ServiceSpec) -> Result<(), FieldError> {
+fn assign_health_check_port(
+    txn: &mut AllocTxn<'_>,
+    key: &ObjectKey,
+    old: Option<&ServiceSpec>,
+    new: &mut ServiceSpec,
+) -> Result<(), FieldError> {
     let field = "spec.healthCheckNodePort";
-    let needed = new.type_.as_deref() == Some("LoadBalancer") && new.external_traffic_policy.as_deref() == Some("Local");
+    let needed = new.type_.as_deref() == Some("LoadBalancer")
+        && new.external_traffic_policy.as_deref() == Some("Local");
     let requested = new.health_check_node_port.filter(|n| *n != 0);
     if !needed {
         if let Some(n) = requested {
-            return Err(invalid(field, n, "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'"));
+            return Err(invalid(
+                field,
+                n,
+                "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+            ));
         }
         return Ok(());
     }
-    let stored = old.and_then(|o| o.health_check_node_port).filter(|n| *n != 0);
+    let stored = old
+        .and_then(|o| o.health_check_node_port)
+        .filter(|n| *n != 0);
     let number = match (stored, requested) {
         (Some(s), Some(r)) if s != r => return Err(immutable(field)),
         (Some(n), _) | (None, Some(n)) => {
-            let n = u16::try_from(n).map_err(|_| invalid(field, n, "must be between 1 and 65535, inclusive"))?;
+            let n = u16::try_from(n)
+                .map_err(|_| invalid(field, n, "must be between 1 and 65535, inclusive"))?;
             // Its own node ports are taken by this very service: still a clash.
-            if new.ports.iter().flatten().any(|p| p.node_port == Some(i32::from(n))) {
-                return Err(invalid(field, n, "collides with a node port of this service"));
+            if new
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.node_port == Some(i32::from(n)))
+            {
+                return Err(invalid(
+                    field,
+                    n,
+                    "collides with a node port of this service",
+                ));
             }
             txn.claim_port(key, n).map_err(|e| invalid(field, n, e))?;
             n
         }
-        (None, None) => txn.allocate_port(key).map_err(|e| FieldError { field: field.into(), message: e })?,
+        (None, None) => txn.allocate_port(key).map_err(|e| FieldError {
+            field: field.into(),
+            message: e,
+        })?,
     };
     new.health_check_node_port = Some(i32::from(number));
     Ok(())
@@ -440,7 +541,10 @@ mod tests {
     }
 
     fn small() -> Allocator {
-        Allocator::new(ServiceNetwork { cidr: "10.0.0.0/28".parse().unwrap(), node_ports: 30000..=30002 })
+        Allocator::new(ServiceNetwork {
+            cidr: "10.0.0.0/28".parse().unwrap(),
+            node_ports: 30000..=30002,
+        })
     }
 
     #[test]
@@ -450,10 +554,24 @@ mod tests {
         let ip: IpAddr = "10.0.0.10".parse().unwrap();
         t.claim_ip(&key("a"), ip).unwrap();
         t.claim_ip(&key("a"), ip).unwrap();
-        assert!(t.claim_ip(&key("b"), ip).unwrap_err().contains("already allocated (to service/default/a)"));
-        assert!(t.claim_ip(&key("b"), "10.0.1.1".parse().unwrap()).unwrap_err().contains("not in the valid range"));
-        assert!(t.claim_ip(&key("b"), "10.0.0.0".parse().unwrap()).is_err(), "network address");
-        assert!(t.claim_ip(&key("b"), "10.0.0.15".parse().unwrap()).is_err(), "broadcast address");
+        assert!(
+            t.claim_ip(&key("b"), ip)
+                .unwrap_err()
+                .contains("already allocated (to service/default/a)")
+        );
+        assert!(
+            t.claim_ip(&key("b"), "10.0.1.1".parse().unwrap())
+                .unwrap_err()
+                .contains("not in the valid range")
+        );
+        assert!(
+            t.claim_ip(&key("b"), "10.0.0.0".parse().unwrap()).is_err(),
+            "network address"
+        );
+        assert!(
+            t.claim_ip(&key("b"), "10.0.0.15".parse().unwrap()).is_err(),
+            "broadcast address"
+        );
     }
 
     #[test]
@@ -461,8 +579,13 @@ mod tests {
         let mut a = small();
         {
             let mut t = AllocTxn::new(&mut a);
-            let ips: Vec<IpAddr> = (0..14).map(|i| t.allocate_ip(&key(&format!("s{i}"))).unwrap()).collect();
-            assert_eq!(ips.iter().collect::<std::collections::HashSet<_>>().len(), 14);
+            let ips: Vec<IpAddr> = (0..14)
+                .map(|i| t.allocate_ip(&key(&format!("s{i}"))).unwrap())
+                .collect();
+            assert_eq!(
+                ips.iter().collect::<std::collections::HashSet<_>>().len(),
+                14
+            );
             assert!(t.allocate_ip(&key("x")).is_err());
             // dropped without commit
         }
@@ -483,7 +606,10 @@ mod tests {
         for i in 0..200 {
             let ip = t.allocate_ip(&key(&format!("s{i}"))).unwrap();
             let IpAddr::V4(v4) = ip else { panic!() };
-            assert!(u32::from(v4) - u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) > 256, "{ip}");
+            assert!(
+                u32::from(v4) - u32::from(std::net::Ipv4Addr::new(10, 96, 0, 0)) > 256,
+                "{ip}"
+            );
         }
         t.commit();
     }
@@ -493,8 +619,16 @@ mod tests {
         let mut a = small();
         let mut t = AllocTxn::new(&mut a);
         t.claim_port(&key("a"), 30001).unwrap();
-        assert!(t.claim_port(&key("b"), 30001).unwrap_err().contains("already allocated"));
-        assert!(t.claim_port(&key("b"), 80).unwrap_err().contains("30000-30002"));
+        assert!(
+            t.claim_port(&key("b"), 30001)
+                .unwrap_err()
+                .contains("already allocated")
+        );
+        assert!(
+            t.claim_port(&key("b"), 80)
+                .unwrap_err()
+                .contains("30000-30002")
+        );
         t.release_port(&key("a"), 30001);
         t.claim_port(&key("b"), 30001).unwrap();
         assert_eq!(t.port_owner(30001), Some(&key("b")));

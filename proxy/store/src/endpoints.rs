@@ -17,7 +17,9 @@ use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -111,25 +113,36 @@ pub struct EndpointGroup {
 /// Whether the service's selector picks this pod. A service without a selector (or an
 /// empty one) selects nothing: its endpoints come from user-provided slices.
 pub fn selects(service: &Service, pod: &Pod) -> bool {
-    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) else {
+    let Some(selector) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .filter(|s| !s.is_empty())
+    else {
         return false;
     };
     if service.metadata.namespace != pod.metadata.namespace {
         return false;
     }
     let labels = pod.metadata.labels.as_ref();
-    selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 /// Whether the controller manages endpoints for this service at all.
 pub fn is_selector_managed(service: &Service) -> bool {
     let spec = service.spec.as_ref();
-    spec.and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty())
+    spec.and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| !s.is_empty())
         && spec.and_then(|s| s.type_.as_deref()) != Some("ExternalName")
 }
 
 fn is_terminal(pod: &Pod) -> bool {
-    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
 }
 
 /// The pod's Ready condition.
@@ -144,11 +157,22 @@ pub fn is_pod_ready(pod: &Pod) -> bool {
 
 /// The pod's IPs (status.podIPs, falling back to status.podIP), parsed.
 fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else { return Vec::new() };
-    let listed = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok());
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok());
     let mut ips: Vec<IpAddr> = listed.collect();
     if ips.is_empty() {
-        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()));
+        ips.extend(
+            status
+                .pod_ip
+                .as_deref()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
     }
     ips
 }
@@ -167,7 +191,10 @@ pub fn resolve_target_port(service_port: &ServicePort, pod: &Pod) -> Option<u16>
             .containers
             .iter()
             .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
+            .find(|p| {
+                p.name.as_deref() == Some(name.as_str())
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol
+            })
             .and_then(|p| u16::try_from(p.container_port).ok()),
     }
 }
@@ -202,8 +229,16 @@ fn hostname_for(service: &Service, pod: &Pod) -> Option<String> {
 fn conditions_for(service: &Service, pod: &Pod) -> Conditions {
     let serving = is_pod_ready(pod);
     let terminating = pod.metadata.deletion_timestamp.is_some();
-    let publish = service.spec.as_ref().and_then(|s| s.publish_not_ready_addresses) == Some(true);
-    Conditions { ready: publish || (serving && !terminating), serving, terminating }
+    let publish = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        == Some(true);
+    Conditions {
+        ready: publish || (serving && !terminating),
+        serving,
+        terminating,
+    }
 }
 
 /// Which address families the service wants (its ipFamilies; IPv4 if unset).
@@ -218,15 +253,24 @@ fn wants_family(service: &Service, ip: &IpAddr) -> bool {
 /// The service's endpoints from the given pods, grouped by port mapping; deterministic
 /// (groups by ports, endpoints by address). Empty for services the controller does not
 /// manage (no selector, ExternalName).
-pub fn compute<'a>(service: &Service, pods: impl IntoIterator<Item = &'a Pod>) -> Vec<EndpointGroup> {
+pub fn compute<'a>(
+    service: &Service,
+    pods: impl IntoIterator<Item = &'a Pod>,
+) -> Vec<EndpointGroup> {
     if !is_selector_managed(service) {
         return Vec::new();
     }
     let mut groups: BTreeMap<Vec<EndpointPort>, Vec<Endpoint>> = BTreeMap::new();
-    for pod in pods.into_iter().filter(|p| selects(service, p) && !is_terminal(p)) {
+    for pod in pods
+        .into_iter()
+        .filter(|p| selects(service, p) && !is_terminal(p))
+    {
         let conditions = conditions_for(service, pod);
         let ports = resolve_ports(service, pod);
-        for address in pod_ips(pod).into_iter().filter(|ip| wants_family(service, ip)) {
+        for address in pod_ips(pod)
+            .into_iter()
+            .filter(|ip| wants_family(service, ip))
+        {
             groups.entry(ports.clone()).or_default().push(Endpoint {
                 address,
                 conditions,
@@ -243,7 +287,7 @@ pub fn compute<'a>(service: &Service, pods: impl IntoIterator<Item = &'a Pod>) -
     groups
         .into_iter()
         .map(|(ports, mut endpoints)| {
-            endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+            endpoints.sort_by_key(|e| e.address);
             EndpointGroup { ports, endpoints }
         })
         .collect()
@@ -255,7 +299,11 @@ pub fn to_endpoint_slices(service: &Service, groups: &[EndpointGroup]) -> Vec<En
     let name = service.metadata.name.clone().unwrap_or_default();
     let mut slices = Vec::new();
     for group in groups {
-        let chunks: Vec<&[Endpoint]> = if group.endpoints.is_empty() { vec![&[]] } else { group.endpoints.chunks(MAX_ENDPOINTS_PER_SLICE).collect() };
+        let chunks: Vec<&[Endpoint]> = if group.endpoints.is_empty() {
+            vec![&[]]
+        } else {
+            group.endpoints.chunks(MAX_ENDPOINTS_PER_SLICE).collect()
+        };
         for chunk in chunks {
             let address_type = match chunk.first().map(|e| e.address) {
                 Some(IpAddr::V6(_)) => "IPv6",
@@ -277,7 +325,12 @@ fn slice_metadata(service: &Service, name: &str, index: usize) -> ObjectMeta {
     ObjectMeta {
         name: Some(format!("{name}-{index}")),
         namespace: service.metadata.namespace.clone(),
-        labels: Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
         owner_references: service.metadata.uid.clone().map(|uid| {
             vec![OwnerReference {
                 api_version: "v1".into(),
@@ -324,7 +377,12 @@ fn to_slice_port(p: &EndpointPort) -> SlicePort {
 
 /// The service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
 pub fn slice_service_name(slice: &EndpointSlice) -> Option<&str> {
-    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).map(String::as_str)
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .map(String::as_str)
 }
 
 /// Reads a stored EndpointSlice (e.g. a selector-less service's) as a group. FQDN
@@ -349,7 +407,12 @@ pub fn from_endpoint_slice(slice: &EndpointSlice) -> Option<EndpointGroup> {
         })
         .collect();
     ports.sort();
-    let endpoints = slice.endpoints.iter().flatten().filter_map(from_slice_endpoint).collect();
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(from_slice_endpoint)
+        .collect();
     Some(EndpointGroup { ports, endpoints })
 }
 
@@ -357,11 +420,15 @@ fn from_slice_endpoint(e: &SliceEndpoint) -> Option<Endpoint> {
     let address = e.addresses.first()?.parse().ok()?;
     let c = e.conditions.as_ref();
     let ready = c.and_then(|c| c.ready).unwrap_or(true);
-    let target = e.target_ref.as_ref().filter(|t| t.kind.as_deref() == Some("Pod")).map(|t| PodRef {
-        namespace: t.namespace.clone().unwrap_or_default(),
-        name: t.name.clone().unwrap_or_default(),
-        uid: t.uid.clone(),
-    });
+    let target = e
+        .target_ref
+        .as_ref()
+        .filter(|t| t.kind.as_deref() == Some("Pod"))
+        .map(|t| PodRef {
+            namespace: t.namespace.clone().unwrap_or_default(),
+            name: t.name.clone().unwrap_or_default(),
+            uid: t.uid.clone(),
+        });
     Some(Endpoint {
         address,
         conditions: Conditions {
@@ -391,18 +458,34 @@ pub struct Backend {
 pub fn backends(groups: &[EndpointGroup], port_name: &str, protocol: Protocol) -> Vec<Backend> {
     let candidates: Vec<(&Endpoint, u16)> = groups
         .iter()
-        .filter_map(|g| g.ports.iter().find(|p| p.name == port_name && p.protocol == protocol).map(|p| (g, p.port)))
+        .filter_map(|g| {
+            g.ports
+                .iter()
+                .find(|p| p.name == port_name && p.protocol == protocol)
+                .map(|p| (g, p.port))
+        })
         .flat_map(|(g, port)| g.endpoints.iter().map(move |e| (e, port)))
         .collect();
-    let ready: Vec<&(&Endpoint, u16)> = candidates.iter().filter(|(e, _)| e.conditions.ready).collect();
+    let ready: Vec<&(&Endpoint, u16)> = candidates
+        .iter()
+        .filter(|(e, _)| e.conditions.ready)
+        .collect();
     let chosen = if ready.is_empty() {
-        candidates.iter().filter(|(e, _)| e.conditions.serving && e.conditions.terminating).collect()
+        candidates
+            .iter()
+            .filter(|(e, _)| e.conditions.serving && e.conditions.terminating)
+            .collect()
     } else {
         ready
     };
     let mut out: Vec<Backend> = chosen
         .into_iter()
-        .map(|(e, port)| Backend { address: e.address, port: *port, node_name: e.node_name.clone(), terminating: e.conditions.terminating })
+        .map(|(e, port)| Backend {
+            address: e.address,
+            port: *port,
+            node_name: e.node_name.clone(),
+            terminating: e.conditions.terminating,
+        })
         .collect();
     out.sort();
     out.dedup_by(|a, b| a.address == b.address && a.port == b.port);
@@ -416,8 +499,12 @@ mod tests {
     use crate::object::Object;
 
     fn service(extra_spec: &str) -> Service {
-        let yaml = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default, uid: svc-uid}}\nspec:\n  selector: {{app: web}}\n  ports:\n  - {{name: http, port: 80, targetPort: http}}\n  - {{name: metrics, port: 9090, targetPort: 9100}}\n{extra_spec}");
-        let Object::Service(s) = parse(&yaml).unwrap().remove(0) else { panic!() };
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default, uid: svc-uid}}\nspec:\n  selector: {{app: web}}\n  ports:\n  - {{name: http, port: 80, targetPort: http}}\n  - {{name: metrics, port: 9090, targetPort: 9100}}\n{extra_spec}"
+        );
+        let Object::Service(s) = parse(&yaml).unwrap().remove(0) else {
+            panic!()
+        };
         s
     }
 
@@ -427,12 +514,16 @@ mod tests {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{app: web}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {http_port}}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
             if ready { "True" } else { "False" }
         );
-        let Object::Pod(p) = parse(&yaml).unwrap().remove(0) else { panic!() };
+        let Object::Pod(p) = parse(&yaml).unwrap().remove(0) else {
+            panic!()
+        };
         p
     }
 
     fn terminating(mut p: Pod) -> Pod {
-        p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+        p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
         p
     }
 
@@ -447,10 +538,20 @@ mod tests {
         done.status.as_mut().unwrap().phase = Some("Succeeded".into());
         let mut elsewhere = pod("elsewhere", "10.0.0.6", true, 8080);
         elsewhere.metadata.namespace = Some("prod".into());
-        let pods = [pod("a", "10.0.0.1", true, 8080), other, no_ip, done, elsewhere];
+        let pods = [
+            pod("a", "10.0.0.1", true, 8080),
+            other,
+            no_ip,
+            done,
+            elsewhere,
+        ];
         let groups = compute(&svc, &pods);
         assert_eq!(groups.len(), 1);
-        let addrs: Vec<String> = groups[0].endpoints.iter().map(|e| e.address.to_string()).collect();
+        let addrs: Vec<String> = groups[0]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
         assert_eq!(addrs, ["10.0.0.1"]);
         let e = &groups[0].endpoints[0];
         assert_eq!(e.node_name.as_deref(), Some("node-a"));
@@ -460,11 +561,36 @@ mod tests {
     #[test]
     fn conditions_follow_the_controller() {
         let svc = service("");
-        let pods = [pod("a", "10.0.0.1", true, 8080), pod("b", "10.0.0.2", false, 8080), terminating(pod("c", "10.0.0.3", true, 8080))];
+        let pods = [
+            pod("a", "10.0.0.1", true, 8080),
+            pod("b", "10.0.0.2", false, 8080),
+            terminating(pod("c", "10.0.0.3", true, 8080)),
+        ];
         let eps = &compute(&svc, &pods)[0].endpoints;
-        assert_eq!(eps[0].conditions, Conditions { ready: true, serving: true, terminating: false });
-        assert_eq!(eps[1].conditions, Conditions { ready: false, serving: false, terminating: false });
-        assert_eq!(eps[2].conditions, Conditions { ready: false, serving: true, terminating: true });
+        assert_eq!(
+            eps[0].conditions,
+            Conditions {
+                ready: true,
+                serving: true,
+                terminating: false
+            }
+        );
+        assert_eq!(
+            eps[1].conditions,
+            Conditions {
+                ready: false,
+                serving: false,
+                terminating: false
+            }
+        );
+        assert_eq!(
+            eps[2].conditions,
+            Conditions {
+                ready: false,
+                serving: true,
+                terminating: true
+            }
+        );
         let publish = service("  publishNotReadyAddresses: true\n");
         let eps = &compute(&publish, &pods)[0].endpoints;
         assert!(eps.iter().all(|e| e.conditions.ready));
@@ -474,19 +600,34 @@ mod tests {
     #[test]
     fn named_target_ports_resolve_per_pod_and_group() {
         let svc = service("");
-        let pods = [pod("a", "10.0.0.1", true, 8080), pod("b", "10.0.0.2", true, 8081), pod("c", "10.0.0.3", true, 8080)];
+        let pods = [
+            pod("a", "10.0.0.1", true, 8080),
+            pod("b", "10.0.0.2", true, 8081),
+            pod("c", "10.0.0.3", true, 8080),
+        ];
         let groups = compute(&svc, &pods);
         assert_eq!(groups.len(), 2);
         let http = |g: &EndpointGroup| g.ports.iter().find(|p| p.name == "http").unwrap().port;
         assert_eq!(http(&groups[0]), 8080);
         assert_eq!(groups[0].endpoints.len(), 2);
         assert_eq!(http(&groups[1]), 8081);
-        assert!(groups.iter().all(|g| g.ports.iter().any(|p| p.name == "metrics" && p.port == 9100)));
+        assert!(groups.iter().all(|g| {
+            g.ports
+                .iter()
+                .any(|p| p.name == "metrics" && p.port == 9100)
+        }));
         // A pod without the named port still serves the numeric one.
         let mut unnamed = pod("d", "10.0.0.4", true, 8080);
         unnamed.spec.as_mut().unwrap().containers[0].ports = None;
         let groups = compute(&svc, std::slice::from_ref(&unnamed));
-        assert_eq!(groups[0].ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["metrics"]);
+        assert_eq!(
+            groups[0]
+                .ports
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>(),
+            ["metrics"]
+        );
     }
 
     #[test]
@@ -494,9 +635,17 @@ mod tests {
         let svc = service("");
         let mut p = pod("a", "10.0.0.1", true, 8080);
         p.spec.as_mut().unwrap().hostname = Some("web-0".into());
-        assert_eq!(compute(&svc, std::slice::from_ref(&p))[0].endpoints[0].hostname, None);
+        assert_eq!(
+            compute(&svc, std::slice::from_ref(&p))[0].endpoints[0].hostname,
+            None
+        );
         p.spec.as_mut().unwrap().subdomain = Some("web".into());
-        assert_eq!(compute(&svc, std::slice::from_ref(&p))[0].endpoints[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(
+            compute(&svc, std::slice::from_ref(&p))[0].endpoints[0]
+                .hostname
+                .as_deref(),
+            Some("web-0")
+        );
     }
 
     #[test]
@@ -512,27 +661,65 @@ mod tests {
     #[test]
     fn dataplane_uses_ready_then_terminating_serving() {
         let svc = service("");
-        let ready_and_terminating = [pod("a", "10.0.0.1", true, 8080), terminating(pod("b", "10.0.0.2", true, 8080))];
-        let b = backends(&compute(&svc, &ready_and_terminating), "http", Protocol::Tcp);
-        assert_eq!(b.iter().map(|b| b.address.to_string()).collect::<Vec<_>>(), ["10.0.0.1"]);
-        let only_terminating = [terminating(pod("b", "10.0.0.2", true, 8080)), terminating(pod("c", "10.0.0.3", false, 8080)), pod("d", "10.0.0.4", false, 8080)];
+        let ready_and_terminating = [
+            pod("a", "10.0.0.1", true, 8080),
+            terminating(pod("b", "10.0.0.2", true, 8080)),
+        ];
+        let b = backends(
+            &compute(&svc, &ready_and_terminating),
+            "http",
+            Protocol::Tcp,
+        );
+        assert_eq!(
+            b.iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
+            ["10.0.0.1"]
+        );
+        let only_terminating = [
+            terminating(pod("b", "10.0.0.2", true, 8080)),
+            terminating(pod("c", "10.0.0.3", false, 8080)),
+            pod("d", "10.0.0.4", false, 8080),
+        ];
         let b = backends(&compute(&svc, &only_terminating), "http", Protocol::Tcp);
         assert_eq!(b.len(), 1);
-        assert_eq!((b[0].address.to_string(), b[0].port, b[0].terminating), ("10.0.0.2".to_string(), 8080, true));
+        assert_eq!(
+            (b[0].address.to_string(), b[0].port, b[0].terminating),
+            ("10.0.0.2".to_string(), 8080, true)
+        );
         assert!(backends(&compute(&svc, &only_terminating), "http", Protocol::Udp).is_empty());
     }
 
     #[test]
     fn slices_round_trip_and_chunk() {
         let mut svc = service("");
-        svc.spec.as_mut().unwrap().ports.as_mut().unwrap().truncate(1);
-        let pods: Vec<Pod> = (0..250).map(|i| pod(&format!("p{i}"), &format!("10.0.{}.{}", i / 200, i % 200 + 1), i % 2 == 0, 8080)).collect();
+        svc.spec
+            .as_mut()
+            .unwrap()
+            .ports
+            .as_mut()
+            .unwrap()
+            .truncate(1);
+        let pods: Vec<Pod> = (0..250)
+            .map(|i| {
+                pod(
+                    &format!("p{i}"),
+                    &format!("10.0.{}.{}", i / 200, i % 200 + 1),
+                    i % 2 == 0,
+                    8080,
+                )
+            })
+            .collect();
         let groups = compute(&svc, &pods);
         let slices = to_endpoint_slices(&svc, &groups);
         assert_eq!(slices.len(), 3);
         assert_eq!(slice_service_name(&slices[0]), Some("web"));
-        assert_eq!(slices[0].metadata.owner_references.as_ref().unwrap()[0].uid, "svc-uid");
-        let back: Vec<Endpoint> = slices.iter().flat_map(|s| from_endpoint_slice(s).unwrap().endpoints).collect();
+        assert_eq!(
+            slices[0].metadata.owner_references.as_ref().unwrap()[0].uid,
+            "svc-uid"
+        );
+        let back: Vec<Endpoint> = slices
+            .iter()
+            .flat_map(|s| from_endpoint_slice(s).unwrap().endpoints)
+            .collect();
         assert_eq!(back, groups[0].endpoints);
         // And the slices pass the store's own validation.
         for s in slices {
@@ -545,7 +732,14 @@ mod tests {
     fn user_slices_default_missing_conditions() {
         let Object::EndpointSlice(s) = parse("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ext-1, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [192.0.2.1]\n- addresses: [192.0.2.2]\n  conditions: {ready: false}\nports:\n- {name: http, port: 80}\n").unwrap().remove(0) else { panic!() };
         let g = from_endpoint_slice(&s).unwrap();
-        assert_eq!(g.endpoints[0].conditions, Conditions { ready: true, serving: true, terminating: false });
+        assert_eq!(
+            g.endpoints[0].conditions,
+            Conditions {
+                ready: true,
+                serving: true,
+                terminating: false
+            }
+        );
         assert!(!g.endpoints[1].conditions.ready);
         assert_eq!(backends(&[g], "http", Protocol::Tcp).len(), 1);
     }

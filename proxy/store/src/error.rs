@@ -20,23 +20,43 @@ pub enum StoreError {
     #[error("{key}: not found")]
     NotFound { key: ObjectKey },
     /// Optimistic concurrency: the caller's copy is stale.
-    #[error("{key}: the object has been modified (given {field} {given:?}, stored {stored:?}); read it again and retry")]
-    Conflict { key: ObjectKey, field: &'static str, given: String, stored: String },
+    #[error(
+        "{key}: the object has been modified (given {field} {given:?}, stored {stored:?}); read it again and retry"
+    )]
+    Conflict {
+        key: ObjectKey,
+        field: &'static str,
+        given: String,
+        stored: String,
+    },
     #[error("{key}: {reason}")]
     Forbidden { key: ObjectKey, reason: String },
     #[error("{key}: a {status} status cannot be written to a {kind}")]
-    StatusKindMismatch { key: ObjectKey, status: Kind, kind: Kind },
+    StatusKindMismatch {
+        key: ObjectKey,
+        status: Kind,
+        kind: Kind,
+    },
     #[error("state dir {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("storage: {context}: {source}")]
-    Storage { context: &'static str, source: Box<redb::Error> },
+    Storage {
+        context: &'static str,
+        source: Box<redb::Error>,
+    },
     #[error("stored record {key:?} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 }
 
 /// Adapts any redb error type into [`StoreError::Storage`] with what we were doing.
 pub(crate) fn storage<E: Into<redb::Error>>(context: &'static str) -> impl FnOnce(E) -> StoreError {
-    move |e| StoreError::Storage { context, source: Box::new(e.into()) }
+    move |e| StoreError::Storage {
+        context,
+        source: Box::new(e.into()),
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -33,7 +33,9 @@ pub struct Event {
 /// Why a watcher cannot continue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WatchError {
-    #[error("revision {requested} is no longer in the change log (oldest kept: {oldest}); list again")]
+    #[error(
+        "revision {requested} is no longer in the change log (oldest kept: {oldest}); list again"
+    )]
     Compacted { requested: u64, oldest: u64 },
 }
 
@@ -59,7 +61,12 @@ impl Feed {
     pub(crate) fn new(revision: u64, capacity: usize) -> Arc<Feed> {
         let (notify, _) = tokio::sync::watch::channel(revision);
         Arc::new(Feed {
-            log: Mutex::new(Log { events: VecDeque::new(), revision, compacted_through: revision, capacity: capacity.max(1) }),
+            log: Mutex::new(Log {
+                events: VecDeque::new(),
+                revision,
+                compacted_through: revision,
+                capacity: capacity.max(1),
+            }),
             changed: Condvar::new(),
             notify,
         })
@@ -67,7 +74,9 @@ impl Feed {
 
     /// Appends one committed batch (revisions increasing) and wakes watchers.
     pub(crate) fn publish(&self, events: Vec<Event>) {
-        let Some(last) = events.last().map(|e| e.revision) else { return };
+        let Some(last) = events.last().map(|e| e.revision) else {
+            return;
+        };
         {
             let mut log = self.log.lock().expect("feed lock");
             log.events.extend(events);
@@ -89,14 +98,21 @@ impl Feed {
 
     fn since_locked(log: &Log, revision: u64) -> Result<Vec<Event>, WatchError> {
         if revision < log.compacted_through {
-            return Err(WatchError::Compacted { requested: revision, oldest: log.compacted_through + 1 });
+            return Err(WatchError::Compacted {
+                requested: revision,
+                oldest: log.compacted_through + 1,
+            });
         }
         let start = log.events.partition_point(|e| e.revision <= revision);
         Ok(log.events.range(start..).cloned().collect())
     }
 
     pub(crate) fn watch(self: &Arc<Feed>, from_revision: u64) -> Watcher {
-        Watcher { feed: Arc::clone(self), revision: from_revision, notify: self.notify.subscribe() }
+        Watcher {
+            feed: Arc::clone(self),
+            revision: from_revision,
+            notify: self.notify.subscribe(),
+        }
     }
 }
 
@@ -155,7 +171,11 @@ impl Watcher {
             if !events.is_empty() || now >= deadline {
                 break events;
             }
-            log = feed.changed.wait_timeout(log, deadline - now).expect("feed lock").0;
+            log = feed
+                .changed
+                .wait_timeout(log, deadline - now)
+                .expect("feed lock")
+                .0;
         };
         drop(log);
         self.advance(&events);

@@ -59,13 +59,22 @@ pub enum ManifestError {
         object: String,
         path: String,
     },
-    #[error("{at} ({object}): {path}: {message}")]
+    #[error("{at} ({object}): {}", field_message(path, message))]
     InvalidValue {
         at: Location,
         object: String,
         path: String,
         message: String,
     },
+}
+
+/// `path: message`, or just the message when the problem is at the top level.
+fn field_message(path: &str, message: &str) -> String {
+    if path.is_empty() || path == "." {
+        message.to_owned()
+    } else {
+        format!("{path}: {message}")
+    }
 }
 
 /// Parses every object in `input` (YAML or JSON), in document order. Documents are
@@ -93,7 +102,9 @@ const PARALLEL_MIN_DOCUMENTS: usize = 256;
 /// independent, so large inputs are split at `---` lines and parsed on several threads.
 fn parse_yaml(input: &str) -> Result<Vec<Object>, ManifestError> {
     let chunks = split_documents(input);
-    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(8);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(8);
     let results: Vec<ChunkResult> = if chunks.len() < PARALLEL_MIN_DOCUMENTS || threads == 1 {
         chunks.iter().map(parse_chunk).collect()
     } else {
@@ -105,7 +116,10 @@ fn parse_yaml(input: &str) -> Result<Vec<Object>, ManifestError> {
                 .collect();
             workers
                 .into_iter()
-                .flat_map(|w| w.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .flat_map(|w| {
+                    w.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
                 .collect()
         })
     };
@@ -134,13 +148,19 @@ fn split_documents(input: &str) -> Vec<Chunk<'_>> {
     let (mut start, mut first_line, mut offset) = (0, 0, 0);
     for (line_no, line) in input.split_inclusive('\n').enumerate() {
         if line.trim_end() == "---" {
-            chunks.push(Chunk { text: &input[start..offset], first_line });
+            chunks.push(Chunk {
+                text: &input[start..offset],
+                first_line,
+            });
             start = offset + line.len();
             first_line = line_no + 1;
         }
         offset += line.len();
     }
-    chunks.push(Chunk { text: &input[start..], first_line });
+    chunks.push(Chunk {
+        text: &input[start..],
+        first_line,
+    });
     chunks
 }
 
@@ -217,18 +237,31 @@ fn objects_of_document(
     value: Value,
     out: &mut Vec<Object>,
 ) -> Result<(), ManifestError> {
-    let at = Location { document, item: None };
+    let at = Location {
+        document,
+        item: None,
+    };
     let (api_version, kind) = type_of(at, &value)?;
-    if kind == "List" || (kind.ends_with("List") && Kind::from_type(&api_version, &kind).is_none()) {
+    if kind == "List" || (kind.ends_with("List") && Kind::from_type(&api_version, &kind).is_none())
+    {
         return objects_of_list(document, value, out);
     }
     out.push(typed_object(at, value)?);
     Ok(())
 }
 
-fn objects_of_list(document: usize, value: Value, out: &mut Vec<Object>) -> Result<(), ManifestError> {
-    let at = Location { document, item: None };
-    let Value::Object(mut map) = value else { unreachable!("type_of checked for an object") };
+fn objects_of_list(
+    document: usize,
+    value: Value,
+    out: &mut Vec<Object>,
+) -> Result<(), ManifestError> {
+    let at = Location {
+        document,
+        item: None,
+    };
+    let Value::Object(mut map) = value else {
+        unreachable!("type_of checked for an object")
+    };
     let items = match map.remove("items") {
         Some(Value::Array(items)) => items,
         Some(Value::Null) | None => Vec::new(),
@@ -242,14 +275,23 @@ fn objects_of_list(document: usize, value: Value, out: &mut Vec<Object>) -> Resu
         }
     };
     for (index, item) in items.into_iter().enumerate() {
-        out.push(typed_object(Location { document, item: Some(index) }, item)?);
+        out.push(typed_object(
+            Location {
+                document,
+                item: Some(index),
+            },
+            item,
+        )?);
     }
     Ok(())
 }
 
 fn type_of(at: Location, value: &Value) -> Result<(String, String), ManifestError> {
     let Value::Object(map) = value else {
-        return Err(ManifestError::NotAnObject { at, found: json_type_name(value) });
+        return Err(ManifestError::NotAnObject {
+            at,
+            found: json_type_name(value),
+        });
     };
     let field = |name: &'static str| {
         map.get(name)
@@ -275,11 +317,12 @@ fn json_type_name(value: &Value) -> &'static str {
 /// Deserializes one object strictly: unknown fields and type errors name their path.
 pub(crate) fn typed_object(at: Location, value: Value) -> Result<Object, ManifestError> {
     let (api_version, kind_name) = type_of(at, &value)?;
-    let kind = Kind::from_type(&api_version, &kind_name).ok_or_else(|| ManifestError::UnknownKind {
-        at,
-        api_version: api_version.clone(),
-        kind: kind_name.clone(),
-    })?;
+    let kind =
+        Kind::from_type(&api_version, &kind_name).ok_or_else(|| ManifestError::UnknownKind {
+            at,
+            api_version: api_version.clone(),
+            kind: kind_name.clone(),
+        })?;
     let object = describe(kind, &value);
     let mut unknown: Option<String> = None;
     // Fast path: no path tracking (it allocates per field); only on failure run again
@@ -295,7 +338,9 @@ pub(crate) fn typed_object(at: Location, value: Value) -> Result<Object, Manifes
 }
 
 fn type_error(at: Location, object: &str, kind: Kind, value: &Value) -> ManifestError {
-    fn with_path<T: serde::de::DeserializeOwned>(value: &Value) -> Option<serde_path_to_error::Error<serde_json::Error>> {
+    fn with_path<T: serde::de::DeserializeOwned>(
+        value: &Value,
+    ) -> Option<serde_path_to_error::Error<serde_json::Error>> {
         serde_path_to_error::deserialize::<_, T>(value).err()
     }
     use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
@@ -313,7 +358,12 @@ fn type_error(at: Location, object: &str, kind: Kind, value: &Value) -> Manifest
         || (String::new(), "invalid value".to_owned()),
         |e| (e.path().to_string(), e.into_inner().to_string()),
     );
-    ManifestError::InvalidValue { at, object: object.to_owned(), path, message }
+    ManifestError::InvalidValue {
+        at,
+        object: object.to_owned(),
+        path,
+        message,
+    }
 }
 
 /// Deserializes from a borrowed value so the error path can run again on it.
@@ -345,7 +395,12 @@ fn describe(kind: Kind, value: &Value) -> String {
     let get = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str);
     let name = get("name").or(get("generateName")).unwrap_or("<unnamed>");
     if kind.is_namespaced() {
-        format!("{}/{}/{}", kind.singular(), get("namespace").unwrap_or(crate::DEFAULT_NAMESPACE), name)
+        format!(
+            "{}/{}/{}",
+            kind.singular(),
+            get("namespace").unwrap_or(crate::DEFAULT_NAMESPACE),
+            name
+        )
     } else {
         format!("{}/{}", kind.singular(), name)
     }
@@ -359,11 +414,15 @@ fn render_ignored_path(path: &serde_ignored::Path<'_>) -> String {
         Path::Seq { parent, index } => format!("{}[{index}]", render_ignored_path(parent)),
         Path::Map { parent, key } => {
             let parent = render_ignored_path(parent);
-            if parent.is_empty() { key.clone() } else { format!("{parent}.{key}") }
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            render_ignored_path(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => render_ignored_path(parent),
     }
 }
 
@@ -413,7 +472,10 @@ spec:
         let kinds: Vec<Kind> = objects.iter().map(Object::kind).collect();
         assert_eq!(kinds, [Kind::Namespace, Kind::Deployment, Kind::Service]);
         let svc = objects[2].as_service().unwrap();
-        assert_eq!(svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port, 80);
+        assert_eq!(
+            svc.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+            80
+        );
     }
 
     #[test]
@@ -423,7 +485,9 @@ spec:
             {"apiVersion":"v1","kind":"Secret","metadata":{"name":"b"},"data":{"k":"dmFsdWU="}}]}"#;
         let objects = parse(json).unwrap();
         assert_eq!(objects.len(), 2);
-        let Object::Secret(s) = &objects[1] else { panic!() };
+        let Object::Secret(s) = &objects[1] else {
+            panic!()
+        };
         assert_eq!(s.data.as_ref().unwrap()["k"].0, b"value");
         let yaml_list = "apiVersion: v1\nkind: ServiceList\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n";
         assert_eq!(parse(yaml_list).unwrap()[0].kind(), Kind::Service);
@@ -441,16 +505,27 @@ spec:
 
     #[test]
     fn unknown_top_level_and_metadata_fields_are_errors() {
-        let err = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, lables: {}}\n").unwrap_err();
-        assert!(matches!(err, ManifestError::UnknownField { ref path, .. } if path == "metadata.lables"), "{err}");
-        let err = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
-        assert!(matches!(err, ManifestError::UnknownField { ref path, .. } if path == "spec"), "{err}");
+        let err = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, lables: {}}\n")
+            .unwrap_err();
+        assert!(
+            matches!(err, ManifestError::UnknownField { ref path, .. } if path == "metadata.lables"),
+            "{err}"
+        );
+        let err =
+            parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nspec: {}\n").unwrap_err();
+        assert!(
+            matches!(err, ManifestError::UnknownField { ref path, .. } if path == "spec"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_kind_names_kind_and_document() {
         let err = parse("---\napiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\n").unwrap_err();
-        assert_eq!(err.to_string(), "document 2: unsupported kind \"Job\" with apiVersion \"batch/v1\"");
+        assert_eq!(
+            err.to_string(),
+            "document 2: unsupported kind \"Job\" with apiVersion \"batch/v1\""
+        );
         let err = parse("apiVersion: v2\nkind: Service\n").unwrap_err();
         assert!(matches!(err, ManifestError::UnknownKind { .. }));
     }
@@ -458,22 +533,91 @@ spec:
     #[test]
     fn malformed_yaml_reports_line_and_column() {
         let err = parse("apiVersion: v1\nkind: Service\nmetadata:\n  name: [web\n").unwrap_err();
-        let ManifestError::Syntax { line, column, .. } = err else { panic!("{err}") };
+        let ManifestError::Syntax { line, column, .. } = err else {
+            panic!("{err}")
+        };
         assert!(line >= 4, "line {line} column {column}");
         let err = parse("{\"apiVersion\": \"v1\",\n \"kind\": }").unwrap_err();
-        assert!(matches!(err, ManifestError::Syntax { format: "JSON", line: 2, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ManifestError::Syntax {
+                    format: "JSON",
+                    line: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn type_errors_name_the_field() {
         let err = parse("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports:\n  - port: eighty\n").unwrap_err();
-        let ManifestError::InvalidValue { path, .. } = &err else { panic!("{err}") };
+        let ManifestError::InvalidValue { path, .. } = &err else {
+            panic!("{err}")
+        };
         assert_eq!(path, "spec.ports[0].port");
     }
 
     #[test]
     fn missing_kind_and_non_objects_are_errors() {
-        assert!(matches!(parse("apiVersion: v1\n").unwrap_err(), ManifestError::MissingField { field: "kind", .. }));
-        assert!(matches!(parse("- a\n- b\n").unwrap_err(), ManifestError::NotAnObject { .. }));
+        assert!(matches!(
+            parse("apiVersion: v1\n").unwrap_err(),
+            ManifestError::MissingField { field: "kind", .. }
+        ));
+        assert!(matches!(
+            parse("- a\n- b\n").unwrap_err(),
+            ManifestError::NotAnObject { .. }
+        ));
+    }
+
+    #[test]
+    fn large_inputs_parse_in_parallel_with_exact_positions() {
+        // Each document is 3 lines plus its `---` line; document n starts at line 4n-2.
+        let mut text = String::from("---\n");
+        for i in 0..400 {
+            text.push_str(&format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\n---\n"
+            ));
+        }
+        let objects = parse(&text).unwrap();
+        assert_eq!(objects.len(), 400);
+        assert_eq!(objects[399].metadata().name.as_deref(), Some("c399"));
+
+        let broken = text.replacen("name: c299}", "name: [c299}", 1);
+        let ManifestError::Syntax { document, line, .. } = parse(&broken).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(document, 300);
+        assert!((1198..=1202).contains(&line), "line {line}");
+
+        let unknown = text.replacen("name: c350}", "name: c350, nam: x}", 1);
+        assert_eq!(
+            parse(&unknown).unwrap_err().to_string(),
+            "document 351 (configmap/default/c350): unknown field \"metadata.nam\""
+        );
+    }
+
+    #[test]
+    fn markers_with_content_are_left_to_the_yaml_parser() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n--- # second\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n";
+        assert_eq!(split_documents(text).len(), 1);
+        assert_eq!(parse(text).unwrap().len(), 2);
+        let crlf = "apiVersion: v1\r\nkind: ConfigMap\r\nmetadata: {name: a}\r\n---\r\napiVersion: v1\r\nkind: ConfigMap\r\nmetadata: {name: b}\r\n";
+        assert_eq!(parse(crlf).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn type_errors_read_as_one_line() {
+        // k8s-openapi defaults absent required fields (validation reports those), so
+        // the parse-time errors are type mismatches.
+        let yaml = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: 5\n";
+        let message = parse(yaml).unwrap_err().to_string();
+        assert!(
+            message
+                .starts_with("document 1 (configmap/default/c): data: invalid type: integer `5`"),
+            "{message}"
+        );
     }
 }

@@ -19,7 +19,9 @@ fn label_shape_ok(s: &str, first: fn(u8) -> bool) -> bool {
 /// RFC 1123 label: namespace names, container names, port names of endpoint slices.
 pub fn dns1123_label(s: &str) -> Result<(), String> {
     if s.len() > DNS1123_LABEL_MAX {
-        return Err(format!("must be no more than {DNS1123_LABEL_MAX} characters"));
+        return Err(format!(
+            "must be no more than {DNS1123_LABEL_MAX} characters"
+        ));
     }
     if !label_shape_ok(s, is_lower_alnum) {
         return Err("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc')".into());
@@ -30,7 +32,9 @@ pub fn dns1123_label(s: &str) -> Result<(), String> {
 /// RFC 1123 subdomain: names of most objects (pods, deployments, config maps...).
 pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
     if s.len() > DNS1123_SUBDOMAIN_MAX {
-        return Err(format!("must be no more than {DNS1123_SUBDOMAIN_MAX} characters"));
+        return Err(format!(
+            "must be no more than {DNS1123_SUBDOMAIN_MAX} characters"
+        ));
     }
     if s.is_empty() || !s.split('.').all(|l| label_shape_ok(l, is_lower_alnum)) {
         return Err("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com')".into());
@@ -42,7 +46,9 @@ pub fn dns1123_subdomain(s: &str) -> Result<(), String> {
 /// digit).
 pub fn dns1035_label(s: &str) -> Result<(), String> {
     if s.len() > DNS1123_LABEL_MAX {
-        return Err(format!("must be no more than {DNS1123_LABEL_MAX} characters"));
+        return Err(format!(
+            "must be no more than {DNS1123_LABEL_MAX} characters"
+        ));
     }
     if !label_shape_ok(s, |c| c.is_ascii_lowercase()) {
         return Err("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name', or 'abc-123')".into());
@@ -57,7 +63,8 @@ fn qualified_name_part_ok(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Label and annotation keys: `[prefix/]name`, prefix a DNS subdomain.
@@ -91,7 +98,9 @@ pub fn iana_svc_name(s: &str) -> Result<(), String> {
         return Err("must be no more than 15 characters".into());
     }
     if !b.iter().all(|&c| is_lower_alnum(c) || c == b'-') {
-        return Err("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".into());
+        return Err(
+            "must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)".into(),
+        );
     }
     if s.contains("--") {
         return Err("must not contain consecutive hyphens".into());
@@ -108,10 +117,17 @@ pub fn iana_svc_name(s: &str) -> Result<(), String> {
 /// ConfigMap and Secret keys.
 pub fn config_map_key(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > DNS1123_SUBDOMAIN_MAX {
-        return Err(format!("must be between 1 and {DNS1123_SUBDOMAIN_MAX} characters"));
+        return Err(format!(
+            "must be between 1 and {DNS1123_SUBDOMAIN_MAX} characters"
+        ));
     }
-    if !s.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
-        return Err("a valid config key must consist of alphanumeric characters, '-', '_' or '.'".into());
+    if !s
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(
+            "a valid config key must consist of alphanumeric characters, '-', '_' or '.'".into(),
+        );
     }
     if s == "." || s == ".." || s.starts_with("..") {
         return Err("must not be '.' or '..' or start with '..'".into());

@@ -10,9 +10,7 @@ use std::str::FromStr;
 
 use k8s_openapi::Metadata;
 use k8s_openapi::Resource;
-use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentStatus, ReplicaSet, ReplicaSetStatus,
-};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus, ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, NamespaceStatus, Pod, PodStatus, Secret, Service, ServiceStatus,
 };
@@ -122,6 +120,14 @@ macro_rules! kinds {
             }
         }
 
+        /// Serializes as the Kubernetes JSON/YAML of the object (with apiVersion and kind),
+        /// so API responses can stream objects without an intermediate `Value`.
+        impl serde::Serialize for Object {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                match self { $(Object::$variant(o) => o.serialize(serializer)),* }
+            }
+        }
+
         $(impl From<$ty> for Object {
             fn from(o: $ty) -> Object { Object::$variant(o) }
         })*
@@ -173,7 +179,11 @@ impl ObjectKey {
         let namespace = kind
             .is_namespaced()
             .then(|| namespace.unwrap_or(crate::DEFAULT_NAMESPACE).to_owned());
-        ObjectKey { kind, namespace, name: name.into() }
+        ObjectKey {
+            kind,
+            namespace,
+            name: name.into(),
+        }
     }
     /// A namespaced key.
     pub fn namespaced(kind: Kind, namespace: &str, name: impl Into<String>) -> ObjectKey {
@@ -204,11 +214,20 @@ impl ObjectKey {
     }
     /// The persisted form: `plural/namespace/name` or `plural//name`.
     pub(crate) fn storage_key(&self) -> String {
-        format!("{}/{}/{}", self.kind.plural(), self.namespace.as_deref().unwrap_or(""), self.name)
+        format!(
+            "{}/{}/{}",
+            self.kind.plural(),
+            self.namespace.as_deref().unwrap_or(""),
+            self.name
+        )
     }
     /// The smallest key of `kind` (in `namespace`), where a range scan starts.
     pub(crate) fn range_start(kind: Kind, namespace: Option<&str>) -> ObjectKey {
-        ObjectKey { kind, namespace: namespace.map(str::to_owned), name: String::new() }
+        ObjectKey {
+            kind,
+            namespace: namespace.map(str::to_owned),
+            name: String::new(),
+        }
     }
     pub(crate) fn from_storage_key(s: &str) -> Option<ObjectKey> {
         let mut parts = s.splitn(3, '/');
@@ -216,7 +235,11 @@ impl ObjectKey {
         let namespace = parts.next()?;
         let name = parts.next()?;
         let kind = Kind::ALL.iter().copied().find(|k| k.plural() == plural)?;
-        Some(ObjectKey::new(kind, (!namespace.is_empty()).then_some(namespace), name))
+        Some(ObjectKey::new(
+            kind,
+            (!namespace.is_empty()).then_some(namespace),
+            name,
+        ))
     }
 }
 
@@ -234,6 +257,9 @@ impl fmt::Display for ObjectKey {
 /// [`crate::Store::update_status`]; kinds without a status have no variant, so a status
 /// update for them cannot be expressed.
 #[derive(Debug, Clone, PartialEq)]
+// A Status is built once per update and moved straight into the stored object; boxing
+// the large pod status would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Status {
     Namespace(NamespaceStatus),
     Pod(PodStatus),
@@ -380,7 +406,10 @@ mod tests {
         assert_eq!(Kind::from_cli_name("svc"), Some(Kind::Service));
         assert_eq!(Kind::from_cli_name("po"), Some(Kind::Pod));
         assert_eq!(Kind::from_cli_name("deploy"), Some(Kind::Deployment));
-        assert_eq!(Kind::from_cli_name("deployments.apps"), Some(Kind::Deployment));
+        assert_eq!(
+            Kind::from_cli_name("deployments.apps"),
+            Some(Kind::Deployment)
+        );
         assert_eq!(Kind::from_cli_name("cm"), Some(Kind::ConfigMap));
         assert_eq!(Kind::from_cli_name("ep"), Some(Kind::EndpointSlice));
         assert_eq!(Kind::from_cli_name("Secret"), Some(Kind::Secret));
@@ -400,8 +429,14 @@ mod tests {
 
     #[test]
     fn type_lookup_uses_api_version_and_kind() {
-        assert_eq!(Kind::from_type("apps/v1", "Deployment"), Some(Kind::Deployment));
+        assert_eq!(
+            Kind::from_type("apps/v1", "Deployment"),
+            Some(Kind::Deployment)
+        );
         assert_eq!(Kind::from_type("v1", "Deployment"), None);
-        assert_eq!(Kind::from_type("discovery.k8s.io/v1", "EndpointSlice"), Some(Kind::EndpointSlice));
+        assert_eq!(
+            Kind::from_type("discovery.k8s.io/v1", "EndpointSlice"),
+            Some(Kind::EndpointSlice)
+        );
     }
 }

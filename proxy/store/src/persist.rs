@@ -41,8 +41,10 @@ pub(crate) struct Loaded {
 
 impl Disk {
     pub(crate) fn open(state_dir: &Path) -> Result<(Disk, Loaded)> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|source| StoreError::Io { path: state_dir.to_owned(), source })?;
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::Io {
+            path: state_dir.to_owned(),
+            source,
+        })?;
         let path = state_dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(storage("open database"))?;
         let disk = Disk { db, path };
@@ -58,7 +60,8 @@ impl Disk {
     /// Creates the tables on first open so that readers never meet a missing table.
     fn ensure_tables(&self) -> Result<()> {
         let txn = self.db.begin_write().map_err(storage("begin write"))?;
-        txn.open_table(OBJECTS).map_err(storage("open objects table"))?;
+        txn.open_table(OBJECTS)
+            .map_err(storage("open objects table"))?;
         txn.open_table(META).map_err(storage("open meta table"))?;
         txn.commit().map_err(storage("commit"))
     }
@@ -66,16 +69,27 @@ impl Disk {
     fn load(&self) -> Result<Loaded> {
         let txn = self.db.begin_read().map_err(storage("begin read"))?;
         let meta = txn.open_table(META).map_err(storage("open meta table"))?;
-        let revision = meta.get(REVISION).map_err(storage("read revision"))?.map_or(0, |v| v.value());
-        let table = txn.open_table(OBJECTS).map_err(storage("open objects table"))?;
+        let revision = meta
+            .get(REVISION)
+            .map_err(storage("read revision"))?
+            .map_or(0, |v| v.value());
+        let table = txn
+            .open_table(OBJECTS)
+            .map_err(storage("open objects table"))?;
         let mut objects = Vec::new();
         for entry in table.iter().map_err(storage("iterate objects"))? {
             let (k, v) = entry.map_err(storage("read object"))?;
             let text = k.value();
-            let key = ObjectKey::from_storage_key(text)
-                .ok_or_else(|| StoreError::Corrupt { key: text.to_owned(), reason: "unknown key format".into() })?;
-            let object = Object::from_json_bytes(key.kind(), v.value())
-                .map_err(|e| StoreError::Corrupt { key: text.to_owned(), reason: e.to_string() })?;
+            let key = ObjectKey::from_storage_key(text).ok_or_else(|| StoreError::Corrupt {
+                key: text.to_owned(),
+                reason: "unknown key format".into(),
+            })?;
+            let object = Object::from_json_bytes(key.kind(), v.value()).map_err(|e| {
+                StoreError::Corrupt {
+                    key: text.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
             objects.push((key, object));
         }
         Ok(Loaded { revision, objects })
@@ -85,20 +99,27 @@ impl Disk {
     pub(crate) fn commit(&self, writes: &[Write<'_>], revision: u64) -> Result<()> {
         let txn = self.db.begin_write().map_err(storage("begin write"))?;
         {
-            let mut table = txn.open_table(OBJECTS).map_err(storage("open objects table"))?;
+            let mut table = txn
+                .open_table(OBJECTS)
+                .map_err(storage("open objects table"))?;
             for write in writes {
                 match write {
                     Write::Put(key, object) => {
                         let bytes = object.to_json_bytes();
-                        table.insert(key.storage_key().as_str(), bytes.as_slice()).map_err(storage("insert object"))?;
+                        table
+                            .insert(key.storage_key().as_str(), bytes.as_slice())
+                            .map_err(storage("insert object"))?;
                     }
                     Write::Delete(key) => {
-                        table.remove(key.storage_key().as_str()).map_err(storage("remove object"))?;
+                        table
+                            .remove(key.storage_key().as_str())
+                            .map_err(storage("remove object"))?;
                     }
                 }
             }
             let mut meta = txn.open_table(META).map_err(storage("open meta table"))?;
-            meta.insert(REVISION, revision).map_err(storage("write revision"))?;
+            meta.insert(REVISION, revision)
+                .map_err(storage("write revision"))?;
         }
         txn.commit().map_err(storage("commit"))
     }

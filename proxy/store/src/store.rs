@@ -37,7 +37,11 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     pub fn new(state_dir: impl Into<PathBuf>) -> StoreConfig {
-        StoreConfig { state_dir: state_dir.into(), service_network: ServiceNetwork::default(), feed_capacity: 262_144 }
+        StoreConfig {
+            state_dir: state_dir.into(),
+            service_network: ServiceNetwork::default(),
+            feed_capacity: 65_536,
+        }
     }
 }
 
@@ -89,7 +93,10 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.disk.path()).field("revision", &self.revision()).finish()
+        f.debug_struct("Store")
+            .field("path", &self.disk.path())
+            .field("revision", &self.revision())
+            .finish()
     }
 }
 
@@ -109,7 +116,15 @@ impl Store {
             objects.insert(key, Arc::new(object));
         }
         let feed = Feed::new(loaded.revision, config.feed_capacity);
-        let store = Store { state: RwLock::new(State { objects, revision: loaded.revision, alloc }), disk, feed };
+        let store = Store {
+            state: RwLock::new(State {
+                objects,
+                revision: loaded.revision,
+                alloc,
+            }),
+            disk,
+            feed,
+        };
         store.ensure_system_namespaces()?;
         Ok(store)
     }
@@ -118,7 +133,15 @@ impl Store {
         let missing: Vec<Object> = SYSTEM_NAMESPACES
             .iter()
             .filter(|ns| self.get(&ObjectKey::namespace_object(**ns)).is_none())
-            .map(|ns| Object::Namespace(Namespace { metadata: ObjectMeta { name: Some((*ns).into()), ..Default::default() }, ..Default::default() }))
+            .map(|ns| {
+                Object::Namespace(Namespace {
+                    metadata: ObjectMeta {
+                        name: Some((*ns).into()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+            })
             .collect();
         if !missing.is_empty() {
             self.apply(missing)?;
@@ -139,11 +162,15 @@ impl Store {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         // A panic while holding the lock cannot leave State half-updated: all updates
         // are staged outside it and applied with infallible map operations.
-        self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The last committed revision (the store-wide resourceVersion counter).
@@ -166,7 +193,10 @@ impl Store {
     /// Every object at one revision.
     pub fn snapshot(&self) -> Snapshot {
         let state = self.read();
-        Snapshot { revision: state.revision, objects: state.objects.values().cloned().collect() }
+        Snapshot {
+            revision: state.revision,
+            objects: state.objects.values().cloned().collect(),
+        }
     }
 
     /// Follows the change feed from `revision` (usually a [`Snapshot`]'s).
@@ -189,7 +219,11 @@ impl Store {
         order.sort_by_key(|i| objects[*i].kind() != Kind::Namespace);
         let mut objects: Vec<Option<Object>> = objects.into_iter().map(Some).collect();
         let mut guard = self.write();
-        let State { objects: stored, revision, alloc } = &mut *guard;
+        let State {
+            objects: stored,
+            revision,
+            alloc,
+        } = &mut *guard;
         let mut batch = Batch::new(stored, alloc, *revision);
         let mut results: Vec<Option<Applied>> = vec![None; objects.len()];
         for i in order {
@@ -197,22 +231,43 @@ impl Store {
             results[i] = Some(batch.apply(object)?);
         }
         let (changes, new_revision, alloc_txn) = batch.finish();
-        let mut staged = StagedState { objects: stored, revision };
-        commit_to(&self.disk, &self.feed, &mut staged, changes, new_revision, alloc_txn)?;
-        Ok(results.into_iter().map(|r| r.expect("every object applied")).collect())
+        let mut staged = StagedState {
+            objects: stored,
+            revision,
+        };
+        commit_to(
+            &self.disk,
+            &self.feed,
+            &mut staged,
+            changes,
+            new_revision,
+            alloc_txn,
+        )?;
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every object applied"))
+            .collect())
     }
 
     /// Replaces the status of a stored object; bumps resourceVersion, not generation.
     pub fn update_status(&self, key: &ObjectKey, status: Status) -> Result<Arc<Object>> {
         if status.kind() != key.kind() {
-            return Err(StoreError::StatusKindMismatch { key: key.clone(), status: status.kind(), kind: key.kind() });
+            return Err(StoreError::StatusKindMismatch {
+                key: key.clone(),
+                status: status.kind(),
+                kind: key.kind(),
+            });
         }
         self.modify(key, |object| object.set_status(Some(status)))
     }
 
     /// Starts a graceful deletion: sets `deletionTimestamp` (endpoints then report the
     /// object as terminating). The runtime calls [`Store::delete`] when it is gone.
-    pub fn mark_terminating(&self, key: &ObjectKey, grace_period_seconds: i64) -> Result<Arc<Object>> {
+    pub fn mark_terminating(
+        &self,
+        key: &ObjectKey,
+        grace_period_seconds: i64,
+    ) -> Result<Arc<Object>> {
         self.modify(key, |object| {
             let meta = object.metadata_mut();
             if meta.deletion_timestamp.is_none() {
@@ -226,7 +281,11 @@ impl Store {
     fn modify(&self, key: &ObjectKey, change: impl FnOnce(&mut Object)) -> Result<Arc<Object>> {
         let mut guard = self.write();
         let state = &mut *guard;
-        let old = state.objects.get(key).cloned().ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
+        let old = state
+            .objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound { key: key.clone() })?;
         let mut object = (*old).clone();
         change(&mut object);
         if object == *old {
@@ -235,10 +294,25 @@ impl Store {
         let revision = state.revision + 1;
         object.metadata_mut().resource_version = Some(revision.to_string());
         let object = Arc::new(object);
-        let change = Change { key: key.clone(), event_type: EventType::Modified, object: Arc::clone(&object), revision };
+        let change = Change {
+            key: key.clone(),
+            event_type: EventType::Modified,
+            object: Arc::clone(&object),
+            revision,
+        };
         let alloc_txn = AllocTxn::new(&mut state.alloc);
-        let mut staged = StagedState { objects: &mut state.objects, revision: &mut state.revision };
-        commit_to(&self.disk, &self.feed, &mut staged, vec![change], revision, alloc_txn)?;
+        let mut staged = StagedState {
+            objects: &mut state.objects,
+            revision: &mut state.revision,
+        };
+        commit_to(
+            &self.disk,
+            &self.feed,
+            &mut staged,
+            vec![change],
+            revision,
+            alloc_txn,
+        )?;
         Ok(object)
     }
 
@@ -252,7 +326,11 @@ impl Store {
     /// `missing_ok`, keys that do not exist are skipped instead of failing the batch.
     pub fn delete_many(&self, keys: &[ObjectKey], missing_ok: bool) -> Result<Vec<ObjectKey>> {
         let mut guard = self.write();
-        let State { objects: stored, revision, alloc } = &mut *guard;
+        let State {
+            objects: stored,
+            revision,
+            alloc,
+        } = &mut *guard;
         let mut batch = Batch::new(stored, alloc, *revision);
         for key in keys {
             if batch.current(key).is_none() {
@@ -262,14 +340,27 @@ impl Store {
                 return Err(StoreError::NotFound { key: key.clone() });
             }
             if key.kind() == Kind::Namespace && SYSTEM_NAMESPACES.contains(&key.name()) {
-                return Err(StoreError::Forbidden { key: key.clone(), reason: "this namespace may not be deleted".into() });
+                return Err(StoreError::Forbidden {
+                    key: key.clone(),
+                    reason: "this namespace may not be deleted".into(),
+                });
             }
             batch.delete_cascading(key);
         }
         let (changes, new_revision, alloc_txn) = batch.finish();
         let deleted = changes.iter().map(|c| c.key.clone()).collect();
-        let mut staged = StagedState { objects: stored, revision };
-        commit_to(&self.disk, &self.feed, &mut staged, changes, new_revision, alloc_txn)?;
+        let mut staged = StagedState {
+            objects: stored,
+            revision,
+        };
+        commit_to(
+            &self.disk,
+            &self.feed,
+            &mut staged,
+            changes,
+            new_revision,
+            alloc_txn,
+        )?;
         Ok(deleted)
     }
 }
@@ -283,7 +374,14 @@ struct StagedState<'a> {
 
 /// Disk first, memory and feed second: if the disk write fails nothing is visible and
 /// the allocation changes roll back when `alloc_txn` drops.
-fn commit_to(disk: &Disk, feed: &Feed, state: &mut StagedState<'_>, changes: Vec<Change>, revision: u64, alloc_txn: AllocTxn<'_>) -> Result<()> {
+fn commit_to(
+    disk: &Disk,
+    feed: &Feed,
+    state: &mut StagedState<'_>,
+    changes: Vec<Change>,
+    revision: u64,
+    alloc_txn: AllocTxn<'_>,
+) -> Result<()> {
     if changes.is_empty() {
         alloc_txn.commit();
         return Ok(());
@@ -301,9 +399,15 @@ fn commit_to(disk: &Disk, feed: &Feed, state: &mut StagedState<'_>, changes: Vec
     for change in changes {
         match change.event_type {
             EventType::Deleted => state.objects.remove(&change.key),
-            EventType::Added | EventType::Modified => state.objects.insert(change.key, Arc::clone(&change.object)),
+            EventType::Added | EventType::Modified => {
+                state.objects.insert(change.key, Arc::clone(&change.object))
+            }
         };
-        events.push(Event { event_type: change.event_type, object: change.object, revision: change.revision });
+        events.push(Event {
+            event_type: change.event_type,
+            object: change.object,
+            revision: change.revision,
+        });
     }
     *state.revision = revision;
     feed.publish(events);
@@ -311,11 +415,17 @@ fn commit_to(disk: &Disk, feed: &Feed, state: &mut StagedState<'_>, changes: Vec
 }
 
 /// Objects of one kind (and namespace), in key order, via a BTreeMap range.
-fn range<'a>(objects: &'a BTreeMap<ObjectKey, Arc<Object>>, kind: Kind, namespace: Option<&'a str>) -> impl Iterator<Item = &'a Arc<Object>> + 'a {
+fn range<'a>(
+    objects: &'a BTreeMap<ObjectKey, Arc<Object>>,
+    kind: Kind,
+    namespace: Option<&'a str>,
+) -> impl Iterator<Item = &'a Arc<Object>> + 'a {
     let start = ObjectKey::range_start(kind, namespace);
     objects
         .range(start..)
-        .take_while(move |(k, _)| k.kind() == kind && namespace.is_none_or(|ns| k.namespace() == Some(ns)))
+        .take_while(move |(k, _)| {
+            k.kind() == kind && namespace.is_none_or(|ns| k.namespace() == Some(ns))
+        })
         .map(|(_, v)| v)
 }
 
@@ -337,8 +447,18 @@ struct Batch<'b, 'a> {
 }
 
 impl<'b, 'a> Batch<'b, 'a> {
-    fn new(base: &'b BTreeMap<ObjectKey, Arc<Object>>, alloc: &'a mut Allocator, revision: u64) -> Batch<'b, 'a> {
-        Batch { base, alloc: AllocTxn::new(alloc), staged: HashMap::new(), changes: Vec::new(), revision }
+    fn new(
+        base: &'b BTreeMap<ObjectKey, Arc<Object>>,
+        alloc: &'a mut Allocator,
+        revision: u64,
+    ) -> Batch<'b, 'a> {
+        Batch {
+            base,
+            alloc: AllocTxn::new(alloc),
+            staged: HashMap::new(),
+            changes: Vec::new(),
+            revision,
+        }
     }
 
     fn finish(self) -> (Vec<Change>, u64, AllocTxn<'a>) {
@@ -356,7 +476,12 @@ impl<'b, 'a> Batch<'b, 'a> {
         self.revision += 1;
         let staged = (event_type != EventType::Deleted).then(|| Arc::clone(&object));
         self.staged.insert(key.clone(), staged);
-        self.changes.push(Change { key, event_type, object, revision: self.revision });
+        self.changes.push(Change {
+            key,
+            event_type,
+            object,
+            revision: self.revision,
+        });
     }
 
     fn apply(&mut self, mut object: Object) -> Result<Applied> {
@@ -364,7 +489,10 @@ impl<'b, 'a> Batch<'b, 'a> {
         let key = ObjectKey::of(&object);
         normalize_namespace(&mut object, &key);
         object.take_status();
-        let invalid = |error| StoreError::Invalid { key: key.clone(), error };
+        let invalid = |error| StoreError::Invalid {
+            key: key.clone(),
+            error,
+        };
         validation::default_and_validate(&mut object).map_err(invalid)?;
         self.check_namespace(&key)?;
         let old = self.current(&key).cloned();
@@ -373,35 +501,62 @@ impl<'b, 'a> Batch<'b, 'a> {
             validation::validate_update(old, &object).map_err(invalid)?;
         }
         if let Object::Service(svc) = &mut object {
-            let old_spec = old.as_deref().and_then(Object::as_service).and_then(|s| s.spec.as_ref());
+            let old_spec = old
+                .as_deref()
+                .and_then(Object::as_service)
+                .and_then(|s| s.spec.as_ref());
             let spec = svc.spec.get_or_insert_with(Default::default);
             alloc::assign_service(&mut self.alloc, &key, old_spec, spec).map_err(invalid)?;
         }
         fill_system_metadata(&mut object, old.as_deref());
         if let Some(old) = old.filter(|old| **old == object) {
-            return Ok(Applied { key, outcome: Outcome::Unchanged, object: old });
+            return Ok(Applied {
+                key,
+                outcome: Outcome::Unchanged,
+                object: old,
+            });
         }
-        let (outcome, event_type) = if self.current(&key).is_some() { (Outcome::Configured, EventType::Modified) } else { (Outcome::Created, EventType::Added) };
+        let (outcome, event_type) = if self.current(&key).is_some() {
+            (Outcome::Configured, EventType::Modified)
+        } else {
+            (Outcome::Created, EventType::Added)
+        };
         object.metadata_mut().resource_version = Some((self.revision + 1).to_string());
         let object = Arc::new(object);
         self.stage(key.clone(), event_type, Arc::clone(&object));
-        Ok(Applied { key, outcome, object })
+        Ok(Applied {
+            key,
+            outcome,
+            object,
+        })
     }
 
     fn check_namespace(&self, key: &ObjectKey) -> Result<()> {
-        let Some(ns) = key.namespace() else { return Ok(()) };
+        let Some(ns) = key.namespace() else {
+            return Ok(());
+        };
         let ns_key = ObjectKey::namespace_object(ns);
         match self.current(&ns_key) {
-            Some(obj) if obj.metadata().deletion_timestamp.is_some() => Err(StoreError::Forbidden { key: key.clone(), reason: format!("namespace {ns:?} is being terminated") }),
+            Some(obj) if obj.metadata().deletion_timestamp.is_some() => {
+                Err(StoreError::Forbidden {
+                    key: key.clone(),
+                    reason: format!("namespace {ns:?} is being terminated"),
+                })
+            }
             Some(_) => Ok(()),
-            None => Err(StoreError::NamespaceNotFound { key: key.clone(), namespace: ns.to_owned() }),
+            None => Err(StoreError::NamespaceNotFound {
+                key: key.clone(),
+                namespace: ns.to_owned(),
+            }),
         }
     }
 
     /// Deletes `key` and everything that depends on it, depth first, dependents first
     /// recorded after their owner (the order watchers see).
     fn delete_cascading(&mut self, key: &ObjectKey) {
-        let Some(object) = self.current(key).cloned() else { return };
+        let Some(object) = self.current(key).cloned() else {
+            return;
+        };
         let dependents = self.dependents(key, &object);
         if let Object::Service(svc) = &*object
             && let Some(spec) = &svc.spec
@@ -430,7 +585,15 @@ impl<'b, 'a> Batch<'b, 'a> {
             .iter()
             .filter(|k| k.is_namespaced())
             .flat_map(|kind| range(self.base, *kind, Some(namespace)))
-            .filter(|o| uid.is_none_or(|uid| o.metadata().owner_references.iter().flatten().any(|r| r.uid == uid)))
+            .filter(|o| {
+                uid.is_none_or(|uid| {
+                    o.metadata()
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .any(|r| r.uid == uid)
+                })
+            })
             .map(|o| o.key())
             .filter(|k| self.current(k).is_some())
             .collect()
@@ -445,10 +608,14 @@ fn assign_generated_name(object: &mut Object, taken: impl Fn(&ObjectKey) -> bool
     if meta.name.as_deref().is_some_and(|n| !n.is_empty()) {
         return;
     }
-    let Some(prefix) = meta.generate_name.clone().filter(|p| !p.is_empty()) else { return };
+    let Some(prefix) = meta.generate_name.clone().filter(|p| !p.is_empty()) else {
+        return;
+    };
     let mut rng = rand::rng();
     loop {
-        let suffix: String = (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+        let suffix: String = (0..5)
+            .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+            .collect();
         object.metadata_mut().name = Some(format!("{prefix}{suffix}"));
         if !taken(&ObjectKey::of(object)) {
             return;
@@ -466,7 +633,12 @@ fn normalize_namespace(object: &mut Object, key: &ObjectKey) {
 /// controller must not update a re-created object).
 fn check_preconditions(key: &ObjectKey, old: &Object, new: &Object) -> Result<()> {
     let (o, n) = (old.metadata(), new.metadata());
-    let conflict = |field, given: &str, stored: Option<&String>| StoreError::Conflict { key: key.clone(), field, given: given.to_owned(), stored: stored.cloned().unwrap_or_default() };
+    let conflict = |field, given: &str, stored: Option<&String>| StoreError::Conflict {
+        key: key.clone(),
+        field,
+        given: given.to_owned(),
+        stored: stored.cloned().unwrap_or_default(),
+    };
     if let Some(rv) = n.resource_version.as_deref().filter(|rv| !rv.is_empty())
         && Some(rv) != o.resource_version.as_deref()
     {
@@ -489,9 +661,17 @@ fn fill_system_metadata(object: &mut Object, old: Option<&Object>) {
     let old_meta = old.map(Object::metadata);
     let meta = object.metadata_mut();
     meta.uid = Some(old_meta.and_then(|m| m.uid.clone()).unwrap_or_else(new_uid));
-    meta.creation_timestamp = Some(old_meta.and_then(|m| m.creation_timestamp.clone()).unwrap_or_else(|| Time(Timestamp::now())));
+    meta.creation_timestamp = Some(
+        old_meta
+            .and_then(|m| m.creation_timestamp.clone())
+            .unwrap_or_else(|| Time(Timestamp::now())),
+    );
     let generation = old_meta.and_then(|m| m.generation).unwrap_or(0);
-    meta.generation = Some(if spec_changed { generation + 1 } else { generation });
+    meta.generation = Some(if spec_changed {
+        generation + 1
+    } else {
+        generation
+    });
     meta.deletion_timestamp = old_meta.and_then(|m| m.deletion_timestamp.clone());
     meta.deletion_grace_period_seconds = old_meta.and_then(|m| m.deletion_grace_period_seconds);
     meta.resource_version = old_meta.and_then(|m| m.resource_version.clone());
@@ -504,6 +684,14 @@ fn new_uid() -> String {
     let mut b: [u8; 16] = rand::rng().random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[usize::from(byte >> 4)] as char);
+        out.push(HEX[usize::from(byte & 15)] as char);
+    }
+    out
 }

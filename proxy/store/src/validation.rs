@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentStrategy, ReplicaSet, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentStrategy, ReplicaSet, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, Pod, PodSpec, PodTemplateSpec, Secret, Service, ServicePort,
     ServiceSpec,
@@ -64,31 +66,57 @@ impl<F: FnOnce() -> String> IntoField for F {
     }
 }
 
-pub(crate) fn invalid(field: impl IntoField, value: impl fmt::Debug, why: impl fmt::Display) -> FieldError {
-    FieldError { field: field.into_field(), message: format!("Invalid value: {value:?}: {why}") }
+pub(crate) fn invalid(
+    field: impl IntoField,
+    value: impl fmt::Debug,
+    why: impl fmt::Display,
+) -> FieldError {
+    FieldError {
+        field: field.into_field(),
+        message: format!("Invalid value: {value:?}: {why}"),
+    }
 }
 pub(crate) fn required(field: impl IntoField) -> FieldError {
-    FieldError { field: field.into_field(), message: "Required value".into() }
+    FieldError {
+        field: field.into_field(),
+        message: "Required value".into(),
+    }
 }
 pub(crate) fn duplicate(field: impl IntoField, value: impl fmt::Debug) -> FieldError {
-    FieldError { field: field.into_field(), message: format!("Duplicate value: {value:?}") }
+    FieldError {
+        field: field.into_field(),
+        message: format!("Duplicate value: {value:?}"),
+    }
 }
 pub(crate) fn forbidden(field: impl IntoField, why: impl fmt::Display) -> FieldError {
-    FieldError { field: field.into_field(), message: format!("Forbidden: {why}") }
+    FieldError {
+        field: field.into_field(),
+        message: format!("Forbidden: {why}"),
+    }
 }
 pub(crate) fn immutable(field: impl IntoField) -> FieldError {
-    FieldError { field: field.into_field(), message: "field is immutable".into() }
+    FieldError {
+        field: field.into_field(),
+        message: "field is immutable".into(),
+    }
 }
 fn unsupported(field: impl IntoField, value: &str, allowed: &[&str]) -> FieldError {
     let allowed: Vec<String> = allowed.iter().map(|a| format!("{a:?}")).collect();
     FieldError {
         field: field.into_field(),
-        message: format!("Unsupported value: {value:?}: supported values: {}", allowed.join(", ")),
+        message: format!(
+            "Unsupported value: {value:?}: supported values: {}",
+            allowed.join(", ")
+        ),
     }
 }
 
 fn one_of(field: impl IntoField, value: &str, allowed: &[&str]) -> Checked {
-    if allowed.contains(&value) { Ok(()) } else { Err(unsupported(field, value, allowed)) }
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(unsupported(field, value, allowed))
+    }
 }
 
 fn syntax(field: impl IntoField, value: &str, rule: fn(&str) -> Result<(), String>) -> Checked {
@@ -99,11 +127,23 @@ const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
 
 /// Defaults the protocol to TCP and checks it.
 fn default_protocol(field: impl IntoField, protocol: &mut Option<String>) -> Checked {
-    one_of(field, protocol.get_or_insert_with(|| "TCP".into()), PROTOCOLS)
+    one_of(
+        field,
+        protocol.get_or_insert_with(|| "TCP".into()),
+        PROTOCOLS,
+    )
 }
 
 fn port_number(field: impl IntoField, port: i32) -> Checked {
-    if (1..=65535).contains(&port) { Ok(()) } else { Err(invalid(field, port, "must be between 1 and 65535, inclusive")) }
+    if (1..=65535).contains(&port) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            port,
+            "must be between 1 and 65535, inclusive",
+        ))
+    }
 }
 
 /// Defaults, then validates one object on its own (create and update alike).
@@ -141,11 +181,20 @@ fn validate_meta(kind: Kind, meta: &ObjectMeta) -> Checked {
     }
     labels("metadata.labels", meta.labels.as_ref())?;
     for key in meta.annotations.iter().flatten().map(|(k, _)| k) {
-        syntax(format!("metadata.annotations[{key}]"), key, names::qualified_name)?;
+        syntax(
+            format!("metadata.annotations[{key}]"),
+            key,
+            names::qualified_name,
+        )?;
     }
     for (i, owner) in meta.owner_references.iter().flatten().enumerate() {
         let field = format!("metadata.ownerReferences[{i}]");
-        for (what, value) in [("apiVersion", &owner.api_version), ("kind", &owner.kind), ("name", &owner.name), ("uid", &owner.uid)] {
+        for (what, value) in [
+            ("apiVersion", &owner.api_version),
+            ("kind", &owner.kind),
+            ("name", &owner.name),
+            ("uid", &owner.uid),
+        ] {
             if value.is_empty() {
                 return Err(required(format!("{field}.{what}")));
             }
@@ -156,8 +205,8 @@ fn validate_meta(kind: Kind, meta: &ObjectMeta) -> Checked {
 
 fn labels(field: &str, labels: Option<&BTreeMap<String, String>>) -> Checked {
     for (k, v) in labels.into_iter().flatten() {
-        syntax(format!("{field}[{k}]"), k, names::qualified_name)?;
-        syntax(format!("{field}[{k}]"), v, names::label_value)?;
+        syntax(|| format!("{field}[{k}]"), k, names::qualified_name)?;
+        syntax(|| format!("{field}[{k}]"), v, names::label_value)?;
     }
     Ok(())
 }
@@ -178,7 +227,11 @@ fn pod_spec(field: &str, spec: &mut PodSpec) -> Checked {
         return Err(required(format!("{field}.containers")));
     }
     let restart = spec.restart_policy.get_or_insert_with(|| "Always".into());
-    one_of(format!("{field}.restartPolicy"), restart, &["Always", "OnFailure", "Never"])?;
+    one_of(
+        format!("{field}.restartPolicy"),
+        restart,
+        &["Always", "OnFailure", "Never"],
+    )?;
     if let Some(h) = spec.hostname.as_deref() {
         syntax(format!("{field}.hostname"), h, names::dns1123_label)?;
     }
@@ -186,12 +239,19 @@ fn pod_spec(field: &str, spec: &mut PodSpec) -> Checked {
         syntax(format!("{field}.subdomain"), s, names::dns1123_label)?;
     }
     if let Some(g) = spec.termination_grace_period_seconds.filter(|g| *g < 0) {
-        return Err(invalid(format!("{field}.terminationGracePeriodSeconds"), g, "must be greater than or equal to 0"));
+        return Err(invalid(
+            format!("{field}.terminationGracePeriodSeconds"),
+            g,
+            "must be greater than or equal to 0",
+        ));
     }
     let volumes = volume_names(field, spec)?;
     let mut container_names = HashSet::new();
     let mut port_names = HashSet::new();
-    let groups = [("initContainers", spec.init_containers.as_mut()), ("containers", Some(&mut spec.containers))];
+    let groups = [
+        ("initContainers", spec.init_containers.as_mut()),
+        ("containers", Some(&mut spec.containers)),
+    ];
     for (group, containers) in groups {
         for (i, c) in containers.into_iter().flatten().enumerate() {
             let field = format!("{field}.{group}[{i}]");
@@ -216,13 +276,22 @@ fn volume_names(field: &str, spec: &PodSpec) -> Result<HashSet<String>, FieldErr
     Ok(seen)
 }
 
-fn container(field: &str, c: &mut Container, volumes: &HashSet<String>, port_names: &mut HashSet<String>) -> Checked {
+fn container(
+    field: &str,
+    c: &mut Container,
+    volumes: &HashSet<String>,
+    port_names: &mut HashSet<String>,
+) -> Checked {
     syntax(format!("{field}.name"), &c.name, names::dns1123_label)?;
     for (i, p) in c.ports.iter_mut().flatten().enumerate() {
         let f = format!("{field}.ports[{i}]");
         port_number(format!("{f}.containerPort"), p.container_port)?;
         if let Some(hp) = p.host_port.filter(|hp| !(0..=65535).contains(hp)) {
-            return Err(invalid(format!("{f}.hostPort"), hp, "must be between 0 and 65535, inclusive"));
+            return Err(invalid(
+                format!("{f}.hostPort"),
+                hp,
+                "must be between 0 and 65535, inclusive",
+            ));
         }
         default_protocol(format!("{f}.protocol"), &mut p.protocol)?;
         if let Some(name) = p.name.as_deref() {
@@ -234,7 +303,10 @@ fn container(field: &str, c: &mut Container, volumes: &HashSet<String>, port_nam
     }
     for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
         if !volumes.contains(&m.name) {
-            return Err(FieldError { field: format!("{field}.volumeMounts[{i}].name"), message: format!("Not found: {:?}", m.name) });
+            return Err(FieldError {
+                field: format!("{field}.volumeMounts[{i}].name"),
+                message: format!("Not found: {:?}", m.name),
+            });
         }
     }
     Ok(())
@@ -244,17 +316,29 @@ fn selector(field: &str, sel: &LabelSelector) -> Checked {
     let empty = sel.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
         && sel.match_expressions.as_ref().is_none_or(Vec::is_empty);
     if empty {
-        return Err(invalid(field, "{}", "empty selector is invalid for deployment"));
+        return Err(invalid(
+            field,
+            "{}",
+            "empty selector is invalid for deployment",
+        ));
     }
     labels(&format!("{field}.matchLabels"), sel.match_labels.as_ref())?;
     for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
         let f = format!("{field}.matchExpressions[{i}]");
         syntax(format!("{f}.key"), &e.key, names::qualified_name)?;
-        one_of(format!("{f}.operator"), &e.operator, &["In", "NotIn", "Exists", "DoesNotExist"])?;
+        one_of(
+            format!("{f}.operator"),
+            &e.operator,
+            &["In", "NotIn", "Exists", "DoesNotExist"],
+        )?;
         let has_values = e.values.as_ref().is_some_and(|v| !v.is_empty());
         let wants_values = matches!(e.operator.as_str(), "In" | "NotIn");
         if has_values != wants_values {
-            let why = if wants_values { "must be specified when `operator` is 'In' or 'NotIn'" } else { "may not be specified when `operator` is 'Exists' or 'DoesNotExist'" };
+            let why = if wants_values {
+                "must be specified when `operator` is 'In' or 'NotIn'"
+            } else {
+                "may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
+            };
             return Err(forbidden(format!("{f}.values"), why));
         }
     }
@@ -263,7 +347,11 @@ fn selector(field: &str, sel: &LabelSelector) -> Checked {
 
 /// Whether a label selector matches a label set (matchLabels AND matchExpressions).
 pub fn label_selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
     labels_ok
         && sel.match_expressions.iter().flatten().all(|e| {
             let values = e.values.as_deref().unwrap_or_default();
@@ -278,39 +366,74 @@ pub fn label_selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, Str
 }
 
 /// Selector + template checks shared by Deployment and ReplicaSet.
-fn workload(field: &str, sel: &LabelSelector, template: &mut PodTemplateSpec, replicas: &mut Option<i32>) -> Checked {
+fn workload(
+    field: &str,
+    sel: &LabelSelector,
+    template: &mut PodTemplateSpec,
+    replicas: &mut Option<i32>,
+) -> Checked {
     selector(&format!("{field}.selector"), sel)?;
     let replicas = *replicas.get_or_insert(1);
     if replicas < 0 {
-        return Err(invalid(format!("{field}.replicas"), replicas, "must be greater than or equal to 0"));
+        return Err(invalid(
+            format!("{field}.replicas"),
+            replicas,
+            "must be greater than or equal to 0",
+        ));
     }
     let meta = template.metadata.get_or_insert_with(Default::default);
-    labels(&format!("{field}.template.metadata.labels"), meta.labels.as_ref())?;
+    labels(
+        &format!("{field}.template.metadata.labels"),
+        meta.labels.as_ref(),
+    )?;
     let template_labels = meta.labels.clone().unwrap_or_default();
     if !label_selector_matches(sel, &template_labels) {
-        return Err(invalid(format!("{field}.template.metadata.labels"), template_labels, "`selector` does not match template `labels`"));
+        return Err(invalid(
+            format!("{field}.template.metadata.labels"),
+            template_labels,
+            "`selector` does not match template `labels`",
+        ));
     }
-    let spec = template.spec.as_mut().ok_or_else(|| required(format!("{field}.template.spec")))?;
+    let spec = template
+        .spec
+        .as_mut()
+        .ok_or_else(|| required(format!("{field}.template.spec")))?;
     pod_spec(&format!("{field}.template.spec"), spec)?;
     if spec.restart_policy.as_deref() != Some("Always") {
-        return Err(unsupported(format!("{field}.template.spec.restartPolicy"), spec.restart_policy.as_deref().unwrap_or(""), &["Always"]));
+        return Err(unsupported(
+            format!("{field}.template.spec.restartPolicy"),
+            spec.restart_policy.as_deref().unwrap_or(""),
+            &["Always"],
+        ));
     }
     Ok(())
 }
 
 fn deployment(d: &mut Deployment) -> Checked {
     let spec = &mut d.spec;
-    workload("spec", &spec.selector, &mut spec.template, &mut spec.replicas)?;
-    let strategy = spec.strategy.get_or_insert_with(DeploymentStrategy::default);
+    workload(
+        "spec",
+        &spec.selector,
+        &mut spec.template,
+        &mut spec.replicas,
+    )?;
+    let strategy = spec
+        .strategy
+        .get_or_insert_with(DeploymentStrategy::default);
     let kind = strategy.type_.get_or_insert_with(|| "RollingUpdate".into());
     one_of("spec.strategy.type", kind, &["RollingUpdate", "Recreate"])?;
     if kind == "RollingUpdate" {
-        let ru = strategy.rolling_update.get_or_insert_with(RollingUpdateDeployment::default);
+        let ru = strategy
+            .rolling_update
+            .get_or_insert_with(RollingUpdateDeployment::default);
         let quarter = || IntOrString::String("25%".into());
         ru.max_surge.get_or_insert_with(quarter);
         ru.max_unavailable.get_or_insert_with(quarter);
     } else if strategy.rolling_update.is_some() {
-        return Err(forbidden("spec.strategy.rollingUpdate", "may not be specified when strategy `type` is 'Recreate'"));
+        return Err(forbidden(
+            "spec.strategy.rollingUpdate",
+            "may not be specified when strategy `type` is 'Recreate'",
+        ));
     }
     spec.revision_history_limit.get_or_insert(10);
     spec.progress_deadline_seconds.get_or_insert(600);
@@ -327,13 +450,17 @@ fn non_negative(field: &str, v: Option<i32>) -> Checked {
 
 fn replica_set(rs: &mut ReplicaSet) -> Checked {
     let spec = &mut rs.spec;
-    let mut template = spec.template.take().ok_or_else(|| required("spec.template"))?;
+    let mut template = spec
+        .template
+        .take()
+        .ok_or_else(|| required("spec.template"))?;
     let result = workload("spec", &spec.selector, &mut template, &mut spec.replicas);
     spec.template = Some(template);
     result
 }
 
-pub(crate) const SERVICE_TYPES: &[&str] = &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+pub(crate) const SERVICE_TYPES: &[&str] =
+    &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 
 fn service(svc: &mut Service) -> Checked {
     let spec = svc.spec.get_or_insert_with(ServiceSpec::default);
@@ -353,10 +480,27 @@ fn service(svc: &mut Service) -> Checked {
     traffic_policies(spec, &kind)?;
     session_affinity(spec)?;
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-        ip.parse::<IpAddr>().map_err(|_| invalid(format!("spec.externalIPs[{i}]"), ip, "must be a valid IP address"))?;
+        ip.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                format!("spec.externalIPs[{i}]"),
+                ip,
+                "must be a valid IP address",
+            )
+        })?;
     }
-    for (i, cidr) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
-        cidr.parse::<ipnet::IpNet>().map_err(|_| invalid(format!("spec.loadBalancerSourceRanges[{i}]"), cidr, "must be a valid CIDR"))?;
+    for (i, cidr) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        cidr.parse::<ipnet::IpNet>().map_err(|_| {
+            invalid(
+                format!("spec.loadBalancerSourceRanges[{i}]"),
+                cidr,
+                "must be a valid CIDR",
+            )
+        })?;
     }
     Ok(())
 }
@@ -367,9 +511,16 @@ fn external_name_service(spec: &ServiceSpec) -> Checked {
         return Err(required("spec.externalName"));
     }
     // Kubernetes tolerates one trailing dot (an absolute name).
-    syntax("spec.externalName", name.strip_suffix('.').unwrap_or(name), names::dns1123_subdomain)?;
+    syntax(
+        "spec.externalName",
+        name.strip_suffix('.').unwrap_or(name),
+        names::dns1123_subdomain,
+    )?;
     if spec.cluster_ip.as_deref().is_some_and(|ip| !ip.is_empty()) {
-        return Err(forbidden("spec.clusterIP", "may not be set for ExternalName services"));
+        return Err(forbidden(
+            "spec.clusterIP",
+            "may not be set for ExternalName services",
+        ));
     }
     Ok(())
 }
@@ -377,18 +528,35 @@ fn external_name_service(spec: &ServiceSpec) -> Checked {
 fn cluster_ip_syntax(spec: &ServiceSpec) -> Checked {
     let ip = spec.cluster_ip.as_deref().unwrap_or("");
     if !ip.is_empty() && ip != "None" {
-        ip.parse::<IpAddr>().map_err(|_| invalid("spec.clusterIP", ip, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"))?;
+        ip.parse::<IpAddr>().map_err(|_| {
+            invalid(
+                "spec.clusterIP",
+                ip,
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            )
+        })?;
     }
     if let Some(ips) = spec.cluster_ips.as_ref().filter(|ips| !ips.is_empty()) {
         if !ip.is_empty() && ips[0] != ip {
-            return Err(invalid("spec.clusterIPs[0]", &ips[0], "must match `spec.clusterIP`"));
+            return Err(invalid(
+                "spec.clusterIPs[0]",
+                &ips[0],
+                "must match `spec.clusterIP`",
+            ));
         }
         if ips.len() > 1 {
-            return Err(invalid("spec.clusterIPs", ips, "dual-stack services are not supported by this store"));
+            return Err(invalid(
+                "spec.clusterIPs",
+                ips,
+                "dual-stack services are not supported by this store",
+            ));
         }
     }
     if spec.external_name.is_some() {
-        return Err(forbidden("spec.externalName", "may only be set when `type` is 'ExternalName'"));
+        return Err(forbidden(
+            "spec.externalName",
+            "may only be set when `type` is 'ExternalName'",
+        ));
     }
     Ok(())
 }
@@ -407,7 +575,10 @@ fn service_ports(spec: &mut ServiceSpec) -> Checked {
         }
         let protocol = p.protocol.clone().unwrap_or_default();
         if !numbers.insert((p.port, protocol.clone())) {
-            return Err(duplicate(format!("spec.ports[{i}]"), format!("{}/{protocol}", p.port)));
+            return Err(duplicate(
+                format!("spec.ports[{i}]"),
+                format!("{}/{protocol}", p.port),
+            ));
         }
     }
     Ok(())
@@ -435,13 +606,23 @@ fn service_port(i: usize, p: &mut ServicePort, multiple: bool) -> Checked {
 fn traffic_policies(spec: &mut ServiceSpec, kind: &str) -> Checked {
     let external = matches!(kind, "NodePort" | "LoadBalancer");
     if external {
-        let etp = spec.external_traffic_policy.get_or_insert_with(|| "Cluster".into());
+        let etp = spec
+            .external_traffic_policy
+            .get_or_insert_with(|| "Cluster".into());
         one_of("spec.externalTrafficPolicy", etp, &["Cluster", "Local"])?;
-    } else if spec.external_traffic_policy.is_some() && spec.external_ips.as_ref().is_none_or(Vec::is_empty) {
-        return Err(invalid("spec.externalTrafficPolicy", spec.external_traffic_policy.as_deref().unwrap_or(""), "may only be set for externally-accessible services"));
+    } else if spec.external_traffic_policy.is_some()
+        && spec.external_ips.as_ref().is_none_or(Vec::is_empty)
+    {
+        return Err(invalid(
+            "spec.externalTrafficPolicy",
+            spec.external_traffic_policy.as_deref().unwrap_or(""),
+            "may only be set for externally-accessible services",
+        ));
     }
     if kind != "ExternalName" {
-        let itp = spec.internal_traffic_policy.get_or_insert_with(|| "Cluster".into());
+        let itp = spec
+            .internal_traffic_policy
+            .get_or_insert_with(|| "Cluster".into());
         one_of("spec.internalTrafficPolicy", itp, &["Cluster", "Local"])?;
     }
     Ok(())
@@ -451,7 +632,10 @@ fn traffic_policies(spec: &mut ServiceSpec, kind: &str) -> Checked {
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: i32 = 10800;
 
 fn session_affinity(spec: &mut ServiceSpec) -> Checked {
-    let affinity = spec.session_affinity.get_or_insert_with(|| "None".into()).clone();
+    let affinity = spec
+        .session_affinity
+        .get_or_insert_with(|| "None".into())
+        .clone();
     one_of("spec.sessionAffinity", &affinity, &["None", "ClientIP"])?;
     if affinity == "ClientIP" {
         let timeout = *spec
@@ -462,10 +646,21 @@ fn session_affinity(spec: &mut ServiceSpec) -> Checked {
             .timeout_seconds
             .get_or_insert(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
         if !(1..=86400).contains(&timeout) {
-            return Err(invalid("spec.sessionAffinityConfig.clientIP.timeoutSeconds", timeout, "must be greater than 0 and less than 86400"));
+            return Err(invalid(
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                timeout,
+                "must be greater than 0 and less than 86400",
+            ));
         }
-    } else if spec.session_affinity_config.as_ref().is_some_and(|c| c.client_ip.is_some()) {
-        return Err(forbidden("spec.sessionAffinityConfig", "must not be set when `sessionAffinity` is None"));
+    } else if spec
+        .session_affinity_config
+        .as_ref()
+        .is_some_and(|c| c.client_ip.is_some())
+    {
+        return Err(forbidden(
+            "spec.sessionAffinityConfig",
+            "must not be set when `sessionAffinity` is None",
+        ));
     }
     Ok(())
 }
@@ -480,25 +675,53 @@ fn endpoint_slice(slice: &mut EndpointSlice) -> Checked {
     one_of("addressType", &address_type, &["IPv4", "IPv6", "FQDN"])?;
     let endpoints = slice.endpoints.get_or_insert_with(Vec::new);
     if endpoints.len() > MAX_SLICE_ENDPOINTS {
-        return Err(FieldError { field: "endpoints".into(), message: format!("Too many: {}: must have at most {MAX_SLICE_ENDPOINTS} items", endpoints.len()) });
+        return Err(FieldError {
+            field: "endpoints".into(),
+            message: format!(
+                "Too many: {}: must have at most {MAX_SLICE_ENDPOINTS} items",
+                endpoints.len()
+            ),
+        });
     }
     for (i, ep) in endpoints.iter().enumerate() {
         if ep.addresses.is_empty() || ep.addresses.len() > MAX_ENDPOINT_ADDRESSES {
-            return Err(invalid(format!("endpoints[{i}].addresses"), ep.addresses.len(), "must contain between 1 and 100 addresses"));
+            return Err(invalid(
+                format!("endpoints[{i}].addresses"),
+                ep.addresses.len(),
+                "must contain between 1 and 100 addresses",
+            ));
         }
         for (j, a) in ep.addresses.iter().enumerate() {
-            endpoint_address(|| format!("endpoints[{i}].addresses[{j}]"), &address_type, a)?;
+            endpoint_address(
+                || format!("endpoints[{i}].addresses[{j}]"),
+                &address_type,
+                a,
+            )?;
         }
         if let Some(h) = ep.hostname.as_deref() {
-            syntax(|| format!("endpoints[{i}].hostname"), h, names::dns1123_label)?;
+            syntax(
+                || format!("endpoints[{i}].hostname"),
+                h,
+                names::dns1123_label,
+            )?;
         }
         if let Some(n) = ep.node_name.as_deref() {
-            syntax(|| format!("endpoints[{i}].nodeName"), n, names::dns1123_subdomain)?;
+            syntax(
+                || format!("endpoints[{i}].nodeName"),
+                n,
+                names::dns1123_subdomain,
+            )?;
         }
     }
     let ports = slice.ports.get_or_insert_with(Vec::new);
     if ports.len() > MAX_SLICE_PORTS {
-        return Err(FieldError { field: "ports".into(), message: format!("Too many: {}: must have at most {MAX_SLICE_PORTS} items", ports.len()) });
+        return Err(FieldError {
+            field: "ports".into(),
+            message: format!(
+                "Too many: {}: must have at most {MAX_SLICE_PORTS} items",
+                ports.len()
+            ),
+        });
     }
     let mut names = HashSet::new();
     for (i, p) in ports.iter_mut().enumerate() {
@@ -523,7 +746,15 @@ fn endpoint_address(field: impl IntoField, address_type: &str, a: &str) -> Check
         "IPv6" => a.parse::<std::net::Ipv6Addr>().is_ok(),
         _ => names::dns1123_subdomain(a).is_ok(),
     };
-    if ok { Ok(()) } else { Err(invalid(field, a, format!("must be a valid {address_type} address"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            a,
+            format!("must be a valid {address_type} address"),
+        ))
+    }
 }
 
 /// The API server's limit on a ConfigMap's or Secret's total data size.
@@ -538,7 +769,11 @@ fn config_map(cm: &mut ConfigMap) -> Checked {
     for (k, v) in cm.binary_data.iter().flatten() {
         syntax(format!("binaryData[{k}]"), k, names::config_map_key)?;
         if cm.data.as_ref().is_some_and(|d| d.contains_key(k)) {
-            return Err(invalid(format!("data[{k}]"), k, "duplicate of key present in binaryData"));
+            return Err(invalid(
+                format!("data[{k}]"),
+                k,
+                "duplicate of key present in binaryData",
+            ));
         }
         total += v.0.len();
     }
@@ -547,7 +782,10 @@ fn config_map(cm: &mut ConfigMap) -> Checked {
 
 fn data_size(total: usize) -> Checked {
     if total > MAX_DATA_BYTES {
-        return Err(FieldError { field: "data".into(), message: format!("Too long: must have at most {MAX_DATA_BYTES} bytes") });
+        return Err(FieldError {
+            field: "data".into(),
+            message: format!("Too long: must have at most {MAX_DATA_BYTES} bytes"),
+        });
     }
     Ok(())
 }
@@ -570,7 +808,7 @@ fn secret(s: &mut Secret) -> Checked {
     let required_keys: &[&str] = match kind.as_str() {
         "kubernetes.io/tls" => &["tls.crt", "tls.key"],
         "kubernetes.io/dockerconfigjson" => &[".dockerconfigjson"],
-        "kubernetes.io/basic-auth" | "kubernetes.io/ssh-auth" | "Opaque" | _ => &[],
+        _ => &[],
     };
     for key in required_keys {
         if !s.data.as_ref().is_some_and(|d| d.contains_key(*key)) {
@@ -592,7 +830,9 @@ pub fn validate_update(old: &Object, new: &Object) -> Checked {
             same("spec.selector", &a.spec.selector, &b.spec.selector)
         }
         (Object::Pod(a), Object::Pod(b)) => pod_update(a, b),
-        (Object::EndpointSlice(a), Object::EndpointSlice(b)) => same("addressType", &a.address_type, &b.address_type),
+        (Object::EndpointSlice(a), Object::EndpointSlice(b)) => {
+            same("addressType", &a.address_type, &b.address_type)
+        }
         (Object::ConfigMap(a), Object::ConfigMap(b)) if a.immutable == Some(true) => {
             same("immutable", &a.immutable, &b.immutable)?;
             same("data", &a.data, &b.data)?;
@@ -611,7 +851,11 @@ pub fn validate_update(old: &Object, new: &Object) -> Checked {
 }
 
 fn same<T: PartialEq>(field: &str, a: &T, b: &T) -> Checked {
-    if a == b { Ok(()) } else { Err(immutable(field)) }
+    if a == b {
+        Ok(())
+    } else {
+        Err(immutable(field))
+    }
 }
 
 /// A pod's spec may only change in container images, activeDeadlineSeconds,
@@ -628,7 +872,10 @@ fn pod_update(old: &Pod, new: &Pod) -> Checked {
         }
     };
     copy_images(&old_spec.containers, &mut masked.containers);
-    if let (Some(from), Some(to)) = (old_spec.init_containers.as_ref(), masked.init_containers.as_mut()) {
+    if let (Some(from), Some(to)) = (
+        old_spec.init_containers.as_ref(),
+        masked.init_containers.as_mut(),
+    ) {
         copy_images(from, to);
     }
     masked.active_deadline_seconds = old_spec.active_deadline_seconds;
@@ -652,7 +899,10 @@ pub(crate) fn first_difference(a: &Value, b: &Value, path: String) -> Option<Str
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             keys.into_iter().find_map(|k| {
-                let (va, vb) = (x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null));
+                let (va, vb) = (
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                );
                 first_difference(va, vb, format!("{path}.{k}"))
             })
         }
@@ -677,61 +927,109 @@ mod tests {
 
     fn check(yaml: &str) -> Result<Object, String> {
         let mut o = one(yaml);
-        default_and_validate(&mut o).map(|()| o).map_err(|e| e.to_string())
+        default_and_validate(&mut o)
+            .map(|()| o)
+            .map_err(|e| e.to_string())
     }
 
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n";
 
     #[test]
     fn service_defaults_like_the_api_server() {
-        let Object::Service(s) = check(SVC).unwrap() else { panic!() };
+        let Object::Service(s) = check(SVC).unwrap() else {
+            panic!()
+        };
         let spec = s.spec.unwrap();
         assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
         assert_eq!(spec.session_affinity.as_deref(), Some("None"));
         assert_eq!(spec.ports.unwrap()[0].protocol.as_deref(), Some("TCP"));
         let Object::Service(s) = check("apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 53, protocol: UDP}]\n  sessionAffinity: ClientIP\n").unwrap() else { panic!() };
         let spec = s.spec.unwrap();
-        assert_eq!(spec.ports.unwrap()[0].target_port, Some(IntOrString::Int(53)));
-        assert_eq!(spec.session_affinity_config.unwrap().client_ip.unwrap().timeout_seconds, Some(10800));
+        assert_eq!(
+            spec.ports.unwrap()[0].target_port,
+            Some(IntOrString::Int(53))
+        );
+        assert_eq!(
+            spec.session_affinity_config
+                .unwrap()
+                .client_ip
+                .unwrap()
+                .timeout_seconds,
+            Some(10800)
+        );
     }
 
     #[test]
     fn service_port_errors_name_the_field() {
         let e = check(&SVC.replace("port: 80", "port: 0")).unwrap_err();
-        assert_eq!(e, "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive");
+        assert_eq!(
+            e,
+            "spec.ports[0].port: Invalid value: 0: must be between 1 and 65535, inclusive"
+        );
         let e = check(&SVC.replace("port: 80", "port: 70000")).unwrap_err();
         assert!(e.starts_with("spec.ports[0].port"), "{e}");
         let e = check(&SVC.replace("targetPort: http", "protocol: ICMP")).unwrap_err();
-        assert!(e.starts_with("spec.ports[0].protocol: Unsupported value: \"ICMP\""), "{e}");
+        assert!(
+            e.starts_with("spec.ports[0].protocol: Unsupported value: \"ICMP\""),
+            "{e}"
+        );
         let two = SVC.to_string() + "  - {name: http, port: 81}\n";
-        assert_eq!(check(&two).unwrap_err(), "spec.ports[1].name: Duplicate value: \"http\"");
+        assert_eq!(
+            check(&two).unwrap_err(),
+            "spec.ports[1].name: Duplicate value: \"http\""
+        );
         let unnamed = SVC.replace("name: http, ", "") + "  - {name: b, port: 81}\n";
-        assert_eq!(check(&unnamed).unwrap_err(), "spec.ports[0].name: Required value");
+        assert_eq!(
+            check(&unnamed).unwrap_err(),
+            "spec.ports[0].name: Required value"
+        );
         let e = check(&SVC.replace("targetPort: http", "targetPort: Bad--Name")).unwrap_err();
         assert!(e.starts_with("spec.ports[0].targetPort"), "{e}");
     }
 
     #[test]
     fn service_names_are_dns1035_and_types_checked() {
-        assert!(check(&SVC.replace("name: web}", "name: 1web}")).unwrap_err().starts_with("metadata.name"));
-        assert!(check(&SVC.replace("spec:\n", "spec:\n  type: Weird\n")).unwrap_err().starts_with("spec.type: Unsupported"));
-        let e = check("apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName}\n").unwrap_err();
+        assert!(
+            check(&SVC.replace("name: web}", "name: 1web}"))
+                .unwrap_err()
+                .starts_with("metadata.name")
+        );
+        assert!(
+            check(&SVC.replace("spec:\n", "spec:\n  type: Weird\n"))
+                .unwrap_err()
+                .starts_with("spec.type: Unsupported")
+        );
+        let e = check(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName}\n",
+        )
+        .unwrap_err();
         assert_eq!(e, "spec.externalName: Required value");
         assert!(check("apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: db.example.com}\n").is_ok());
         assert!(check("apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {clusterIP: None, selector: {a: b}}\n").is_ok());
-        assert!(check(&SVC.replace("selector: {app: web}", "selector: {app: -x}")).unwrap_err().starts_with("spec.selector[app]"));
-        assert!(check(&SVC.replace("spec:\n", "spec:\n  clusterIP: 10.0.0.300\n")).unwrap_err().starts_with("spec.clusterIP"));
+        assert!(
+            check(&SVC.replace("selector: {app: web}", "selector: {app: -x}"))
+                .unwrap_err()
+                .starts_with("spec.selector[app]")
+        );
+        assert!(
+            check(&SVC.replace("spec:\n", "spec:\n  clusterIP: 10.0.0.300\n"))
+                .unwrap_err()
+                .starts_with("spec.clusterIP")
+        );
     }
 
     const DEPLOY: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers:\n      - name: web\n        ports: [{name: http, containerPort: 8080}]\n";
 
     #[test]
     fn deployment_selector_must_match_template() {
-        let Object::Deployment(d) = check(DEPLOY).unwrap() else { panic!() };
+        let Object::Deployment(d) = check(DEPLOY).unwrap() else {
+            panic!()
+        };
         assert_eq!(d.spec.replicas, Some(1));
         let e = check(&DEPLOY.replace("labels: {app: web}", "labels: {app: api}")).unwrap_err();
         assert!(e.starts_with("spec.template.metadata.labels"), "{e}");
-        let e = check(&DEPLOY.replace("selector: {matchLabels: {app: web}}", "selector: {}")).unwrap_err();
+        let e = check(&DEPLOY.replace("selector: {matchLabels: {app: web}}", "selector: {}"))
+            .unwrap_err();
         assert!(e.starts_with("spec.selector"), "{e}");
     }
 
@@ -740,13 +1038,24 @@ mod tests {
         let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: a\n    ports: [{name: http, containerPort: 80}]\n";
         assert!(check(pod).is_ok());
         let dup = pod.to_string() + "  - name: a\n";
-        assert_eq!(check(&dup).unwrap_err(), "spec.containers[1].name: Duplicate value: \"a\"");
+        assert_eq!(
+            check(&dup).unwrap_err(),
+            "spec.containers[1].name: Duplicate value: \"a\""
+        );
         let e = check(&pod.replace("containerPort: 80", "containerPort: 0")).unwrap_err();
-        assert!(e.starts_with("spec.containers[0].ports[0].containerPort"), "{e}");
+        assert!(
+            e.starts_with("spec.containers[0].ports[0].containerPort"),
+            "{e}"
+        );
         let e = check(&pod.replace("name: a", "name: A")).unwrap_err();
         assert!(e.starts_with("spec.containers[0].name"), "{e}");
-        let dup_port = pod.to_string() + "  - name: b\n    ports: [{name: http, containerPort: 81}]\n";
-        assert!(check(&dup_port).unwrap_err().starts_with("spec.containers[1].ports[0].name: Duplicate"));
+        let dup_port =
+            pod.to_string() + "  - name: b\n    ports: [{name: http, containerPort: 81}]\n";
+        assert!(
+            check(&dup_port)
+                .unwrap_err()
+                .starts_with("spec.containers[1].ports[0].name: Duplicate")
+        );
     }
 
     #[test]
@@ -764,18 +1073,43 @@ mod tests {
     fn endpoint_slice_rules() {
         let slice = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\nports:\n- {name: http, port: 80}\n";
         assert!(check(slice).is_ok());
-        assert!(check(&slice.replace("10.0.0.1", "fe80::1")).unwrap_err().starts_with("endpoints[0].addresses[0]"));
-        assert!(check(&slice.replace("port: 80", "port: 0")).unwrap_err().starts_with("ports[0].port"));
-        assert!(check(&slice.replace("IPv4", "IPX")).unwrap_err().starts_with("addressType"));
+        assert!(
+            check(&slice.replace("10.0.0.1", "fe80::1"))
+                .unwrap_err()
+                .starts_with("endpoints[0].addresses[0]")
+        );
+        assert!(
+            check(&slice.replace("port: 80", "port: 0"))
+                .unwrap_err()
+                .starts_with("ports[0].port")
+        );
+        assert!(
+            check(&slice.replace("IPv4", "IPX"))
+                .unwrap_err()
+                .starts_with("addressType")
+        );
     }
 
     #[test]
     fn secrets_merge_string_data_and_check_keys() {
-        let Object::Secret(s) = check("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {user: admin}\n").unwrap() else { panic!() };
+        let Object::Secret(s) =
+            check("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {user: admin}\n")
+                .unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(s.data.unwrap()["user"].0, b"admin");
         assert!(s.string_data.is_none());
-        assert!(check("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ntype: kubernetes.io/tls\n").unwrap_err().starts_with("data[tls.crt]"));
-        assert!(check("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {\"a/b\": x}\n").unwrap_err().starts_with("data[a/b]"));
+        assert!(
+            check("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\ntype: kubernetes.io/tls\n")
+                .unwrap_err()
+                .starts_with("data[tls.crt]")
+        );
+        assert!(
+            check("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata: {\"a/b\": x}\n")
+                .unwrap_err()
+                .starts_with("data[a/b]")
+        );
     }
 
     #[test]
@@ -784,9 +1118,23 @@ mod tests {
             "matchLabels": {"app": "web"},
             "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "canary", "operator": "DoesNotExist"}]
         })).unwrap();
-        let labels = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert!(label_selector_matches(&sel, &labels(&[("app", "web"), ("tier", "a")])));
-        assert!(!label_selector_matches(&sel, &labels(&[("app", "web"), ("tier", "c")])));
-        assert!(!label_selector_matches(&sel, &labels(&[("app", "web"), ("tier", "a"), ("canary", "")])));
+        let labels = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert!(label_selector_matches(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "a")])
+        ));
+        assert!(!label_selector_matches(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "c")])
+        ));
+        assert!(!label_selector_matches(
+            &sel,
+            &labels(&[("app", "web"), ("tier", "a"), ("canary", "")])
+        ));
     }
 }

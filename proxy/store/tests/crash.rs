@@ -32,7 +32,9 @@ fn batch(round: usize, i: usize) -> String {
 /// Child mode: runs only when the parent sets the env var; otherwise a no-op test.
 #[test]
 fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let round: usize = std::env::var(ROUND_ENV).unwrap().parse().unwrap();
     let store = Store::open(StoreConfig::new(dir)).unwrap();
     for i in 0.. {
@@ -48,11 +50,18 @@ fn kill_9_loses_no_acknowledged_write() {
     let mut rng = rand::rng();
     let mut total_acked = 0;
     for round in 0..ROUNDS {
-        let last_ack = run_and_kill(dir.path(), round, Duration::from_millis(rng.random_range(50..600)));
+        let last_ack = run_and_kill(
+            dir.path(),
+            round,
+            Duration::from_millis(rng.random_range(50..600)),
+        );
         total_acked += last_ack.map_or(0, |i| i + 1);
         verify(dir.path(), round, last_ack);
     }
-    assert!(total_acked > 0, "the child never acknowledged anything; the test tested nothing");
+    assert!(
+        total_acked > 0,
+        "the child never acknowledged anything; the test tested nothing"
+    );
     eprintln!("{ROUNDS} crashes, {total_acked} acknowledged batches, all present");
 }
 
@@ -89,29 +98,69 @@ fn verify(dir: &std::path::Path, round: usize, last_ack: Option<usize>) {
         for i in 0..=last {
             let svc = ObjectKey::new(Kind::Service, None, format!("s-{round}-{i}"));
             let cm = ObjectKey::new(Kind::ConfigMap, None, format!("c-{round}-{i}"));
-            assert!(store.get(&svc).is_some(), "round {round}: acknowledged {svc} lost");
-            let Some(cm_obj) = store.get(&cm) else { panic!("round {round}: acknowledged {cm} lost") };
-            let Object::ConfigMap(c) = &*cm_obj else { panic!() };
+            assert!(
+                store.get(&svc).is_some(),
+                "round {round}: acknowledged {svc} lost"
+            );
+            let Some(cm_obj) = store.get(&cm) else {
+                panic!("round {round}: acknowledged {cm} lost")
+            };
+            let Object::ConfigMap(c) = &*cm_obj else {
+                panic!()
+            };
             assert_eq!(c.data.as_ref().unwrap()["payload"].len(), i % 500);
         }
-        let counter = store.get(&ObjectKey::new(Kind::ConfigMap, None, "counter")).unwrap();
-        let Object::ConfigMap(c) = &*counter else { panic!() };
+        let counter = store
+            .get(&ObjectKey::new(Kind::ConfigMap, None, "counter"))
+            .unwrap();
+        let Object::ConfigMap(c) = &*counter else {
+            panic!()
+        };
         let seq: usize = c.data.as_ref().unwrap()["seq"].parse().unwrap();
-        assert!(seq >= round * 1_000_000 + last, "round {round}: counter went back to {seq}");
+        assert!(
+            seq >= round * 1_000_000 + last,
+            "round {round}: counter went back to {seq}"
+        );
     }
     // Consistency: every batch is whole (a service without its config map, or the
     // reverse, would be a torn transaction), and no two services share a ClusterIP.
     let services = store.list(Kind::Service, None);
     for s in &services {
         let cm = s.metadata().name.as_ref().unwrap().replacen("s-", "c-", 1);
-        assert!(store.get(&ObjectKey::new(Kind::ConfigMap, None, cm.clone())).is_some(), "torn batch: {cm} missing");
+        assert!(
+            store
+                .get(&ObjectKey::new(Kind::ConfigMap, None, cm.clone()))
+                .is_some(),
+            "torn batch: {cm} missing"
+        );
     }
-    let mut ips: Vec<String> = services.iter().map(|s| s.as_service().unwrap().spec.as_ref().unwrap().cluster_ip.clone().unwrap()).collect();
+    let mut ips: Vec<String> = services
+        .iter()
+        .map(|s| {
+            s.as_service()
+                .unwrap()
+                .spec
+                .as_ref()
+                .unwrap()
+                .cluster_ip
+                .clone()
+                .unwrap()
+        })
+        .collect();
     let n = ips.len();
     ips.sort();
     ips.dedup();
     assert_eq!(ips.len(), n, "duplicate ClusterIPs after recovery");
     assert_eq!(store.list(Kind::ConfigMap, None).len(), n + 1);
-    let max_rv = store.snapshot().objects.iter().map(|o| o.resource_version()).max().unwrap_or(0);
-    assert!(store.revision() >= max_rv, "revision counter behind stored objects");
+    let max_rv = store
+        .snapshot()
+        .objects
+        .iter()
+        .map(|o| o.resource_version())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        store.revision() >= max_rv,
+        "revision counter behind stored objects"
+    );
 }
