@@ -56,8 +56,18 @@ impl AgentNode {
         let outside = Netns::new(format!("{prefix}-out"))?;
         let uplink = format!("{prefix}u");
         veth_pair(
-            &VethEnd { ns: &node, ifname: uplink.clone(), addr: NODE_IP, prefix_len: 24 },
-            &VethEnd { ns: &outside, ifname: format!("{prefix}o"), addr: OUTSIDE_IP, prefix_len: 24 },
+            &VethEnd {
+                ns: &node,
+                ifname: uplink.clone(),
+                addr: NODE_IP,
+                prefix_len: 24,
+            },
+            &VethEnd {
+                ns: &outside,
+                ifname: format!("{prefix}o"),
+                addr: OUTSIDE_IP,
+                prefix_len: 24,
+            },
         )?;
         let state_dir = std::env::temp_dir().join(format!("vipr-e2e-{prefix}"));
         std::fs::create_dir_all(&state_dir)?;
@@ -118,7 +128,10 @@ impl AgentNode {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("vipr agent did not answer within 20s:\n{}", self.agent_log())
+        bail!(
+            "vipr agent did not answer within 20s:\n{}",
+            self.agent_log()
+        )
     }
 
     /// Kills the agent with SIGKILL (pods and pinned maps stay).
@@ -175,14 +188,19 @@ impl AgentNode {
         child.stdin.take().unwrap().write_all(manifest.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("vipr apply failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "vipr apply failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The pod as JSON (`vipr get pod NAME -o json`).
     pub fn pod(&self, name: &str) -> Result<Value> {
-        Ok(serde_json::from_str(&self.vipr_ok(&["get", "pod", name, "-o", "json"])?)?)
+        Ok(serde_json::from_str(
+            &self.vipr_ok(&["get", "pod", name, "-o", "json"])?,
+        )?)
     }
 
     /// Waits until every named pod is Ready.
@@ -197,7 +215,10 @@ impl AgentNode {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("pods {pods:?} not ready within {timeout:?}:\n{}", self.agent_log());
+                bail!(
+                    "pods {pods:?} not ready within {timeout:?}:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -208,7 +229,10 @@ impl AgentNode {
         let mut full = vec!["exec", pod, "--"];
         full.extend(args);
         let out = self.vipr(&full)?;
-        Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
     }
 
     /// A service's ClusterIP.
@@ -223,9 +247,10 @@ impl AgentNode {
 }
 
 pub fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    pod["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 impl Drop for AgentNode {
@@ -240,7 +265,10 @@ impl Drop for AgentNode {
         if let Ok(out) = cleanup
             && !out.status.success()
         {
-            eprintln!("vipr agent --cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "vipr agent --cleanup failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         if std::thread::panicking() {
             eprintln!("--- agent log ---\n{}", self.agent_log());

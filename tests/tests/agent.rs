@@ -92,14 +92,34 @@ fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
     assert!(ok && answer.starts_with("web-"), "UDP answer {answer:?}");
 
     // A pod that turns unready leaves the backends within about a probe period.
-    let web1_ip = node.pod("web-1")?["status"]["podIP"].as_str().unwrap().to_owned();
-    node.exec("client", &["curl", "-s", &format!("http://{web1_ip}:8080/ready?set=false")])?;
+    let web1_ip = node.pod("web-1")?["status"]["podIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    node.exec(
+        "client",
+        &[
+            "curl",
+            "-s",
+            &format!("http://{web1_ip}:8080/ready?set=false"),
+        ],
+    )?;
     let only_web2: BTreeSet<String> = ["web-2".to_string()].into();
     let deadline = Instant::now() + Duration::from_secs(5);
     while answering(&node, &url, 10)? != only_web2 {
-        assert!(Instant::now() < deadline, "web-1 still serves 5s after turning unready");
+        assert!(
+            Instant::now() < deadline,
+            "web-1 still serves 5s after turning unready"
+        );
     }
-    node.exec("client", &["curl", "-s", &format!("http://{web1_ip}:8080/ready?set=true")])?;
+    node.exec(
+        "client",
+        &[
+            "curl",
+            "-s",
+            &format!("http://{web1_ip}:8080/ready?set=true"),
+        ],
+    )?;
 
     // kill -9 of the agent: pods keep running, the new agent adopts them
     // without restarting a container, and traffic flows again.
@@ -133,7 +153,10 @@ fn bad_manifests_are_rejected_whole() -> Result<()> {
 
     let cases = [
         ("apiVersion: v1\nkind: Pod\nmetadata: {name: x\n", "YAML"),
-        ("apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n", "Gadget"),
+        (
+            "apiVersion: v1\nkind: Gadget\nmetadata: {name: x}\n",
+            "Gadget",
+        ),
         (
             "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec:\n  containers:\n  - {name: c, imagee: host}\n",
             "imagee",
@@ -145,7 +168,9 @@ fn bad_manifests_are_rejected_whole() -> Result<()> {
         ),
     ];
     for (manifest, named) in cases {
-        let error = node.apply(manifest).expect_err("a bad manifest was accepted");
+        let error = node
+            .apply(manifest)
+            .expect_err("a bad manifest was accepted");
         assert!(
             error.to_string().contains(named),
             "the error does not name {named:?}: {error}"
@@ -153,10 +178,52 @@ fn bad_manifests_are_rejected_whole() -> Result<()> {
     }
     let configmaps = node.vipr_ok(&["get", "cm"])?;
     assert!(configmaps.contains("keep"), "{configmaps}");
-    assert!(!configmaps.contains("new"), "half of a failed batch was stored: {configmaps}");
+    assert!(
+        !configmaps.contains("new"),
+        "half of a failed batch was stored: {configmaps}"
+    );
 
     let unknown = node.vipr(&["get", "gadgets"])?;
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("gadgets"));
+    Ok(())
+}
+
+#[test]
+fn metrics_and_healthz_like_kube_proxy() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("met")?;
+    node.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {ports: [{port: 80}]}\n",
+    )?;
+    let get = |url: &str| -> Result<String> {
+        let out = vipr_e2e::run(node.node.command("curl").args(["-s", "-i", "-m", "2", url]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let healthz = get("http://127.0.0.1:10256/healthz")?;
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    assert!(healthz.contains("lastUpdated"), "{healthz}");
+    // The data plane counters are exported every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get("http://127.0.0.1:10249/metrics")?;
+        assert!(
+            metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("kubeproxy_network_programming_duration_seconds"),
+            "{metrics}"
+        );
+        if metrics.contains("vipr_datapath_packets_total{outcome=\"passed\"}") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no data plane counters in {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(get("http://127.0.0.1:10249/nothing")?.starts_with("HTTP/1.1 404"));
     Ok(())
 }

@@ -39,8 +39,17 @@ enum Task {
     Run,
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup::run(),
@@ -54,7 +63,11 @@ fn main() -> Result<()> {
         }
         Task::Run => {
             setup::run()?;
-            build(&root)?;
+            // The debug profile: shared with `cargo xtask test`, so the
+            // quickstart after the tests builds nothing new.
+            step("build", || {
+                cargo(&root, &["build", "--workspace", "--bins"])
+            })?;
             quickstart(&root)
         }
     }

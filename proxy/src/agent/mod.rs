@@ -94,7 +94,11 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     let mut reconciler = Reconciler {
         store: store.clone(),
         dataplane: dataplane.clone(),
-        dns: Some(dns.clone()),
+        dns: Some(reconciler::DnsPublisher::start(
+            store.clone(),
+            slices.clone(),
+            dns.clone(),
+        )?),
         metrics: metrics.clone(),
         node: NodeAddresses {
             node_ip: node.node_ip,

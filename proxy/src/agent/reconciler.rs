@@ -42,7 +42,7 @@ pub type ComputedSlices = Arc<RwLock<BTreeMap<ServiceName, Vec<EndpointSlice>>>>
 pub struct Reconciler {
     pub store: Arc<Store>,
     pub dataplane: Arc<Mutex<Dataplane>>,
-    pub dns: Option<Arc<DnsHandle>>,
+    pub dns: Option<DnsPublisher>,
     pub metrics: Arc<Metrics>,
     pub node: NodeAddresses,
     /// Where the cluster DNS address is served (bound locally by the agent).
@@ -213,41 +213,66 @@ impl Reconciler {
         table
     }
 
-    /// Hands the DNS server a fresh snapshot of services, endpoints and pods.
+    /// Asks for a fresh DNS snapshot (built on the publisher's thread, so a
+    /// large index rebuild never delays the next map update).
     fn publish_dns(&self) {
-        let Some(dns) = &self.dns else {
-            return;
-        };
-        let namespaces = self
-            .store
-            .list(Kind::Namespace, None)
-            .iter()
-            .map(|o| o.key().name().to_owned())
-            .collect();
-        let services: Vec<Service> = self
-            .store
-            .list(Kind::Service, None)
-            .iter()
-            .filter_map(|o| o.as_service().cloned())
-            .collect();
-        let mut slices: Vec<EndpointSlice> = self
-            .store
-            .list(Kind::EndpointSlice, None)
-            .iter()
-            .filter_map(|o| o.as_endpoint_slice().cloned())
-            .collect();
-        slices.extend(self.slices.read().unwrap().values().flatten().cloned());
-        let pods: Vec<Pod> = self
-            .store
-            .list(Kind::Pod, None)
-            .iter()
-            .filter_map(|o| o.as_pod().cloned())
-            .collect();
-        let snapshot = cluster_snapshot(namespaces, &services, &slices, &pods);
-        if let Err(error) = dns.update(&snapshot) {
-            tracing::warn!(error = %error, "DNS snapshot rejected");
+        if let Some(dns) = &self.dns {
+            dns.changed();
         }
     }
+}
+
+/// Rebuilds the DNS snapshot on its own thread when asked; requests that
+/// arrive during a rebuild coalesce into one more.
+pub struct DnsPublisher {
+    wake: std::sync::mpsc::SyncSender<()>,
+}
+
+impl DnsPublisher {
+    pub fn start(store: Arc<Store>, slices: ComputedSlices, dns: Arc<DnsHandle>) -> Result<Self> {
+        let (wake, requests) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("dns-publisher".into())
+            .spawn(move || {
+                while requests.recv().is_ok() {
+                    let snapshot = dns_snapshot_of(&store, &slices);
+                    if let Err(error) = dns.update(&snapshot) {
+                        tracing::warn!(error = %error, "DNS snapshot rejected");
+                    }
+                }
+            })?;
+        Ok(DnsPublisher { wake })
+    }
+
+    fn changed(&self) {
+        // Full means a rebuild is already queued: it will see this change too.
+        let _ = self.wake.try_send(());
+    }
+}
+
+fn dns_snapshot_of(store: &Store, computed: &ComputedSlices) -> vipr_dns::ClusterSnapshot {
+    let namespaces = store
+        .list(Kind::Namespace, None)
+        .iter()
+        .map(|o| o.key().name().to_owned())
+        .collect();
+    let services: Vec<Service> = store
+        .list(Kind::Service, None)
+        .iter()
+        .filter_map(|o| o.as_service().cloned())
+        .collect();
+    let mut slices: Vec<EndpointSlice> = store
+        .list(Kind::EndpointSlice, None)
+        .iter()
+        .filter_map(|o| o.as_endpoint_slice().cloned())
+        .collect();
+    slices.extend(computed.read().unwrap().values().flatten().cloned());
+    let pods: Vec<Pod> = store
+        .list(Kind::Pod, None)
+        .iter()
+        .filter_map(|o| o.as_pod().cloned())
+        .collect();
+    cluster_snapshot(namespaces, &services, &slices, &pods)
 }
 
 pub fn service_name(service: &Service) -> ServiceName {
