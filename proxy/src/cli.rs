@@ -124,9 +124,6 @@ pub struct AgentArgs {
     pub cluster_dns: std::net::Ipv4Addr,
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
-    /// Where the DNS server listens; the cluster DNS address forwards here.
-    #[arg(long)]
-    pub dns_listen: Option<SocketAddr>,
     /// Upstream resolvers for names outside the cluster; default: the node's resolv.conf.
     #[arg(long)]
     pub dns_upstream: Vec<SocketAddr>,
@@ -137,11 +134,6 @@ pub struct AgentArgs {
     /// cgroup under which pod cgroups are made.
     #[arg(long, default_value = "/sys/fs/cgroup/unified/vipr")]
     pub cgroup_root: PathBuf,
-    /// The node's default balancing algorithm.
-    #[arg(long, default_value = "random")]
-    pub lb_algorithm: String,
-    #[arg(long, default_value_t = 0)]
-    pub maglev_seed: u64,
     /// Where services come from.
     #[arg(long, value_enum, default_value_t = Source::Local)]
     pub source: Source,
@@ -154,6 +146,4 @@ pub struct AgentArgs {
 pub enum Source {
     /// The embedded store under --state-dir, fed by `vipr apply`.
     Local,
-    /// A Kubernetes API server (not built yet).
-    Kube,
 }

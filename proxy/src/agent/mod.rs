@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
 use vipr_dns::{DnsConfig, DnsServer, Upstreams};
 use vipr_pod_runtime::{Runtime, RuntimeConfig};
@@ -39,9 +39,8 @@ use reconciler::{ComputedSlices, Reconciler};
 
 /// Runs the agent until SIGINT/SIGTERM (or cleans up with `--cleanup`).
 pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
-    if args.source == Source::Kube {
-        bail!("--source kube is not built yet; use --source local (the default)");
-    }
+    // The only source so far; the flag keeps DESIGN.md's contract.
+    let Source::Local = args.source;
     let node = node::NodeIdentity::resolve(&args)?;
     if args.cleanup {
         node::cleanup(&args, &node, &api_socket)?;
@@ -176,9 +175,9 @@ fn open_store(args: &AgentArgs) -> Result<Store> {
 fn dns_config(args: &AgentArgs) -> DnsConfig {
     let mut config = DnsConfig {
         zone: args.cluster_domain.clone(),
-        listen: args
-            .dns_listen
-            .unwrap_or_else(|| (args.cluster_dns, 53).into()),
+        // The cluster DNS address itself, made local by a route: replies then
+        // leave from the address pods asked.
+        listen: (args.cluster_dns, 53).into(),
         ..DnsConfig::default()
     };
     if !args.dns_upstream.is_empty() {
