@@ -30,7 +30,7 @@ fn main() {
 }
 
 fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
-    for watched in ["src", "Cargo.toml", "Cargo.lock"] {
+    for watched in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
         println!(
             "cargo:rerun-if-changed={}",
             programs.join(watched).display()

@@ -176,3 +176,35 @@ pub fn veth_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
 }
 
 pub mod agent;
+
+/// A folder on bpffs (`/sys/fs/bpf/<name>`) for one test's pinned maps and
+/// links, removed with everything in it on drop.
+pub struct BpfPinDir {
+    path: std::path::PathBuf,
+}
+
+impl BpfPinDir {
+    /// Creates `/sys/fs/bpf/<name>`; fails when bpffs is not mounted there.
+    pub fn new(name: &str) -> Result<Self> {
+        let root = std::path::Path::new("/sys/fs/bpf");
+        let statfs = nix::sys::statfs::statfs(root).context("statfs /sys/fs/bpf")?;
+        ensure!(
+            statfs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC,
+            "bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)"
+        );
+        let path = root.join(name);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(BpfPinDir { path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for BpfPinDir {
+    fn drop(&mut self) {
+        // Unlinking a pin drops the kernel object once nothing else holds it.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

@@ -47,10 +47,18 @@ apiVersion: v1
 kind: Service
 metadata: {name: web}
 spec:
+  type: NodePort
   selector: {app: web}
   ports:
-  - {name: http, port: 80, targetPort: http}
+  - {name: http, port: 80, targetPort: http, nodePort: 30080}
   - {name: udp, port: 81, targetPort: udp, protocol: UDP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  selector: {app: nothing}
+  ports: [{port: 80}]
 "#;
 
 /// The set of hostnames that answered `n` HTTP requests to `url` from the client pod.
@@ -90,6 +98,43 @@ fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
         &["sh", "-c", &format!("echo hostname | nc -u -w1 {vip} 81")],
     )?;
     assert!(ok && answer.starts_with("web-"), "UDP answer {answer:?}");
+
+    // A pod reaching its own service can get itself (hairpin).
+    let mut seen = BTreeSet::new();
+    for _ in 0..20 {
+        let (ok, out) = node.exec("web-1", &["curl", "-s", "-m", "2", &url])?;
+        if ok {
+            seen.insert(out.trim().to_owned());
+        }
+    }
+    assert_eq!(seen, both, "hairpin: web-1 through its own service");
+
+    // From outside the node through the uplink: the NodePort, SNATed to the
+    // node address (externalTrafficPolicy Cluster).
+    let outside = vipr_e2e::run(node.outside.command("curl").args([
+        "-s",
+        "-m",
+        "2",
+        &format!("http://{}:30080/clientip", vipr_e2e::agent::NODE_IP),
+    ]))?;
+    let client = String::from_utf8_lossy(&outside.stdout);
+    assert!(
+        client.starts_with(&format!("{}:", vipr_e2e::agent::NODE_IP)),
+        "NodePort client address {client:?}"
+    );
+
+    // A service without endpoints refuses at once (kube-proxy's REJECT).
+    let empty = node.cluster_ip("empty")?;
+    let started = Instant::now();
+    let (ok, _) = node.exec(
+        "client",
+        &["curl", "-s", "-m", "5", &format!("http://{empty}/")],
+    )?;
+    assert!(!ok);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "no-endpoint VIP timed out instead of refusing"
+    );
 
     // A pod that turns unready leaves the backends within about a probe period.
     let web1_ip = node.pod("web-1")?["status"]["podIP"]

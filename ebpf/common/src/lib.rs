@@ -14,12 +14,17 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
     pub const REVERSE_FLOWS: &str = "REVERSE_FLOWS";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
 }
 
 /// Name of the XDP program that translates service traffic.
 pub const XDP_PROGRAM: &str = "vipr_xdp";
+/// Name of the XDP program that passes every packet untouched: the cost
+/// floor for benchmarks, and the program a veth peer needs so that XDP_TX
+/// (and XDP_REDIRECT) frames sent towards it are received in native mode.
+pub const PASS_PROGRAM: &str = "vipr_pass";
 
 /// Default capacity of the service (frontend) map.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
@@ -27,8 +32,11 @@ pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 /// Default capacity of each conntrack map (LRU).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Default capacity of the loadBalancerSourceRanges trie (all services).
+pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 
-/// IP protocol numbers the data plane translates.
+/// IP protocol numbers the data plane looks at.
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
@@ -44,6 +52,19 @@ pub struct ServiceKey {
     pub _pad: u8,
 }
 
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// New flows get their source rewritten to the node address and a port
+    /// the data plane allocates (externalTrafficPolicy: Cluster).
+    pub const SNAT: u32 = 1 << 0;
+    /// New flows are admitted only from the service's source ranges
+    /// (loadBalancerSourceRanges), looked up in `SOURCE_RANGES`.
+    pub const SOURCE_RANGES: u32 = 1 << 1;
+    /// With no backend, drop silently instead of rejecting
+    /// (externalTrafficPolicy: Local without a local endpoint).
+    pub const DROP_WHEN_EMPTY: u32 = 1 << 2;
+}
+
 /// What the data plane needs to pick a backend for a frontend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +74,8 @@ pub struct ServiceValue {
     /// Number of backend slots `0..backend_count` filled for this service.
     /// Zero means "no ready endpoint": the data plane rejects the flow.
     pub backend_count: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
 }
 
 /// One backend slot of a service.
@@ -83,17 +106,80 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Two fields, not `[u8; 3]`: the eBPF target zeroes a 3-byte array with
+    // a call to memset on every packet.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
-/// The rewrite recorded for one direction of a flow: the address and port
-/// that replace the destination (forward) or the source (reply).
+impl FlowKey {
+    /// The tuple of a packet travelling the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+}
+
+/// Bits of [`NatEntry::flags`].
+pub mod flow_flags {
+    /// A TCP FIN was seen in this entry's direction.
+    pub const FIN: u8 = 1 << 0;
+    /// The flow's source is rewritten (SNAT or hairpin): the reverse entry
+    /// restores the client as destination.
+    pub const SNAT: u8 = 1 << 1;
+}
+
+/// The rewrite recorded for one direction of a flow: the full tuple a packet
+/// of that direction leaves with. Fields that do not change hold their old
+/// value, so one rewrite routine serves DNAT, reverse NAT and SNAT, and the
+/// tuple of the other direction after translation is `reversed()` of it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NatTarget {
+pub struct NatEntry {
+    pub src_addr: u32,
+    pub dst_addr: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// [`flow_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+}
+
+impl NatEntry {
+    /// The rewritten tuple as a flow key of protocol `proto`.
+    #[inline(always)]
+    pub const fn tuple(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: self.src_addr,
+            dst_addr: self.dst_addr,
+            src_port: self.src_port,
+            dst_port: self.dst_port,
+            proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+}
+
+/// Key of the `SOURCE_RANGES` LPM trie: a service id (all 32 bits always
+/// match) followed by a client address prefix. `prefix_len` is 32 plus the
+/// range's prefix length; lookups use 64.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// Service id, network byte order (the trie matches bits from the first byte).
+    pub service_id: u32,
+    /// Client address, network byte order.
     pub addr: u32,
-    pub port: u16,
-    pub _pad: u16,
 }
 
 /// Node-wide settings written by userspace into a one-entry array map.
@@ -105,9 +191,20 @@ pub struct DataplaneConfig {
     pub service_cidr_addr: u32,
     /// Service CIDR mask, network byte order; zero disables the check.
     pub service_cidr_mask: u32,
+    /// The node's address, network byte order: the source of SNATed flows
+    /// (externalTrafficPolicy: Cluster). Zero: the frontend's own address.
+    pub node_addr: u32,
+    /// Source of hairpin flows (a pod reaching itself through a service),
+    /// network byte order. Zero: hairpin flows are not SNATed.
+    pub hairpin_addr: u32,
+    /// First port (host order) of the SNAT source port range.
+    pub snat_port_min: u16,
+    /// Number of ports in the SNAT range; zero disables SNAT.
+    pub snat_port_count: u16,
 }
 
 /// Why a packet got the verdict it got. Indexes the per-CPU `STATS` array.
+/// New counters are appended, so indexes stay stable across versions.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -121,7 +218,8 @@ pub enum Counter {
     ReplyTranslated = 3,
     /// Dropped: addressed into the service CIDR but matches no service.
     DropUnknownVip = 4,
-    /// Dropped: the service has no ready endpoint.
+    /// Dropped: the service has no ready endpoint and asks for a silent drop
+    /// (externalTrafficPolicy: Local), or the packet cannot be answered.
     DropNoEndpoints = 5,
     /// Dropped: a header was cut short or malformed.
     DropMalformed = 6,
@@ -131,11 +229,23 @@ pub enum Counter {
     DropFlowMapFull = 8,
     /// Dropped: backend slot missing although the service counts it.
     DropBackendMissing = 9,
+    /// Answered with a TCP RST: the service has no endpoint.
+    RejectTcp = 10,
+    /// Answered with ICMP port unreachable: the UDP service has no endpoint.
+    RejectUdp = 11,
+    /// Dropped: the client is outside the service's source ranges.
+    DropSourceRange = 12,
+    /// Dropped: no free SNAT source port for the chosen backend.
+    DropSnatPortsExhausted = 13,
+    /// An ICMP error about a translated flow, translated with it.
+    IcmpErrorTranslated = 14,
+    /// A TCP flow left conntrack: RST seen, or FIN both ways and the last ACK.
+    FlowClosed = 15,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 16;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -149,6 +259,12 @@ impl Counter {
         Counter::DropFragment,
         Counter::DropFlowMapFull,
         Counter::DropBackendMissing,
+        Counter::RejectTcp,
+        Counter::RejectUdp,
+        Counter::DropSourceRange,
+        Counter::DropSnatPortsExhausted,
+        Counter::IcmpErrorTranslated,
+        Counter::FlowClosed,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -164,7 +280,28 @@ impl Counter {
             Counter::DropFragment => "drop_fragment",
             Counter::DropFlowMapFull => "drop_flow_map_full",
             Counter::DropBackendMissing => "drop_backend_missing",
+            Counter::RejectTcp => "reject_tcp",
+            Counter::RejectUdp => "reject_udp",
+            Counter::DropSourceRange => "drop_source_range",
+            Counter::DropSnatPortsExhausted => "drop_snat_ports_exhausted",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::FlowClosed => "flow_closed",
         }
+    }
+
+    /// Whether the packet counted here was dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::DropUnknownVip
+                | Counter::DropNoEndpoints
+                | Counter::DropMalformed
+                | Counter::DropFragment
+                | Counter::DropFlowMapFull
+                | Counter::DropBackendMissing
+                | Counter::DropSourceRange
+                | Counter::DropSnatPortsExhausted
+        )
     }
 }
 
@@ -187,7 +324,8 @@ mod user {
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for NatTarget {}
+    unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for CounterValue {}
 }
@@ -200,12 +338,13 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatTarget>(), 8);
-        assert_eq!(size_of::<DataplaneConfig>(), 8);
+        assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);
     }
 
@@ -214,5 +353,20 @@ mod tests {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i, "{}", c.name());
         }
+    }
+
+    #[test]
+    fn reversing_twice_is_identity() {
+        let k = FlowKey {
+            src_addr: 1,
+            dst_addr: 2,
+            src_port: 3,
+            dst_port: 4,
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        };
+        assert_eq!(k.reversed().reversed(), k);
+        assert_eq!(k.reversed().src_addr, 2);
     }
 }

@@ -1,5 +1,5 @@
 //! Bounds-checked access to the Ethernet, IPv4 and TCP/UDP headers of the
-//! packet in an XDP context, and the in-place rewrites translation needs.
+//! packet in an XDP context, and the in-place rewrite translation needs.
 //!
 //! Packet memory has no alignment guarantee, so every field is read and
 //! written unaligned.
@@ -7,21 +7,31 @@
 use core::ptr::{addr_of, addr_of_mut, read_unaligned, write_unaligned};
 
 use aya_ebpf::programs::XdpContext;
-use vipr_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use vipr_common::{FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
 
-use crate::checksum;
+use crate::checksum::Delta;
 
-const ETH_HDR_LEN: usize = 14;
+pub const ETH_HDR_LEN: usize = 14;
 /// 0x0800 as it reads from network-order memory on a little-endian host.
 const ETH_P_IP_RAW: u16 = 0x0800u16.to_be();
-const IPV4_MIN_HDR_LEN: usize = 20;
-const TCP_HDR_LEN: usize = 20;
-const UDP_HDR_LEN: usize = 8;
+pub const IPV4_MIN_HDR_LEN: usize = 20;
+pub const TCP_HDR_LEN: usize = 20;
+pub const UDP_HDR_LEN: usize = 8;
 /// Offsets of the checksum field inside the TCP and UDP headers.
-const TCP_CHECK_OFFSET: usize = 16;
-const UDP_CHECK_OFFSET: usize = 6;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
+/// Offset of the flags byte inside the TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset bits of `frag_off` (host order).
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
+
+/// TCP header flag bits (the 13th byte).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
 
 #[repr(C)]
 pub struct Ipv4Hdr {
@@ -45,66 +55,81 @@ pub enum ParseError {
     Malformed { dst_addr: u32 },
     /// A fragment: its ports are unknown (or absent).
     Fragment { dst_addr: u32 },
-    /// IPv4 but neither TCP nor UDP.
+    /// ICMP: maybe an error about a translated flow (see `icmp`).
+    Icmp { dst_addr: u32 },
+    /// IPv4 but neither TCP, UDP nor ICMP.
     OtherProtocol { dst_addr: u32 },
+}
+
+/// The IPv4 header of an Ethernet frame, bounds-checked for its fixed part.
+pub struct Ipv4 {
+    pub hdr: *mut Ipv4Hdr,
+    /// Header length in bytes (20..=60), from IHL.
+    pub len: usize,
+}
+
+/// Finds and sanity-checks the IPv4 header (not fragments or protocol).
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext) -> Result<Ipv4, ParseError> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + ETH_HDR_LEN + IPV4_MIN_HDR_LEN > end {
+        return Err(ParseError::NotOurs);
+    }
+    // SAFETY: bounds checked above.
+    let ether_type = unsafe { read_unaligned((start + 12) as *const u16) };
+    if ether_type != ETH_P_IP_RAW {
+        return Err(ParseError::NotOurs);
+    }
+    let hdr = (start + ETH_HDR_LEN) as *mut Ipv4Hdr;
+    // SAFETY: the fixed 20-byte header is within bounds.
+    let (version_ihl, dst_addr) =
+        unsafe { ((*hdr).version_ihl, read_unaligned(addr_of!((*hdr).daddr))) };
+    let len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || len < IPV4_MIN_HDR_LEN {
+        return Err(ParseError::Malformed { dst_addr });
+    }
+    Ok(Ipv4 { hdr, len })
 }
 
 /// A parsed TCP or UDP over IPv4 packet; pointers are bounds-checked.
 pub struct Packet {
-    ip: *mut Ipv4Hdr,
-    /// Source and destination ports, network order, at the start of the L4 header.
-    ports: *mut [u16; 2],
+    pub ip: *mut Ipv4Hdr,
+    /// Start of the L4 header.
+    l4: usize,
     l4_check: *mut u16,
-    proto: u8,
+    pub proto: u8,
 }
 
 impl Packet {
     #[inline(always)]
     pub fn parse(ctx: &XdpContext) -> Result<Self, ParseError> {
-        let start = ctx.data();
-        let end = ctx.data_end();
-        if start + ETH_HDR_LEN > end {
-            return Err(ParseError::NotOurs);
-        }
-        // SAFETY: bounds checked above.
-        let ether_type = unsafe { read_unaligned((start + 12) as *const u16) };
-        if ether_type != ETH_P_IP_RAW {
-            return Err(ParseError::NotOurs);
-        }
-        let ip_start = start + ETH_HDR_LEN;
-        if ip_start + IPV4_MIN_HDR_LEN > end {
-            return Err(ParseError::NotOurs);
-        }
-        let ip = ip_start as *mut Ipv4Hdr;
-        // SAFETY: the fixed 20-byte header is within bounds.
-        let (version_ihl, frag_off, protocol, dst_addr) = unsafe {
+        let Ipv4 { hdr: ip, len: ihl } = ipv4(ctx)?;
+        // SAFETY: `ipv4` checked the fixed header is within bounds.
+        let (frag_off, protocol, dst_addr) = unsafe {
             (
-                (*ip).version_ihl,
                 read_unaligned(addr_of!((*ip).frag_off)),
                 (*ip).protocol,
                 read_unaligned(addr_of!((*ip).daddr)),
             )
         };
-        let ihl = usize::from(version_ihl & 0x0f) * 4;
-        if version_ihl >> 4 != 4 || ihl < IPV4_MIN_HDR_LEN {
-            return Err(ParseError::Malformed { dst_addr });
-        }
         if u16::from_be(frag_off) & IP_MF_AND_OFFSET != 0 {
             return Err(ParseError::Fragment { dst_addr });
         }
-        let l4_start = ip_start + ihl;
+        let l4 = ip as usize + ihl;
         let (l4_len, check_offset) = match protocol {
             IPPROTO_TCP => (TCP_HDR_LEN, TCP_CHECK_OFFSET),
             IPPROTO_UDP => (UDP_HDR_LEN, UDP_CHECK_OFFSET),
+            IPPROTO_ICMP => return Err(ParseError::Icmp { dst_addr }),
             _ => return Err(ParseError::OtherProtocol { dst_addr }),
         };
-        if l4_start + l4_len > end {
+        if l4 + l4_len > ctx.data_end() {
             return Err(ParseError::Malformed { dst_addr });
         }
         Ok(Packet {
             ip,
-            ports: l4_start as *mut [u16; 2],
-            l4_check: (l4_start + check_offset) as *mut u16,
+            l4,
+            l4_check: (l4 + check_offset) as *mut u16,
             proto: protocol,
         })
     }
@@ -114,53 +139,55 @@ impl Packet {
     pub fn tuple(&self) -> FlowKey {
         // SAFETY: pointers were bounds-checked in `parse`.
         unsafe {
-            let ports = read_unaligned(self.ports);
+            let ports = read_unaligned(self.l4 as *const [u16; 2]);
             FlowKey {
                 src_addr: read_unaligned(addr_of!((*self.ip).saddr)),
                 dst_addr: read_unaligned(addr_of!((*self.ip).daddr)),
                 src_port: ports[0],
                 dst_port: ports[1],
                 proto: self.proto,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             }
         }
     }
 
-    /// DNAT: replaces the destination address and port, fixing both checksums.
+    /// The TCP flags byte; zero for UDP.
     #[inline(always)]
-    pub fn rewrite_destination(&self, addr: u32, port: u16) {
-        // SAFETY: pointers were bounds-checked in `parse`.
-        unsafe {
-            self.rewrite(addr_of_mut!((*self.ip).daddr), (self.ports as *mut u16).add(1), addr, port)
+    pub fn tcp_flags(&self) -> u8 {
+        if self.proto != IPPROTO_TCP {
+            return 0;
         }
+        // SAFETY: `parse` checked the whole 20-byte TCP header.
+        unsafe { read_unaligned((self.l4 + TCP_FLAGS_OFFSET) as *const u8) }
     }
 
-    /// Reverse NAT: replaces the source address and port, fixing both checksums.
+    /// Gives the packet the addresses and ports of `to` (DNAT, reverse NAT
+    /// and SNAT alike), fixing the IP and L4 checksums incrementally.
     #[inline(always)]
-    pub fn rewrite_source(&self, addr: u32, port: u16) {
+    pub fn rewrite(&self, from: &FlowKey, to: &NatEntry) {
         // SAFETY: pointers were bounds-checked in `parse`.
-        unsafe { self.rewrite(addr_of_mut!((*self.ip).saddr), self.ports as *mut u16, addr, port) }
-    }
-
-    #[inline(always)]
-    unsafe fn rewrite(&self, addr_field: *mut u32, port_field: *mut u16, addr: u32, port: u16) {
         unsafe {
-            let old_addr = read_unaligned(addr_field);
-            let old_port = read_unaligned(port_field);
-            write_unaligned(addr_field, addr);
-            write_unaligned(port_field, port);
+            write_unaligned(addr_of_mut!((*self.ip).saddr), to.src_addr);
+            write_unaligned(addr_of_mut!((*self.ip).daddr), to.dst_addr);
+            write_unaligned(self.l4 as *mut [u16; 2], [to.src_port, to.dst_port]);
 
+            let addrs = Delta::default()
+                .u32(from.src_addr, to.src_addr)
+                .u32(from.dst_addr, to.dst_addr);
             let ip_check = addr_of_mut!((*self.ip).check);
-            write_unaligned(ip_check, checksum::replace_u32(read_unaligned(ip_check), old_addr, addr));
+            write_unaligned(ip_check, addrs.apply(read_unaligned(ip_check)));
 
             let l4_check = read_unaligned(self.l4_check);
             // A zero UDP checksum means "none computed": leave it so.
             if self.proto == IPPROTO_UDP && l4_check == 0 {
                 return;
             }
-            // The address is part of the L4 pseudo-header, so it enters the L4 sum too.
-            let mut check = checksum::replace_u32(l4_check, old_addr, addr);
-            check = checksum::replace_u16(check, old_port, port);
+            // The addresses are part of the L4 pseudo-header, so they enter the L4 sum too.
+            let all = addrs
+                .u16(from.src_port, to.src_port)
+                .u16(from.dst_port, to.dst_port);
+            let mut check = all.apply(l4_check);
             if self.proto == IPPROTO_UDP && check == 0 {
                 check = 0xffff;
             }

@@ -3,28 +3,37 @@
 //! Attached to each pod's node-side veth and to the node's uplink, it sees
 //! every packet entering the node's network namespace. For a packet to a
 //! service frontend it picks a backend once per flow (conntrack in an LRU
-//! map), rewrites the destination (DNAT) and records the reverse mapping so
-//! the backend's replies get the service address back as their source.
-//! Anything that is neither a service packet nor a reply of a translated flow
-//! is passed untouched; a packet into the service CIDR that matches no service
-//! is dropped, never routed on.
+//! map), rewrites the destination (DNAT, plus SNAT for externally reached
+//! frontends with externalTrafficPolicy Cluster and for hairpin flows) and
+//! records the reverse mapping so the backend's replies get the service
+//! address back. A frontend without endpoints answers at once (TCP RST, ICMP
+//! port unreachable). ICMP errors about translated flows are translated with
+//! them. Anything that is neither a service packet nor a reply of a
+//! translated flow is passed untouched; a packet into the service CIDR that
+//! matches no service is dropped, never routed on.
+//!
+//! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
+//! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
+//! replies), `icmp` (errors about translated flows).
 #![no_std]
 #![no_main]
 
 mod checksum;
+mod conntrack;
 mod headers;
+mod icmp;
+mod reject;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_get_prandom_u32,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
-use aya_log_ebpf::debug;
 use vipr_common::{
-    Backend, BackendKey, Counter, CounterValue, DataplaneConfig, FlowKey, NatTarget, ServiceKey,
-    ServiceValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+    Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, FlowKey, NatEntry,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -36,14 +45,20 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Forward direction: client 5-tuple (to the frontend) -> chosen backend.
+/// Forward direction: client 5-tuple (to the frontend) -> the tuple it leaves with.
 #[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, NatTarget> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, NatEntry> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-/// Reply direction: backend -> client 5-tuple -> the frontend to restore.
+/// Reply direction: backend -> client (or SNAT address) 5-tuple -> the tuple
+/// it leaves with (from the frontend, to the client).
 #[map(name = "REVERSE_FLOWS")]
-static REVERSE_FLOWS: LruHashMap<FlowKey, NatTarget> =
+static REVERSE_FLOWS: LruHashMap<FlowKey, NatEntry> =
     LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// loadBalancerSourceRanges of every service that has them, keyed by service id.
+#[map(name = "SOURCE_RANGES")]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::with_max_entries(DEFAULT_MAX_SOURCE_RANGES, 0);
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
@@ -53,9 +68,17 @@ static STATS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter:
 
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
+    let bytes = ctx.data_end() - ctx.data();
     let (counter, action) = translate(&ctx);
-    count(counter, ctx.data_end() - ctx.data());
+    count(counter, bytes);
     action
+}
+
+/// Passes every packet. The benchmark floor, and what a veth peer runs so
+/// that frames sent to it with XDP_TX are received in native mode.
+#[xdp]
+pub fn vipr_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
 }
 
 /// Decides the packet's fate and rewrites it in place when it is translated.
@@ -71,23 +94,19 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
         Err(ParseError::Fragment { dst_addr }) => {
             return reject_if_service_range(dst_addr, Counter::DropFragment);
         }
+        Err(ParseError::Icmp { dst_addr }) => {
+            if icmp::translate_error(ctx) {
+                return (Counter::IcmpErrorTranslated, xdp_action::XDP_PASS);
+            }
+            return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+        }
         Err(ParseError::OtherProtocol { dst_addr }) => {
             return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
         }
     };
     let tuple = packet.tuple();
-
-    // SAFETY: map values are plain data; a concurrent update at worst yields
-    // a stale but well-formed target.
-    if let Some(frontend) = unsafe { REVERSE_FLOWS.get(&tuple) } {
-        let frontend = *frontend;
-        packet.rewrite_source(frontend.addr, frontend.port);
-        return (Counter::ReplyTranslated, xdp_action::XDP_PASS);
-    }
-    if let Some(backend) = unsafe { FLOWS.get(&tuple) } {
-        let backend = *backend;
-        packet.rewrite_destination(backend.addr, backend.port);
-        return (Counter::FlowHit, xdp_action::XDP_PASS);
+    if let Some(verdict) = conntrack::established(&packet, &tuple) {
+        return verdict;
     }
 
     let service_key = ServiceKey {
@@ -96,74 +115,15 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
         proto: tuple.proto,
         _pad: 0,
     };
-    match unsafe { SERVICES.get(&service_key) } {
+    // SAFETY: map values are plain data; a concurrent update at worst yields
+    // a stale but well-formed value.
+    match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
             let service = *service;
-            open_flow(ctx, &packet, &tuple, &service)
+            conntrack::open(ctx, &packet, &tuple, &service)
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),
     }
-}
-
-/// First packet of a flow to a frontend: pick a backend, record both
-/// directions, translate.
-#[inline(always)]
-fn open_flow(
-    ctx: &XdpContext,
-    packet: &Packet,
-    tuple: &FlowKey,
-    service: &ServiceValue,
-) -> (Counter, u32) {
-    if service.backend_count == 0 {
-        return (Counter::DropNoEndpoints, xdp_action::XDP_DROP);
-    }
-    // SAFETY: a plain helper call with no arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let backend_key = BackendKey {
-        service_id: service.service_id,
-        slot,
-    };
-    let Some(backend) = (unsafe { BACKENDS.get(&backend_key) }) else {
-        return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
-    };
-    let backend = *backend;
-
-    let to_backend = NatTarget {
-        addr: backend.addr,
-        port: backend.port,
-        _pad: 0,
-    };
-    let reply_tuple = FlowKey {
-        src_addr: backend.addr,
-        dst_addr: tuple.src_addr,
-        src_port: backend.port,
-        dst_port: tuple.src_port,
-        proto: tuple.proto,
-        _pad: [0; 3],
-    };
-    let to_frontend = NatTarget {
-        addr: tuple.dst_addr,
-        port: tuple.dst_port,
-        _pad: 0,
-    };
-    if FLOWS.insert(tuple, &to_backend, 0).is_err()
-        || REVERSE_FLOWS.insert(&reply_tuple, &to_frontend, 0).is_err()
-    {
-        let _ = FLOWS.remove(tuple);
-        return (Counter::DropFlowMapFull, xdp_action::XDP_DROP);
-    }
-    debug!(
-        ctx,
-        "new flow {:i}:{} -> {:i}:{} via {:i}:{}",
-        u32::from_be(tuple.src_addr),
-        u16::from_be(tuple.src_port),
-        u32::from_be(backend.addr),
-        u16::from_be(backend.port),
-        u32::from_be(tuple.dst_addr),
-        u16::from_be(tuple.dst_port)
-    );
-    packet.rewrite_destination(backend.addr, backend.port);
-    (Counter::NewFlow, xdp_action::XDP_PASS)
 }
 
 /// Drops a packet addressed into the service CIDR (counted under `reason`);

@@ -22,6 +22,12 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("pinned XDP link of interface {interface}: {source}")]
+    Link {
+        interface: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("interface {0} has no XDP program of ours attached")]
     NotAttached(String),
     #[error("map {map}")]

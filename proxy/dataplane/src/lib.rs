@@ -1,22 +1,50 @@
 //! vipr's data plane control library.
 //!
 //! Owns the eBPF object (built from `ebpf/programs` and embedded at compile
-//! time): loading it, pinning its maps, attaching the XDP program to
-//! interfaces, programming service frontends and their backends, and reading
-//! the counters back. Like Katran's control library it knows nothing of
+//! time): loading it, pinning its maps (and optionally its links),
+//! attaching the XDP program to interfaces, programming service frontends
+//! with their backends and options, pruning conntrack, and reading the
+//! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
+//! (attachments, pinned links that survive a restart),
+//! `services` (frontends, backends, source ranges), `flows` (conntrack
+//! reads and UDP pruning), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
+//!
+//! # What the node must provide
+//! - [`NODE_SYSCTLS`] in the node's network namespace: forwarding, and
+//!   `accept_local`, because SNATed flows (externalTrafficPolicy Cluster)
+//!   carry the node's own address as source into the kernel's routing.
+//! - The pass program ([`Dataplane::attach_pass`]) on the pod side of every
+//!   pod veth whose node side runs the translation natively: refusals of
+//!   frontends without endpoints go back with XDP_TX, and a native-mode
+//!   veth drops XDP_TX frames unless its peer runs XDP too (measured on
+//!   6.18; enabling GRO on the peer did not help).
+//! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
+//!   the node from every pod (a link-local address no one owns works).
 
 mod error;
+mod flows;
+mod links;
 mod loader;
 mod services;
 mod stats;
 mod types;
 
 pub use error::DataplaneError;
-pub use loader::{Dataplane, DataplaneOptions, XdpMode};
+pub use flows::{Flow, FlowCounts};
+pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
 pub use stats::Counters;
-pub use types::{BackendAddr, Frontend, InvalidPort, Port, Protocol};
+pub use types::{
+    BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, InvalidPort, Port, Protocol,
+};
 pub use vipr_common::Counter;
+
+/// Sysctls (key, value) the node's network namespace needs for every path
+/// of the data plane to work; the agent sets them where it attaches.
+pub const NODE_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv4.conf.all.accept_local", "1"),
+];
 
 /// The eBPF object this crate was built with.
 pub static EBPF_OBJECT: &[u8] =

@@ -3,6 +3,8 @@
 
 use std::{
     collections::HashMap,
+    net::Ipv4Addr,
+    ops::RangeInclusive,
     path::{Path, PathBuf},
 };
 
@@ -14,24 +16,32 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DataplaneConfig, XDP_PROGRAM,
-    map_names,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES,
+    DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
 };
 
 pub use aya::programs::XdpMode;
 
-use crate::{DataplaneError, EBPF_OBJECT, services::ServiceTable};
+use crate::{
+    DataplaneError, EBPF_OBJECT,
+    links::{self, Attachment},
+    services::ServiceTable,
+};
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 6] = [
+const PERSISTENT_MAPS: [&str; 7] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::FLOWS,
     map_names::REVERSE_FLOWS,
+    map_names::SOURCE_RANGES,
     map_names::CONFIG,
     map_names::STATS,
 ];
+
+/// SNAT source ports by default: above Linux's default ephemeral range.
+pub const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
 
 /// How to load the data plane.
 #[derive(Clone, Debug)]
@@ -45,6 +55,27 @@ pub struct DataplaneOptions {
     pub max_services: u32,
     pub max_backends: u32,
     pub max_flows: u32,
+    /// Capacity of the loadBalancerSourceRanges trie, all services together.
+    pub max_source_ranges: u32,
+    /// The node's address: the source given to clients of frontends with
+    /// externalTrafficPolicy Cluster. `None`: the frontend's own address
+    /// (right for NodePorts on the node address).
+    pub node_addr: Option<Ipv4Addr>,
+    /// Source given to hairpin flows (a pod reaching itself through a
+    /// service), so its reply leaves the pod. Use an address no pod or node
+    /// owns that routes to the node (e.g. a link-local one), or the node
+    /// address. `None`: hairpin flows are not SNATed (and do not work).
+    pub hairpin_addr: Option<Ipv4Addr>,
+    /// Source ports for SNAT. Keep it out of the node's
+    /// `net.ipv4.ip_local_port_range` (32768-60999 by default) so a
+    /// translated flow never takes a tuple a local socket uses.
+    pub snat_ports: RangeInclusive<u16>,
+    /// Pin XDP links under `pin_dir/links`, so the program stays attached
+    /// when the data plane drops (an agent restart never leaves an interface
+    /// untranslated) and a later load with the same `pin_dir` takes every
+    /// pinned attachment over. Needs `pin_dir`; [`Dataplane::detach`]
+    /// removes a pinned attachment for good.
+    pub pin_links: bool,
     /// Most verbose eBPF log level that is emitted at all; anything above it
     /// costs one comparison in the kernel.
     pub ebpf_log_level: log::LevelFilter,
@@ -58,6 +89,11 @@ impl Default for DataplaneOptions {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
             max_flows: DEFAULT_MAX_FLOWS,
+            max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
+            node_addr: None,
+            hairpin_addr: None,
+            snat_ports: DEFAULT_SNAT_PORTS,
+            pin_links: false,
             ebpf_log_level: log::max_level(),
         }
     }
@@ -66,7 +102,10 @@ impl Default for DataplaneOptions {
 /// The loaded data plane: the eBPF object, its links and the service table.
 pub struct Dataplane {
     ebpf: Ebpf,
-    attached: HashMap<String, XdpLinkId>,
+    attached: HashMap<String, Attachment>,
+    /// Where attachments are pinned, when links are pinned at all.
+    link_dir: Option<PathBuf>,
+    attached_pass: HashMap<String, XdpLinkId>,
     pub(crate) services: ServiceTable,
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
@@ -79,13 +118,15 @@ impl Dataplane {
     pub fn load(options: &DataplaneOptions) -> Result<Self, DataplaneError> {
         let log_level = options.ebpf_log_level as u8;
         let pin_paths = pin_paths(options.pin_dir.as_deref())?;
+        discard_incompatible_pins(&pin_paths);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
             .map_max_entries(map_names::FLOWS, options.max_flows)
-            .map_max_entries(map_names::REVERSE_FLOWS, options.max_flows);
+            .map_max_entries(map_names::REVERSE_FLOWS, options.max_flows)
+            .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -94,18 +135,28 @@ impl Dataplane {
         // Only a program that logs at all has the log map; keep the logger
         // alive, or the map closes under the loaded program.
         let logger = EbpfLogger::init(&mut ebpf).ok();
-        xdp_program(&mut ebpf)?
-            .load()
-            .map_err(|source| DataplaneError::Program {
-                name: XDP_PROGRAM,
-                source,
-            })?;
+        for name in [XDP_PROGRAM, PASS_PROGRAM] {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
 
-        write_config(&mut ebpf, options.service_cidr)?;
+        write_config(&mut ebpf, options)?;
         let services = ServiceTable::adopt(&ebpf)?;
+        let link_dir = options
+            .pin_dir
+            .as_ref()
+            .filter(|_| options.pin_links)
+            .map(|dir| dir.join("links"));
+        let attached = match &link_dir {
+            Some(dir) => links::adopt(xdp_program(&mut ebpf)?, dir)?,
+            None => HashMap::new(),
+        };
         Ok(Dataplane {
             ebpf,
-            attached: HashMap::new(),
+            attached,
+            link_dir,
+            attached_pass: HashMap::new(),
             services,
             max_services: options.max_services,
             max_backends: options.max_backends,
@@ -114,30 +165,76 @@ impl Dataplane {
     }
 
     /// Attaches the XDP program to `interface` (in the calling thread's
-    /// network namespace).
+    /// network namespace). Attaching where it already is (e.g. a pinned
+    /// attachment taken over at load) is a no-op.
     pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
-        let link = xdp_program(&mut self.ebpf)?
+        if self.attached.contains_key(interface) {
+            return Ok(());
+        }
+        let program = xdp_program(&mut self.ebpf)?;
+        let id = program
             .attach(interface, mode)
             .map_err(|source| DataplaneError::Attach {
                 interface: interface.to_owned(),
                 source,
             })?;
-        self.attached.insert(interface.to_owned(), link);
+        let attachment = match &self.link_dir {
+            Some(dir) => links::pin(program, id, dir, interface)?,
+            None => Attachment::Owned(id),
+        };
+        self.attached.insert(interface.to_owned(), attachment);
+        Ok(())
+    }
+
+    /// Attaches the pass-everything program `vipr_pass` to `interface`,
+    /// kept until the data plane drops or [`Dataplane::detach`] is called.
+    ///
+    /// Needed on the pod side of a veth whose node side runs the translation
+    /// in native mode: a frame the node side sends back with XDP_TX (the
+    /// RST / ICMP refusing a service without endpoints) is only received
+    /// when the peer has an XDP program (or GRO enabled); otherwise the
+    /// kernel drops it.
+    pub fn attach_pass(&mut self, interface: &str, mode: XdpMode) -> Result<(), DataplaneError> {
+        self.attach_pass_as(interface, interface, mode)
+    }
+
+    /// [`Dataplane::attach_pass`] recorded under `key` instead of the
+    /// interface name, for interfaces in other namespaces that share a name
+    /// (every pod's `eth0`); [`Dataplane::detach`] takes the key.
+    pub fn attach_pass_as(
+        &mut self,
+        key: &str,
+        interface: &str,
+        mode: XdpMode,
+    ) -> Result<(), DataplaneError> {
+        if self.attached_pass.contains_key(key) {
+            return Ok(());
+        }
+        let link = program(&mut self.ebpf, PASS_PROGRAM)?
+            .attach(interface, mode)
+            .map_err(|source| DataplaneError::Attach {
+                interface: interface.to_owned(),
+                source,
+            })?;
+        self.attached_pass.insert(key.to_owned(), link);
         Ok(())
     }
 
     /// Detaches the XDP program from `interface`.
     pub fn detach(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        let link = self
+        if let Some(link) = self.attached_pass.remove(interface) {
+            return program(&mut self.ebpf, PASS_PROGRAM)?
+                .detach(link)
+                .map_err(|source| DataplaneError::Program {
+                    name: PASS_PROGRAM,
+                    source,
+                });
+        }
+        let attachment = self
             .attached
             .remove(interface)
             .ok_or_else(|| DataplaneError::NotAttached(interface.to_owned()))?;
-        xdp_program(&mut self.ebpf)?
-            .detach(link)
-            .map_err(|source| DataplaneError::Program {
-                name: XDP_PROGRAM,
-                source,
-            })
+        links::release(xdp_program(&mut self.ebpf)?, attachment, interface)
     }
 
     /// Interfaces the program is attached to, sorted.
@@ -165,6 +262,28 @@ impl Dataplane {
             .test_run(opts)
             .map_err(|source| DataplaneError::Program {
                 name: XDP_PROGRAM,
+                source,
+            })
+    }
+
+    /// [`Dataplane::test_run`] for the pass-everything program: the floor
+    /// any per-packet cost is measured against.
+    pub fn test_run_pass(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DataplaneError> {
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        program(&mut self.ebpf, PASS_PROGRAM)?
+            .test_run(opts)
+            .map_err(|source| DataplaneError::Program {
+                name: PASS_PROGRAM,
                 source,
             })
     }
@@ -210,13 +329,14 @@ impl Dataplane {
 }
 
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    ebpf.program_mut(XDP_PROGRAM)
-        .ok_or(DataplaneError::MissingProgram(XDP_PROGRAM))?
+    program(ebpf, XDP_PROGRAM)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
         .try_into()
-        .map_err(|source| DataplaneError::Program {
-            name: XDP_PROGRAM,
-            source,
-        })
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, DataplaneError> {
@@ -233,14 +353,75 @@ fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, Dat
         .collect())
 }
 
-fn write_config(ebpf: &mut Ebpf, service_cidr: Option<Ipv4Net>) -> Result<(), DataplaneError> {
-    let config = match service_cidr {
-        Some(net) => DataplaneConfig {
-            service_cidr_addr: u32::from(net.network()).to_be(),
-            service_cidr_mask: u32::from(net.netmask()).to_be(),
-        },
-        None => DataplaneConfig::default(),
+fn config(options: &DataplaneOptions) -> DataplaneConfig {
+    let be = |addr: Option<Ipv4Addr>| addr.map_or(0, |a| u32::from(a).to_be());
+    let (cidr_addr, cidr_mask) = options.service_cidr.map_or((0, 0), |net: Ipv4Net| {
+        (
+            u32::from(net.network()).to_be(),
+            u32::from(net.netmask()).to_be(),
+        )
+    });
+    let ports = &options.snat_ports;
+    // 65535 ports fit in u16 only when the range does not start at 0, which
+    // port 0 rules out anyway.
+    let port_min = (*ports.start()).max(1);
+    let port_count = ports.end().saturating_sub(port_min).saturating_add(1);
+    DataplaneConfig {
+        service_cidr_addr: cidr_addr,
+        service_cidr_mask: cidr_mask,
+        node_addr: be(options.node_addr),
+        hairpin_addr: be(options.hairpin_addr),
+        snat_port_min: port_min,
+        snat_port_count: if ports.is_empty() { 0 } else { port_count },
+    }
+}
+
+/// Key and value sizes this build's object gives each persistent map.
+fn expected_layout(name: &str) -> Option<(usize, usize)> {
+    use std::mem::size_of;
+    use vipr_common::{
+        Backend, BackendKey, CounterValue, FlowKey, NatEntry, ServiceKey, ServiceValue,
+        SourceRangeKey,
     };
+    Some(match name {
+        map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
+        map_names::BACKENDS => (size_of::<BackendKey>(), size_of::<Backend>()),
+        map_names::FLOWS | map_names::REVERSE_FLOWS => {
+            (size_of::<FlowKey>(), size_of::<NatEntry>())
+        }
+        // LPM trie keys carry a 4-byte prefix length in front.
+        map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), size_of::<u32>()),
+        map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
+        map_names::STATS => (size_of::<u32>(), size_of::<CounterValue>()),
+        _ => return None,
+    })
+}
+
+/// Removes pinned maps left by a build with another layout. aya would
+/// reuse them blindly, and the program would then fail to load (or read
+/// garbage); losing the state of an incompatible version is the lesser harm.
+fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
+    for (name, path) in pin_paths {
+        let Ok(info) = aya::maps::MapInfo::from_pin(path) else {
+            continue;
+        };
+        let Some((key, value)) = expected_layout(name) else {
+            continue;
+        };
+        // STATS is per-CPU: the kernel reports the per-CPU value size.
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            tracing::warn!(
+                map = name,
+                path = %path.display(),
+                "pinned map has another layout (an older vipr?): discarding it and its state"
+            );
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn write_config(ebpf: &mut Ebpf, options: &DataplaneOptions) -> Result<(), DataplaneError> {
+    let config = config(options);
     let map = ebpf
         .map_mut(map_names::CONFIG)
         .ok_or(DataplaneError::MissingMap(map_names::CONFIG))?;

@@ -3,7 +3,8 @@
 
 use std::{fmt, net::Ipv4Addr, num::NonZeroU16, str::FromStr};
 
-use vipr_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+use ipnet::Ipv4Net;
+use vipr_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, service_flags};
 
 /// A TCP or UDP port; never zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,6 +118,13 @@ pub struct BackendAddr {
 }
 
 impl BackendAddr {
+    pub(crate) fn from_map_value(value: &Backend) -> Option<Self> {
+        Some(BackendAddr {
+            addr: Ipv4Addr::from(u32::from_be(value.addr)),
+            port: Port::new(u16::from_be(value.port))?,
+        })
+    }
+
     pub(crate) fn to_map_value(self) -> Backend {
         Backend {
             addr: u32::from(self.addr).to_be(),
@@ -129,6 +137,66 @@ impl BackendAddr {
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.addr, self.port)
+    }
+}
+
+/// How a frontend reached from outside the cluster (NodePort, externalIPs,
+/// LoadBalancer ingress) treats the client's address, as Kubernetes'
+/// `externalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExternalTrafficPolicy {
+    /// Any backend; the client is SNATed to the node address (and a port
+    /// the data plane allocates), so replies come back through this node.
+    Cluster,
+    /// Only the backends given (the caller passes the node-local ones); the
+    /// client address is kept; with none, packets are dropped, not refused.
+    Local,
+}
+
+/// Per-frontend behaviour beyond its backends. The default is a ClusterIP
+/// frontend: no SNAT, refused with RST / ICMP when it has no endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendOptions {
+    /// `None` for in-cluster frontends (ClusterIP).
+    pub external_traffic_policy: Option<ExternalTrafficPolicy>,
+    /// `loadBalancerSourceRanges`: when non-empty, new flows from clients
+    /// outside every range are dropped (counted as `drop_source_range`).
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+impl FrontendOptions {
+    /// An external frontend with the given policy and no source ranges.
+    pub fn external(policy: ExternalTrafficPolicy) -> Self {
+        FrontendOptions {
+            external_traffic_policy: Some(policy),
+            source_ranges: Vec::new(),
+        }
+    }
+
+    pub(crate) fn flags(&self) -> u32 {
+        let mut flags = match self.external_traffic_policy {
+            None => 0,
+            Some(ExternalTrafficPolicy::Cluster) => service_flags::SNAT,
+            Some(ExternalTrafficPolicy::Local) => service_flags::DROP_WHEN_EMPTY,
+        };
+        if !self.source_ranges.is_empty() {
+            flags |= service_flags::SOURCE_RANGES;
+        }
+        flags
+    }
+
+    pub(crate) fn from_flags(flags: u32, source_ranges: Vec<Ipv4Net>) -> Self {
+        let external_traffic_policy = if flags & service_flags::SNAT != 0 {
+            Some(ExternalTrafficPolicy::Cluster)
+        } else if flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            Some(ExternalTrafficPolicy::Local)
+        } else {
+            None
+        };
+        FrontendOptions {
+            external_traffic_policy,
+            source_ranges,
+        }
     }
 }
 
@@ -153,5 +221,22 @@ mod tests {
         assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 1]);
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         assert_eq!(key.proto, 6);
+    }
+
+    #[test]
+    fn frontend_options_round_trip_through_flags() {
+        for policy in [
+            None,
+            Some(ExternalTrafficPolicy::Cluster),
+            Some(ExternalTrafficPolicy::Local),
+        ] {
+            let options = FrontendOptions {
+                external_traffic_policy: policy,
+                source_ranges: vec!["192.0.2.0/24".parse().unwrap()],
+            };
+            let back = FrontendOptions::from_flags(options.flags(), options.source_ranges.clone());
+            assert_eq!(back, options);
+        }
+        assert_eq!(FrontendOptions::default().flags(), 0);
     }
 }

@@ -2,8 +2,23 @@
 //! BPF_PROG_TEST_RUN on crafted packets. Each case states the input packet,
 //! the expected verdict and the expected output packet (Katran's fixture
 //! tables are the model). Needs root (CAP_BPF).
+//!
+//! Sections: this file (translation, malformed and foreign packets,
+//! checksums, balancing); `fixtures/reject.rs` (frontends without
+//! endpoints); `fixtures/conntrack.rs` (flow lifetime); `fixtures/external.rs`
+//! (NodePort / external IPs, SNAT, source ranges, hairpin);
+//! `fixtures/icmp.rs` (ICMP errors about translated flows).
 
 mod packet;
+
+#[path = "fixtures/conntrack.rs"]
+mod conntrack;
+#[path = "fixtures/external.rs"]
+mod external;
+#[path = "fixtures/icmp.rs"]
+mod icmp;
+#[path = "fixtures/reject.rs"]
+mod reject;
 
 use std::net::Ipv4Addr;
 
@@ -12,6 +27,7 @@ use vipr_dataplane::{BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -61,6 +77,8 @@ fn dataplane() -> Dataplane {
     .unwrap();
     dp.program_service(frontend(VIP_NO_ENDPOINTS, 80, Protocol::Tcp), &[])
         .unwrap();
+    dp.program_service(frontend(VIP_NO_ENDPOINTS, 53, Protocol::Udp), &[])
+        .unwrap();
     dp
 }
 
@@ -75,6 +93,8 @@ fn run(dp: &mut Dataplane, input: &[u8]) -> (u32, Vec<u8>) {
 enum Expect {
     /// Passed with exactly these bytes (untouched or translated).
     Pass(Vec<u8>),
+    /// Sent back out the interface it came in on, as exactly these bytes.
+    Tx(Vec<u8>),
     Drop,
 }
 
@@ -92,6 +112,14 @@ fn check(dp: &mut Dataplane, case: &Case) {
             assert_eq!(verdict, XDP_PASS, "{}: verdict", case.name);
             assert_eq!(&out, expected, "{}: output packet", case.name);
         }
+        Expect::Tx(expected) => {
+            assert_eq!(verdict, XDP_TX, "{}: verdict", case.name);
+            assert_eq!(&out, expected, "{}: output packet", case.name);
+        }
+    }
+    // Every rewrite (and every reply built) must carry valid checksums.
+    if !matches!(case.expect, Expect::Drop) && out != case.input {
+        verify_checksums(&out).unwrap_or_else(|e| panic!("{}: {e}", case.name));
     }
 }
 
@@ -124,6 +152,10 @@ fn translation_fixtures() {
     let mut ttl_one = Ipv4Packet::tcp((CLIENT, 40004), (VIP, 80));
     ttl_one.ttl = 1;
     let tcp_elsewhere = Ipv4Packet::tcp((CLIENT, 40005), (OUTSIDE, 80));
+    let mut ttl_zero = Ipv4Packet::udp((CLIENT, 40012), (VIP, 53));
+    ttl_zero.ttl = 0;
+    let mut ttl_max = Ipv4Packet::tcp((CLIENT, 40013), (VIP, 80));
+    ttl_max.ttl = 255;
 
     let cases = vec![
         Case {
@@ -167,9 +199,21 @@ fn translation_fixtures() {
             expect: Expect::Pass(ttl_one.clone().with_dst(TCP_BACKEND, 8080).build()),
         },
         Case {
-            name: "a VIP without endpoints drops",
+            name: "TTL 0 is translated unchanged (the kernel drops it)",
+            input: ttl_zero.build(),
+            expect: Expect::Pass(ttl_zero.clone().with_dst(UDP_BACKEND, 5353).build()),
+        },
+        Case {
+            name: "TTL 255: the TTL is never touched (XDP does not route)",
+            input: ttl_max.build(),
+            expect: Expect::Pass(ttl_max.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "a VIP without endpoints refuses with a RST",
             input: Ipv4Packet::tcp((CLIENT, 40006), (VIP_NO_ENDPOINTS, 80)).build(),
-            expect: Expect::Drop,
+            expect: Expect::Tx(
+                Ipv4Packet::tcp((CLIENT, 40006), (VIP_NO_ENDPOINTS, 80)).refusing_rst(),
+            ),
         },
         Case {
             name: "an unknown address in the service CIDR drops",
@@ -207,10 +251,11 @@ fn translation_fixtures() {
     }
 
     let counters = dp.counters().unwrap();
-    assert_eq!(counters.packets(Counter::NewFlow), 5, "new flows");
+    assert_eq!(counters.packets(Counter::NewFlow), 7, "new flows");
     assert_eq!(counters.packets(Counter::FlowHit), 1, "flow hits");
     assert_eq!(counters.packets(Counter::ReplyTranslated), 2, "replies");
-    assert_eq!(counters.packets(Counter::DropNoEndpoints), 1);
+    assert_eq!(counters.packets(Counter::RejectTcp), 1);
+    assert_eq!(counters.packets(Counter::DropNoEndpoints), 0);
     assert_eq!(counters.packets(Counter::DropUnknownVip), 4);
     assert_eq!(counters.packets(Counter::Passed), 2);
 }
@@ -235,6 +280,10 @@ fn malformed_and_foreign_fixtures() {
     let mut ipv6 = ethernet(ETH_P_IPV6);
     ipv6.extend([0x60, 0, 0, 0, 0, 8, 17, 64]);
     ipv6.extend([0u8; 40]);
+    let udp_to_vip_frame = udp_to_vip().build();
+    let mut vlan = ethernet(0x8100);
+    vlan.extend([0, 10, 8, 0]);
+    vlan.extend(&tcp[14..]);
     let mut ip_header_only = ethernet(ETH_P_IP);
     ip_header_only.extend(&tcp[14..24]);
 
@@ -258,6 +307,16 @@ fn malformed_and_foreign_fixtures() {
             name: "a TCP header cut short to a VIP drops",
             input: truncated(tcp.clone(), 14 + 20 + 10),
             expect: Expect::Drop,
+        },
+        Case {
+            name: "a UDP header cut short to a VIP drops",
+            input: truncated(udp_to_vip_frame, 14 + 20 + 6),
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "an 802.1Q-tagged frame is untouched (VLANs are not parsed)",
+            input: vlan.clone(),
+            expect: Expect::Pass(vlan),
         },
         Case {
             name: "a TCP header cut short elsewhere is untouched",
@@ -294,7 +353,7 @@ fn malformed_and_foreign_fixtures() {
         check(&mut dp, case);
     }
     let counters = dp.counters().unwrap();
-    assert_eq!(counters.packets(Counter::DropMalformed), 3);
+    assert_eq!(counters.packets(Counter::DropMalformed), 4);
     assert_eq!(counters.packets(Counter::DropFragment), 2);
     assert_eq!(counters.packets(Counter::NewFlow), 0);
 }
@@ -373,5 +432,46 @@ fn removed_service_address_drops() {
         &Ipv4Packet::tcp((CLIENT, 41000), (VIP, 80)).build(),
     );
     assert_eq!(verdict, XDP_DROP);
-    assert_eq!(dp.frontends().len(), 2);
+    assert_eq!(dp.frontends().len(), 3);
+}
+
+/// A bpffs folder for one test, removed on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn pinned_maps_of_another_layout_are_replaced() {
+    let dir = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/vipr-fixture-{}",
+        std::process::id()
+    )));
+    let options = DataplaneOptions {
+        pin_dir: Some(dir.0.clone()),
+        ..DataplaneOptions::default()
+    };
+    let mut dp = Dataplane::load(&options).expect("load with a pin dir (needs bpffs)");
+    dp.program_service(
+        frontend(VIP, 80, Protocol::Tcp),
+        &[backend(TCP_BACKEND, 8080)],
+    )
+    .unwrap();
+    drop(dp);
+    // Pretend an older build left a SERVICES map with other value sizes:
+    // put the (8-byte value) BACKENDS map where SERVICES (12 bytes) belongs.
+    std::fs::rename(dir.0.join("BACKENDS"), dir.0.join("SERVICES")).unwrap();
+    let mut dp = Dataplane::load(&options).expect("the stale pin is replaced, not reused");
+    assert!(
+        dp.frontends().is_empty(),
+        "state of the other layout is gone"
+    );
+    let (verdict, _) = run(&mut dp, &tcp_to_vip().build());
+    assert_eq!(
+        verdict, XDP_PASS,
+        "no service: passed (no service CIDR set)"
+    );
 }

@@ -5,18 +5,32 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Service, ServicePort};
-use vipr_dataplane::{BackendAddr, Frontend, Port, Protocol};
+use vipr_dataplane::{
+    BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, Port, Protocol,
+};
 use vipr_store::endpoints::{self, EndpointGroup};
 
-/// Every frontend of one service with the backends it translates to.
-pub type FrontendTable = BTreeMap<Frontend, Vec<BackendAddr>>;
+/// What one frontend translates to, and how.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendSpec {
+    pub backends: Vec<BackendAddr>,
+    pub options: FrontendOptions,
+}
 
-/// Where a service is reachable besides its ClusterIP.
-#[derive(Clone, Copy, Debug, Default)]
+/// Every frontend of one service.
+pub type FrontendTable = BTreeMap<Frontend, FrontendSpec>;
+
+/// The node as services see it.
+#[derive(Clone, Debug, Default)]
 pub struct NodeAddresses {
     /// The node's own address, for NodePorts. `None` serves no NodePorts.
     pub node_ip: Option<Ipv4Addr>,
+    /// The node's name: endpoints on it are the local ones
+    /// (externalTrafficPolicy Local). Endpoints without a node name are
+    /// pods of this node's own runtime.
+    pub node_name: String,
 }
 
 /// The frontends of `service` with their backends from its endpoint `groups`.
@@ -26,7 +40,7 @@ pub struct NodeAddresses {
 pub fn service_frontends(
     service: &Service,
     groups: &[EndpointGroup],
-    node: NodeAddresses,
+    node: &NodeAddresses,
 ) -> FrontendTable {
     let mut table = FrontendTable::new();
     let Some(spec) = service.spec.as_ref() else {
@@ -52,29 +66,64 @@ pub fn service_frontends(
             .filter_map(|ingress| ingress.ip.as_ref()),
     );
 
+    let policy = match spec.external_traffic_policy.as_deref() {
+        Some("Local") => ExternalTrafficPolicy::Local,
+        _ => ExternalTrafficPolicy::Cluster,
+    };
+    let source_ranges: Vec<Ipv4Net> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .filter_map(|r| r.trim().parse().ok())
+        .collect();
     for service_port in spec.ports.iter().flatten() {
         let (Some(protocol), Some(port)) = (protocol_of(service_port), port_of(service_port.port))
         else {
             continue;
         };
-        let backends = backends_for(service_port, protocol, groups);
-        let mut add = |addr: Ipv4Addr, port: Port| {
+        let all = backends_for(service_port, protocol, groups, None);
+        let external = match policy {
+            ExternalTrafficPolicy::Cluster => all.clone(),
+            ExternalTrafficPolicy::Local => {
+                backends_for(service_port, protocol, groups, Some(&node.node_name))
+            }
+        };
+        let mut add = |addr: Ipv4Addr, port: Port, backends: &[BackendAddr], options| {
+            let spec = FrontendSpec {
+                backends: backends.to_vec(),
+                options,
+            };
             table.insert(
                 Frontend {
                     addr,
                     port,
                     protocol,
                 },
-                backends.clone(),
+                spec,
             );
         };
-        for addr in cluster_ips.iter().chain(&external_ips).chain(&lb_ips) {
-            add(*addr, port);
+        for addr in &cluster_ips {
+            add(*addr, port, &all, FrontendOptions::default());
+        }
+        for addr in &external_ips {
+            add(*addr, port, &external, FrontendOptions::external(policy));
+        }
+        for addr in &lb_ips {
+            let options = FrontendOptions {
+                source_ranges: source_ranges.clone(),
+                ..FrontendOptions::external(policy)
+            };
+            add(*addr, port, &external, options);
         }
         if let (Some(node_ip), Some(node_port)) =
             (node.node_ip, service_port.node_port.and_then(port_of))
         {
-            add(node_ip, node_port);
+            add(
+                node_ip,
+                node_port,
+                &external,
+                FrontendOptions::external(policy),
+            );
         }
     }
     table
@@ -83,10 +132,12 @@ pub fn service_frontends(
 /// Backends for one service port by the data plane rule (vipr-store's
 /// `endpoints::backends`): ready endpoints, or, while none is ready, the
 /// terminating ones that still serve.
+/// With `only_node`, just the endpoints on that node (or on no named node).
 fn backends_for(
     service_port: &ServicePort,
     protocol: Protocol,
     groups: &[EndpointGroup],
+    only_node: Option<&str>,
 ) -> Vec<BackendAddr> {
     let protocol = match protocol {
         Protocol::Tcp => endpoints::Protocol::Tcp,
@@ -95,6 +146,10 @@ fn backends_for(
     let name = service_port.name.as_deref().unwrap_or("");
     endpoints::backends(groups, name, protocol)
         .into_iter()
+        .filter(|b| match (only_node, b.node_name.as_deref()) {
+            (Some(node), Some(on)) => node == on,
+            _ => true,
+        })
         .filter_map(|b| match b.address {
             std::net::IpAddr::V4(addr) => Some(BackendAddr {
                 addr,
@@ -183,14 +238,32 @@ mod tests {
         )];
         let node = NodeAddresses {
             node_ip: Some([172, 18, 0, 2].into()),
+            node_name: "n1".into(),
         };
-        let table = service_frontends(&svc, &slices, node);
+        let table = service_frontends(&svc, &slices, &node);
         let http = vec![be([10, 244, 0, 5], 8080)];
-        assert_eq!(table[&fe([10, 96, 0, 10], 80, Protocol::Tcp)], http);
-        assert_eq!(table[&fe([192, 0, 2, 10], 80, Protocol::Tcp)], http);
-        assert_eq!(table[&fe([172, 18, 0, 2], 30080, Protocol::Tcp)], http);
+        let cluster_ip = &table[&fe([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(cluster_ip.backends, http);
+        assert_eq!(cluster_ip.options, FrontendOptions::default());
+        let external = FrontendOptions::external(ExternalTrafficPolicy::Cluster);
         assert_eq!(
-            table[&fe([10, 96, 0, 10], 53, Protocol::Udp)],
+            table[&fe([192, 0, 2, 10], 80, Protocol::Tcp)].backends,
+            http
+        );
+        assert_eq!(
+            table[&fe([192, 0, 2, 10], 80, Protocol::Tcp)].options,
+            external
+        );
+        assert_eq!(
+            table[&fe([172, 18, 0, 2], 30080, Protocol::Tcp)].backends,
+            http
+        );
+        assert_eq!(
+            table[&fe([172, 18, 0, 2], 30080, Protocol::Tcp)].options,
+            external
+        );
+        assert_eq!(
+            table[&fe([10, 96, 0, 10], 53, Protocol::Udp)].backends,
             vec![be([10, 244, 0, 5], 5353)]
         );
         assert_eq!(table.len(), 5);
@@ -203,29 +276,78 @@ mod tests {
             "conditions": {"ready": false, "serving": true, "terminating": true}});
         let only_terminating = [slice(json!([terminating.clone()]), json!([{"port": 8080}]))];
         let key = fe([10, 96, 0, 11], 80, Protocol::Tcp);
-        let table = service_frontends(&svc, &only_terminating, NodeAddresses::default());
-        assert_eq!(table[&key], vec![be([10, 244, 0, 7], 8080)]);
+        let table = service_frontends(&svc, &only_terminating, &NodeAddresses::default());
+        assert_eq!(table[&key].backends, vec![be([10, 244, 0, 7], 8080)]);
 
         let with_ready = [slice(
             json!([terminating, {"addresses": ["10.244.0.8"], "conditions": {"ready": true}}]),
             json!([{"port": 8080}]),
         )];
-        let table = service_frontends(&svc, &with_ready, NodeAddresses::default());
-        assert_eq!(table[&key], vec![be([10, 244, 0, 8], 8080)]);
+        let table = service_frontends(&svc, &with_ready, &NodeAddresses::default());
+        assert_eq!(table[&key].backends, vec![be([10, 244, 0, 8], 8080)]);
     }
 
     #[test]
     fn no_endpoints_keeps_the_frontend_with_no_backends() {
         let svc = service(json!({"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}));
-        let table = service_frontends(&svc, &[], NodeAddresses::default());
-        assert_eq!(table[&fe([10, 96, 0, 12], 80, Protocol::Tcp)], vec![]);
+        let table = service_frontends(&svc, &[], &NodeAddresses::default());
+        assert_eq!(
+            table[&fe([10, 96, 0, 12], 80, Protocol::Tcp)].backends,
+            vec![]
+        );
     }
 
     #[test]
     fn headless_and_external_name_have_no_frontends() {
         let headless = service(json!({"clusterIP": "None", "ports": [{"port": 80}]}));
-        assert!(service_frontends(&headless, &[], NodeAddresses::default()).is_empty());
+        assert!(service_frontends(&headless, &[], &NodeAddresses::default()).is_empty());
         let external = service(json!({"type": "ExternalName", "externalName": "example.org"}));
-        assert!(service_frontends(&external, &[], NodeAddresses::default()).is_empty());
+        assert!(service_frontends(&external, &[], &NodeAddresses::default()).is_empty());
+    }
+
+    #[test]
+    fn local_policy_serves_only_this_nodes_endpoints_and_keeps_source_ranges() {
+        let svc = service(json!({
+            "type": "LoadBalancer",
+            "clusterIP": "10.96.0.13",
+            "externalTrafficPolicy": "Local",
+            "loadBalancerSourceRanges": ["192.0.2.0/24"],
+            "ports": [{"port": 80, "nodePort": 30081}],
+        }));
+        let mut svc = svc;
+        svc.status = serde_json::from_value(json!({
+            "loadBalancer": {"ingress": [{"ip": "198.51.100.7"}]}
+        }))
+        .unwrap();
+        let slices = [slice(
+            json!([
+                {"addresses": ["10.244.0.5"], "nodeName": "n1", "conditions": {"ready": true}},
+                {"addresses": ["10.244.9.5"], "nodeName": "n2", "conditions": {"ready": true}},
+            ]),
+            json!([{"port": 8080}]),
+        )];
+        let node = NodeAddresses {
+            node_ip: Some([172, 18, 0, 2].into()),
+            node_name: "n1".into(),
+        };
+        let table = service_frontends(&svc, &slices, &node);
+        let cluster_ip = &table[&fe([10, 96, 0, 13], 80, Protocol::Tcp)];
+        assert_eq!(
+            cluster_ip.backends.len(),
+            2,
+            "ClusterIP uses every endpoint"
+        );
+        let node_port = &table[&fe([172, 18, 0, 2], 30081, Protocol::Tcp)];
+        assert_eq!(node_port.backends, vec![be([10, 244, 0, 5], 8080)]);
+        assert_eq!(
+            node_port.options.external_traffic_policy,
+            Some(ExternalTrafficPolicy::Local)
+        );
+        let lb = &table[&fe([198, 51, 100, 7], 80, Protocol::Tcp)];
+        assert_eq!(lb.backends, vec![be([10, 244, 0, 5], 8080)]);
+        assert_eq!(
+            lb.options.source_ranges,
+            vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]
+        );
     }
 }

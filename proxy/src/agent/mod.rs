@@ -61,15 +61,19 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     let store = Arc::new(open_store(&args)?);
     pods::ensure_dns_service(&store, args.cluster_dns)?;
 
+    node::set_sysctls(&vipr_dataplane::NODE_SYSCTLS)?;
     let mut dataplane = Dataplane::load(&DataplaneOptions {
         pin_dir: Some(node.pin_dir.clone()),
         service_cidr: Some(args.service_cidr),
+        node_addr: node.node_ip,
+        hairpin_addr: Some(node::HAIRPIN_ADDR),
+        // The program stays attached while the agent restarts.
+        pin_links: true,
         ..DataplaneOptions::default()
     })
     .context("loading the XDP data plane")?;
     dataplane.spawn_log_forwarder();
     if let Some(uplink) = &args.uplink {
-        node::enable_forwarding(uplink)?;
         dataplane
             .attach(uplink, XdpMode::Default)
             .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
@@ -101,6 +105,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         metrics: metrics.clone(),
         node: NodeAddresses {
             node_ip: node.node_ip,
+            node_name: node.name.clone(),
         },
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),

@@ -13,6 +13,11 @@ use anyhow::{Context, Result, bail};
 
 use crate::cli::AgentArgs;
 
+/// The source given to a pod reaching itself through a service (hairpin),
+/// so its reply leaves the pod and meets the translation: link-local, owned
+/// by nobody, routed to the node by every pod's default route.
+pub const HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
 /// Where pinned maps live; one folder per node so several agents (one per
 /// test node namespace) never share maps.
 const BPFFS_ROOT: &str = "/sys/fs/bpf/vipr";
@@ -71,11 +76,13 @@ pub fn bind_cluster_dns(addr: Ipv4Addr) -> Result<()> {
     ])
 }
 
-/// Lets the node forward what arrives on the uplink (NodePort and external
-/// traffic translated to pods). Pod veths get forwarding from the runtime.
-pub fn enable_forwarding(interface: &str) -> Result<()> {
-    let path = format!("/proc/sys/net/ipv4/conf/{interface}/forwarding");
-    std::fs::write(&path, "1").with_context(|| format!("enabling forwarding: writing {path}"))
+/// Sets sysctls of the node's network namespace (the agent's own).
+pub fn set_sysctls(sysctls: &[(&str, &str)]) -> Result<()> {
+    for (key, value) in sysctls {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).with_context(|| format!("setting {key}={value}"))?;
+    }
+    Ok(())
 }
 
 /// Removes a cgroup folder and its (now empty) children, deepest first; a

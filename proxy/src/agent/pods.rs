@@ -11,7 +11,7 @@ use std::{
 use anyhow::Result;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use vipr_dataplane::{Dataplane, XdpMode};
-use vipr_pod_runtime::{ObjectLookup, PodKey, Runtime};
+use vipr_pod_runtime::{ObjectLookup, PodInfo, PodKey, Runtime};
 use vipr_store::{Event, EventType, Kind, Object, ObjectKey, Status, Store, WatchError};
 
 use super::reconciler::{DNS_SERVICE, Reconciler};
@@ -180,12 +180,7 @@ pub async fn follow_pod_status(
     let mut attached = BTreeSet::new();
     // Pods adopted before we subscribed get their veths attached now.
     for info in runtime.list() {
-        attach(
-            &dataplane,
-            &mut attached,
-            &info.host_ifname,
-            info.host_ifindex,
-        );
+        attach(&dataplane, &mut attached, &info);
     }
     loop {
         let change = match changes.recv().await {
@@ -200,6 +195,9 @@ pub async fn follow_pod_status(
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
         if change.deleted {
+            if attached.remove(&change.key.to_string()) {
+                let _ = dataplane.lock().unwrap().detach(&pass_key(&change.key));
+            }
             let key = store_key(&change.key);
             if store.get(&key).is_some() {
                 let _ = store.delete(&key);
@@ -207,33 +205,60 @@ pub async fn follow_pod_status(
             continue;
         }
         if let Some(info) = runtime.pod(&change.key) {
-            attach(
-                &dataplane,
-                &mut attached,
-                &info.host_ifname,
-                info.host_ifindex,
-            );
+            attach(&dataplane, &mut attached, &info);
         }
         write_status(&store, &change.key, runtime.pod_status(&change.key));
     }
 }
 
-fn attach(
-    dataplane: &Mutex<Dataplane>,
-    attached: &mut BTreeSet<String>,
-    ifname: &str,
-    ifindex: Option<u32>,
-) {
-    if ifindex.is_none() || attached.contains(ifname) {
+/// Attaches the translation to the pod's node-side veth and the pass
+/// program to its `eth0` (so refusals sent back with XDP_TX arrive), once
+/// the sandbox exists.
+fn attach(dataplane: &Mutex<Dataplane>, attached: &mut BTreeSet<String>, info: &PodInfo) {
+    let (Some(_), Some(shim_pid)) = (info.host_ifindex, info.shim_pid) else {
+        return;
+    };
+    if attached.contains(&info.key.to_string()) {
         return;
     }
-    match dataplane.lock().unwrap().attach(ifname, XdpMode::Default) {
-        Ok(()) => {
-            attached.insert(ifname.to_owned());
-            tracing::debug!(interface = ifname, "XDP attached to pod veth");
-        }
-        Err(error) => tracing::warn!(interface = ifname, error = %error, "attaching XDP"),
+    let mut dataplane = dataplane.lock().unwrap();
+    if let Err(error) = dataplane.attach(&info.host_ifname, XdpMode::Default) {
+        tracing::warn!(interface = %info.host_ifname, error = %error, "attaching XDP");
+        return;
     }
+    let key = pass_key(&info.key);
+    let dataplane = &mut *dataplane;
+    let in_pod = in_netns(shim_pid, || {
+        dataplane.attach_pass_as(&key, "eth0", XdpMode::Default)
+    });
+    match in_pod {
+        Ok(Ok(())) => tracing::debug!(pod = %info.key, "XDP attached"),
+        Ok(Err(error)) => {
+            tracing::warn!(pod = %info.key, error = %error, "attaching XDP in the pod")
+        }
+        Err(error) => {
+            tracing::warn!(pod = %info.key, error = %format!("{error:#}"), "entering the pod")
+        }
+    }
+    attached.insert(info.key.to_string());
+}
+
+fn pass_key(pod: &PodKey) -> String {
+    format!("pod:{pod}")
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid`.
+fn in_netns<T: Send>(pid: i32, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let netns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<T> {
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in pod netns panicked"))?
+    })
 }
 
 fn write_status(

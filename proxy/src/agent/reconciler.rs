@@ -27,7 +27,7 @@ use vipr_store::{
 
 use super::{
     dns_snapshot::cluster_snapshot,
-    frontends::{FrontendTable, NodeAddresses, service_frontends},
+    frontends::{FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
     sync::{DataplaneSync, ServiceName},
 };
 use crate::metrics::Metrics;
@@ -156,7 +156,7 @@ impl Reconciler {
         let table = if (name.0.as_str(), name.1.as_str()) == DNS_SERVICE {
             self.dns_frontends(service)
         } else {
-            service_frontends(service, &groups, self.node)
+            service_frontends(service, &groups, &self.node)
         };
         if endpoints::is_selector_managed(service) {
             let slices = endpoints::to_endpoint_slices(service, &groups);
@@ -206,7 +206,10 @@ impl Reconciler {
                         port,
                         protocol,
                     },
-                    vec![backend],
+                    FrontendSpec {
+                        backends: vec![backend],
+                        options: Default::default(),
+                    },
                 );
             }
         }

@@ -44,7 +44,7 @@ impl DataplaneSync {
                 stats.removed += 1;
             }
         }
-        for (frontend, backends) in &desired {
+        for (frontend, spec) in &desired {
             match self.owners.get(frontend) {
                 Some(owner) if owner != service => {
                     tracing::warn!(
@@ -57,11 +57,11 @@ impl DataplaneSync {
                 }
                 _ => {}
             }
-            if previous.get(frontend) == Some(backends) {
+            if previous.get(frontend) == Some(spec) {
                 stats.unchanged += 1;
                 continue;
             }
-            dataplane.program_service(*frontend, backends)?;
+            dataplane.program_service_with(*frontend, &spec.backends, &spec.options)?;
             self.owners.insert(*frontend, service.clone());
             stats.programmed += 1;
         }

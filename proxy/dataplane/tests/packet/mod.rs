@@ -18,6 +18,9 @@ pub enum L4 {
         src_port: u16,
         dst_port: u16,
         flags: u8,
+        seq: u32,
+        ack: u32,
+        window: u16,
     },
     /// `checksum: false` sends the "no checksum" zero UDP allows.
     Udp {
@@ -26,6 +29,13 @@ pub enum L4 {
         checksum: bool,
     },
     IcmpEcho,
+    /// An ICMP message with this type, code and second header word; the
+    /// packet's payload is its body (e.g. a quoted packet).
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: u32,
+    },
 }
 
 /// An Ethernet + IPv4 + L4 packet, described field by field.
@@ -38,6 +48,7 @@ pub struct Ipv4Packet {
     pub options: Vec<u8>,
     /// Flags and fragment offset, host order (0x2000 = MF).
     pub frag: u16,
+    pub id: u16,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -50,10 +61,14 @@ impl Ipv4Packet {
             ttl: 64,
             options: Vec::new(),
             frag: 0x4000, // DF, as Linux sends TCP
+            id: 0x1234,
             l4: L4::Tcp {
                 src_port: src.1,
                 dst_port: dst.1,
                 flags: 0x02, // SYN
+                seq: 0x0102_0304,
+                ack: 0,
+                window: 64240,
             },
             payload: b"vipr fixture payload".to_vec(),
         }
@@ -84,7 +99,7 @@ impl Ipv4Packet {
         self.dst = addr;
         match &mut self.l4 {
             L4::Tcp { dst_port, .. } | L4::Udp { dst_port, .. } => *dst_port = port,
-            L4::IcmpEcho => {}
+            L4::IcmpEcho | L4::Icmp { .. } => {}
         }
         self
     }
@@ -94,7 +109,7 @@ impl Ipv4Packet {
         self.src = addr;
         match &mut self.l4 {
             L4::Tcp { src_port, .. } | L4::Udp { src_port, .. } => *src_port = port,
-            L4::IcmpEcho => {}
+            L4::IcmpEcho | L4::Icmp { .. } => {}
         }
         self
     }
@@ -109,6 +124,7 @@ impl Ipv4Packet {
                 src_port,
                 dst_port,
                 flags,
+                ..
             } => {
                 std::mem::swap(src_port, dst_port);
                 *flags = 0x12; // SYN-ACK
@@ -116,7 +132,7 @@ impl Ipv4Packet {
             L4::Udp {
                 src_port, dst_port, ..
             } => std::mem::swap(src_port, dst_port),
-            L4::IcmpEcho => {}
+            L4::IcmpEcho | L4::Icmp { .. } => {}
         }
         reply
     }
@@ -125,7 +141,7 @@ impl Ipv4Packet {
         match self.l4 {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => 17,
-            L4::IcmpEcho => 1,
+            L4::IcmpEcho | L4::Icmp { .. } => 1,
         }
     }
 
@@ -135,15 +151,18 @@ impl Ipv4Packet {
                 src_port,
                 dst_port,
                 flags,
+                seq,
+                ack,
+                window,
             } => {
                 let mut h = Vec::with_capacity(20);
                 h.extend(src_port.to_be_bytes());
                 h.extend(dst_port.to_be_bytes());
-                h.extend(0x0102_0304u32.to_be_bytes()); // seq
-                h.extend(0u32.to_be_bytes()); // ack
+                h.extend(seq.to_be_bytes());
+                h.extend(ack.to_be_bytes());
                 h.push(5 << 4); // data offset
                 h.push(flags);
-                h.extend(64240u16.to_be_bytes()); // window
+                h.extend(window.to_be_bytes());
                 h.extend([0, 0]); // checksum, filled below
                 h.extend([0, 0]); // urgent
                 h
@@ -159,6 +178,11 @@ impl Ipv4Packet {
                 h
             }
             L4::IcmpEcho => vec![8, 0, 0, 0, 0, 1, 0, 1],
+            L4::Icmp { kind, code, rest } => {
+                let mut h = vec![kind, code, 0, 0];
+                h.extend(rest.to_be_bytes());
+                h
+            }
         };
         l4.extend(&self.payload);
         let checksum = match self.l4 {
@@ -170,7 +194,7 @@ impl Ipv4Packet {
             L4::Udp {
                 checksum: false, ..
             } => None,
-            L4::IcmpEcho => Some((2, internet_checksum(&l4))),
+            L4::IcmpEcho | L4::Icmp { .. } => Some((2, internet_checksum(&l4))),
         };
         if let Some((offset, sum)) = checksum {
             l4[offset..offset + 2].copy_from_slice(&sum.to_be_bytes());
@@ -184,7 +208,7 @@ impl Ipv4Packet {
         h.push(0x40 | ihl as u8);
         h.push(0);
         h.extend((total_len as u16).to_be_bytes());
-        h.extend(0x1234u16.to_be_bytes());
+        h.extend(self.id.to_be_bytes());
         h.extend(self.frag.to_be_bytes());
         h.push(self.ttl);
         h.push(self.protocol());
@@ -205,6 +229,118 @@ impl Ipv4Packet {
         frame.extend(l4);
         frame
     }
+}
+
+impl Ipv4Packet {
+    /// The TCP flags, sequence and acknowledgement numbers replaced.
+    pub fn with_tcp(mut self, new_flags: u8, new_seq: u32, new_ack: u32) -> Self {
+        if let L4::Tcp {
+            flags, seq, ack, ..
+        } = &mut self.l4
+        {
+            *flags = new_flags;
+            *seq = new_seq;
+            *ack = new_ack;
+        }
+        self
+    }
+
+    /// The RST (from the frontend, addresses and ports swapped) that a
+    /// kernel would send to refuse this SYN: RST|ACK, seq 0, everything the
+    /// segment occupied acknowledged; Ethernet addresses swapped.
+    pub fn refusing_rst(&self) -> Vec<u8> {
+        let L4::Tcp {
+            src_port,
+            dst_port,
+            flags,
+            seq,
+            ack,
+            ..
+        } = self.l4
+        else {
+            panic!("not TCP");
+        };
+        let (rst_seq, rst_ack, rst_flags) = if flags & 0x10 != 0 {
+            (ack, 0, 0x04)
+        } else {
+            let occupied = self.payload.len() as u32
+                + u32::from(flags & 0x02 != 0)
+                + u32::from(flags & 0x01 != 0);
+            (0, seq.wrapping_add(occupied), 0x14)
+        };
+        let rst = Ipv4Packet {
+            src: self.dst,
+            dst: self.src,
+            ttl: 64,
+            options: Vec::new(),
+            frag: 0x4000,
+            id: 0,
+            l4: L4::Tcp {
+                src_port: dst_port,
+                dst_port: src_port,
+                flags: rst_flags,
+                seq: rst_seq,
+                ack: rst_ack,
+                window: 0,
+            },
+            payload: Vec::new(),
+        };
+        swap_macs(rst.build())
+    }
+
+    /// The ICMP port unreachable refusing this (UDP) packet, from its
+    /// destination: the original IP header and 8 bytes quoted.
+    pub fn refusing_port_unreachable(&self) -> Vec<u8> {
+        let frame = self.build();
+        let ihl = 20 + self.options.len();
+        let icmp = Ipv4Packet {
+            src: self.dst,
+            dst: self.src,
+            ttl: 64,
+            options: Vec::new(),
+            frag: 0x4000,
+            id: 0,
+            l4: L4::Icmp {
+                kind: 3,
+                code: 3,
+                rest: 0,
+            },
+            payload: frame[14..14 + ihl + 8].to_vec(),
+        };
+        swap_macs(icmp.build())
+    }
+}
+
+/// An ICMP error of `kind`/`code` from `from` to `to` quoting the first
+/// `quote_len` bytes of `quoted`'s IP packet.
+pub fn icmp_error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    rest: u32,
+    quoted: &Ipv4Packet,
+    quote_len: usize,
+) -> Ipv4Packet {
+    let frame = quoted.build();
+    let ip = &frame[14..];
+    Ipv4Packet {
+        src: from,
+        dst: to,
+        ttl: 64,
+        options: Vec::new(),
+        frag: 0,
+        id: 0x4321,
+        l4: L4::Icmp { kind, code, rest },
+        payload: ip[..quote_len.min(ip.len())].to_vec(),
+    }
+}
+
+/// The frame with its Ethernet source and destination swapped.
+pub fn swap_macs(mut frame: Vec<u8>) -> Vec<u8> {
+    let (dst, src) = frame.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    frame
 }
 
 pub fn ethernet(ether_type: u16) -> Vec<u8> {
@@ -256,6 +392,7 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
     let segment = &ip[ihl..];
     match ip[9] {
+        1 if internet_checksum(segment) != 0 => Err("bad ICMP checksum".into()),
         6 if pseudo_checksum(src, dst, 6, segment) != 0 => Err("bad TCP checksum".into()),
         17 if segment[6..8] != [0, 0] && pseudo_checksum(src, dst, 17, segment) != 0 => {
             Err("bad UDP checksum".into())

@@ -1,0 +1,127 @@
+//! Reading and pruning conntrack (the FLOWS and REVERSE_FLOWS LRU maps)
+//! from userspace.
+//!
+//! The eBPF side removes TCP flows when they close; what it cannot know is
+//! that a backend went away. A UDP flow has no close, so a flow pinned to a
+//! removed backend would black-hole the client until LRU eviction; those are
+//! cleared here whenever a UDP frontend loses a backend.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData},
+};
+use vipr_common::{FlowKey, IPPROTO_UDP, NatEntry, flow_flags, map_names};
+
+use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol};
+
+/// One translated flow, as its forward conntrack entry records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    pub protocol: Protocol,
+    /// The client as the packet arrived.
+    pub client: SocketAddrV4,
+    /// The frontend the client dialled.
+    pub frontend: SocketAddrV4,
+    /// The source the backend sees (the client, or an SNAT address and port).
+    pub source_seen: SocketAddrV4,
+    /// The backend chosen for the flow.
+    pub backend: SocketAddrV4,
+    /// A FIN was seen from the client.
+    pub client_closing: bool,
+}
+
+/// Entry counts of the two conntrack maps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub forward: usize,
+    pub reverse: usize,
+}
+
+fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
+}
+
+fn flow_map<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<BpfHashMap<&'a mut MapData, FlowKey, NatEntry>, DataplaneError> {
+    let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
+    BpfHashMap::try_from(map).map_err(DataplaneError::map(name))
+}
+
+fn entries(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
+    let map = flow_map(ebpf, name)?;
+    // An entry evicted or removed while we walk is simply skipped.
+    Ok(map.iter().filter_map(Result::ok).collect())
+}
+
+/// Removes the UDP flows to `frontend` whose backend is not in `live`, both
+/// directions; returns how many flows went.
+pub(crate) fn clear_udp_flows(
+    ebpf: &mut Ebpf,
+    frontend: &Frontend,
+    live: &[BackendAddr],
+) -> Result<usize, DataplaneError> {
+    let fe = frontend.key();
+    let live: Vec<_> = live.iter().map(|b| b.to_map_value()).collect();
+    let doomed: Vec<(FlowKey, FlowKey)> = entries(ebpf, map_names::FLOWS)?
+        .into_iter()
+        .filter(|(key, entry)| {
+            key.proto == IPPROTO_UDP
+                && key.dst_addr == fe.addr
+                && key.dst_port == fe.port
+                && !live
+                    .iter()
+                    .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port)
+        })
+        .map(|(key, entry)| (key, entry.tuple(key.proto).reversed()))
+        .collect();
+    let mut forward = flow_map(ebpf, map_names::FLOWS)?;
+    for (key, _) in &doomed {
+        let _ = forward.remove(key);
+    }
+    let mut reverse = flow_map(ebpf, map_names::REVERSE_FLOWS)?;
+    for (_, reply_key) in &doomed {
+        let _ = reverse.remove(reply_key);
+    }
+    if !doomed.is_empty() {
+        tracing::debug!(frontend = %frontend, flows = doomed.len(), "cleared UDP flows of removed backends");
+    }
+    Ok(doomed.len())
+}
+
+impl Dataplane {
+    /// Every translated flow in conntrack (forward entries), sorted. Walks
+    /// the whole map: for diagnostics and tests, not for a hot loop.
+    pub fn flows(&mut self) -> Result<Vec<Flow>, DataplaneError> {
+        let mut flows: Vec<Flow> = entries(self.ebpf_mut(), map_names::FLOWS)?
+            .into_iter()
+            .filter_map(|(key, entry)| {
+                Some(Flow {
+                    protocol: Protocol::from_ip_proto(key.proto)?,
+                    client: sock(key.src_addr, key.src_port),
+                    frontend: sock(key.dst_addr, key.dst_port),
+                    source_seen: sock(entry.src_addr, entry.src_port),
+                    backend: sock(entry.dst_addr, entry.dst_port),
+                    client_closing: entry.flags & flow_flags::FIN != 0,
+                })
+            })
+            .collect();
+        flows.sort_unstable();
+        Ok(flows)
+    }
+
+    /// How many entries each conntrack map holds now.
+    pub fn flow_counts(&mut self) -> Result<FlowCounts, DataplaneError> {
+        let ebpf = self.ebpf_mut();
+        Ok(FlowCounts {
+            forward: flow_map(ebpf, map_names::FLOWS)?.keys().count(),
+            reverse: flow_map(ebpf, map_names::REVERSE_FLOWS)?.keys().count(),
+        })
+    }
+}
