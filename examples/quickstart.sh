@@ -64,7 +64,7 @@ show vipr get svc -A
 show vipr get endpointslices
 
 vip=$(vipr get svc hello -o json | sed -n 's/.*"clusterIP": "\(.*\)".*/\1/p')
-step "the client calls the ClusterIP $vip: XDP on the node picks a backend per connection"
+step "the client calls the ClusterIP $vip: the node picks a backend per connection"
 for _ in 1 2 3 4 5 6; do
   printf '$ vipr exec client -- curl -s http://%s/hostname  ->  ' "$vip"
   vipr exec client -- curl -s -m 2 "http://$vip/hostname"; echo
@@ -74,6 +74,13 @@ step "by name, through the cluster DNS and the pod's search path"
 show vipr exec client -- getent hosts hello
 printf '$ vipr exec client -- curl -s http://hello/clientip  ->  '
 vipr exec client -- curl -s -m 2 http://hello/clientip; echo
+
+step "from the node itself (pods and node processes under --cgroup-root are translated at connect(); XDP translates what arrives from elsewhere)"
+shell_cg="/sys/fs/cgroup/unified/vipr-$id/node-shell"
+mkdir -p "$shell_cg"
+printf '$ curl -s http://%s/hostname  (a node process)  ->  ' "$vip"
+nsenter --net="/run/netns/$node" sh -c "echo \$\$ > $shell_cg/cgroup.procs; exec curl -s -m 2 http://$vip/hostname"; echo
+rmdir "$shell_cg"
 
 step "UDP through the same service"
 printf '$ echo hostname | nc -u -w1 %s 81  ->  ' "$vip"

@@ -78,6 +78,16 @@ impl Netns {
         cmd
     }
 
+    /// A command that runs inside this namespace's network only, keeping the
+    /// host's mounts (`ip netns exec` remounts /sys, which hides the cgroup
+    /// and bpf file systems).
+    pub fn net_command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(program);
+        cmd
+    }
+
     /// `ip ARGS` inside this namespace.
     pub fn ip(&self, args: &[&str]) -> Result<Output> {
         run(Command::new("ip").args(["-n", &self.name]).args(args))

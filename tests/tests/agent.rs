@@ -123,6 +123,22 @@ fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
         "NodePort client address {client:?}"
     );
 
+    // A process of the node itself (in a cgroup under --cgroup-root) reaches
+    // the ClusterIP through the socket hooks.
+    let node_client = node.cgroup_root.join("node-client");
+    std::fs::create_dir_all(&node_client)?;
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec curl -s -m 2 {url}",
+        node_client.display()
+    );
+    let from_node = vipr_e2e::run(node.node.net_command("sh").args(["-c", &script]))?;
+    let answer = String::from_utf8_lossy(&from_node.stdout);
+    assert!(
+        answer.starts_with("web-"),
+        "node-local client got {answer:?}"
+    );
+    std::fs::remove_dir(&node_client)?;
+
     // A service without endpoints refuses at once (kube-proxy's REJECT).
     let empty = node.cluster_ip("empty")?;
     let started = Instant::now();

@@ -17,6 +17,7 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -26,6 +27,21 @@ pub const XDP_PROGRAM: &str = "vipr_xdp";
 /// (and XDP_REDIRECT) frames sent towards it are received in native mode.
 pub const PASS_PROGRAM: &str = "vipr_pass";
 
+/// Names of the cgroup sock_addr programs that balance the node's own
+/// clients at the socket level (attached together to one cgroup v2 folder).
+pub mod sock_programs {
+    /// `connect()` of TCP and UDP sockets: the VIP becomes a backend.
+    pub const CONNECT4: &str = "vipr_connect4";
+    /// `sendmsg()` / `sendto()` of unconnected UDP sockets, per datagram.
+    pub const SENDMSG4: &str = "vipr_sendmsg4";
+    /// `recvmsg()` / `recvfrom()` of UDP sockets: replies show the VIP.
+    pub const RECVMSG4: &str = "vipr_recvmsg4";
+    /// `getpeername()`: a translated socket's peer shows as the VIP.
+    pub const GETPEERNAME4: &str = "vipr_getpeername4";
+    /// Every sock_addr program, in attach order.
+    pub const ALL: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+}
+
 /// Default capacity of the service (frontend) map.
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
@@ -34,6 +50,8 @@ pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Default capacity of the loadBalancerSourceRanges trie (all services).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
+/// Default capacity of the socket-level reverse translation map (LRU).
+pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 131_072;
 
 /// IP protocol numbers the data plane looks at.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -93,6 +111,33 @@ pub struct Backend {
     /// IPv4 address, network byte order.
     pub addr: u32,
     /// Port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `SOCK_REVNAT`: one backend a socket was sent to by the socket-level
+/// translation. The cookie is unique per socket for the kernel's lifetime,
+/// so an entry can never be mistaken for another socket's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Backend port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of `SOCK_REVNAT`: the frontend the client asked for, given back as
+/// the source of replies (recvmsg) and as the peer (getpeername).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// Frontend IPv4 address, network byte order.
+    pub addr: u32,
+    /// Frontend port, network byte order.
     pub port: u16,
     pub _pad: u16,
 }
@@ -241,11 +286,23 @@ pub enum Counter {
     IcmpErrorTranslated = 14,
     /// A TCP flow left conntrack: RST seen, or FIN both ways and the last ACK.
     FlowClosed = 15,
+    /// Socket level (node-local client, cgroup hooks): a `connect()` to a
+    /// frontend was given a backend instead.
+    SockConnectTranslated = 16,
+    /// Socket level: an unconnected UDP datagram to a frontend was sent to
+    /// a backend instead.
+    SockSendmsgTranslated = 17,
+    /// Socket level: a reply's source (recvmsg) or a socket's peer
+    /// (getpeername) was given the frontend address back.
+    SockReverseTranslated = 18,
+    /// Socket level: `connect()` / `sendmsg()` to a frontend without
+    /// endpoints refused with ECONNREFUSED.
+    SockRejected = 19,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 20;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -265,6 +322,10 @@ impl Counter {
         Counter::DropSnatPortsExhausted,
         Counter::IcmpErrorTranslated,
         Counter::FlowClosed,
+        Counter::SockConnectTranslated,
+        Counter::SockSendmsgTranslated,
+        Counter::SockReverseTranslated,
+        Counter::SockRejected,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -286,6 +347,10 @@ impl Counter {
             Counter::DropSnatPortsExhausted => "drop_snat_ports_exhausted",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::FlowClosed => "flow_closed",
+            Counter::SockConnectTranslated => "sock_connect_translated",
+            Counter::SockSendmsgTranslated => "sock_sendmsg_translated",
+            Counter::SockReverseTranslated => "sock_reverse_translated",
+            Counter::SockRejected => "sock_rejected",
         }
     }
 
@@ -328,6 +393,8 @@ mod user {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
 }
 
 #[cfg(test)]
@@ -346,6 +413,8 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);
+        assert_eq!(size_of::<SockRevNatKey>(), 16);
+        assert_eq!(size_of::<SockRevNatValue>(), 8);
     }
 
     #[test]

@@ -163,7 +163,7 @@ pub fn open(
 }
 
 #[inline(always)]
-fn pick_backend(service: &ServiceValue) -> Option<Backend> {
+pub(crate) fn pick_backend(service: &ServiceValue) -> Option<Backend> {
     // SAFETY: a plain helper call with no arguments.
     let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
     let key = BackendKey {

@@ -12,9 +12,14 @@
 //! translated flow is passed untouched; a packet into the service CIDR that
 //! matches no service is dropped, never routed on.
 //!
+//! The node's own clients never pass XDP; the cgroup sock_addr programs
+//! here (`vipr_connect4`, `vipr_sendmsg4`, `vipr_recvmsg4`,
+//! `vipr_getpeername4`) balance them at the socket level from the same maps.
+//!
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
 //! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
-//! replies), `icmp` (errors about translated flows).
+//! replies), `icmp` (errors about translated flows), `sock` (socket-level
+//! translation for node-local clients).
 #![no_std]
 #![no_main]
 
@@ -23,17 +28,18 @@ mod conntrack;
 mod headers;
 mod icmp;
 mod reject;
+mod sock;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    macros::{map, xdp},
+    macros::{cgroup_sock_addr, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{SockAddrContext, XdpContext},
 };
 use vipr_common::{
     Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, FlowKey, NatEntry,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
+    FlowKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -66,6 +72,12 @@ static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 #[map(name = "STATS")]
 static STATS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
+/// Socket-level translations (node-local clients): socket cookie + backend
+/// -> the frontend the socket asked for. See the `sock` module.
+#[map(name = "SOCK_REVNAT")]
+static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
+
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
@@ -79,6 +91,30 @@ pub fn vipr_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn vipr_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// connect() of a TCP or UDP socket in the attached cgroup.
+#[cgroup_sock_addr(connect4)]
+pub fn vipr_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx, sock::Hook::Connect)
+}
+
+/// sendmsg() with a destination, i.e. unconnected UDP, per datagram.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn vipr_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_destination(&ctx, sock::Hook::Sendmsg)
+}
+
+/// recvmsg() of UDP with a source address asked for: replies show the VIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn vipr_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore_frontend(&ctx)
+}
+
+/// getpeername(): a translated socket's peer shows as the VIP.
+#[cgroup_sock_addr(getpeername4)]
+pub fn vipr_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore_frontend(&ctx)
 }
 
 /// Decides the packet's fate and rewrites it in place when it is translated.

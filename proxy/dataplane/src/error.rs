@@ -30,6 +30,14 @@ pub enum DataplaneError {
     },
     #[error("interface {0} has no XDP program of ours attached")]
     NotAttached(String),
+    #[error("socket-level translation on cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cgroup {0} has no socket-level translation of ours attached")]
+    CgroupNotAttached(PathBuf),
     #[error("map {map}")]
     Map {
         map: &'static str,

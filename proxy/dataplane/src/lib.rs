@@ -5,7 +5,8 @@
 //! attaching the XDP program to interfaces, programming service frontends
 //! with their backends and options, pruning conntrack, and reading the
 //! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
-//! (attachments, pinned links that survive a restart),
+//! (attachments, pinned links that survive a restart), `cgroup` (socket-level
+//! translation for the node's own clients: cgroup sock_addr attachments),
 //! `services` (frontends, backends, source ranges), `flows` (conntrack
 //! reads and UDP pruning), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
@@ -19,9 +20,14 @@
 //!   frontends without endpoints go back with XDP_TX, and a native-mode
 //!   veth drops XDP_TX frames unless its peer runs XDP too (measured on
 //!   6.18; enabling GRO on the peer did not help).
+//! - For the node's own clients (XDP never sees what the node sends): a
+//!   cgroup v2 folder holding the node's processes, given to
+//!   [`Dataplane::attach_cgroup`]; sockets there are balanced at connect /
+//!   sendmsg time from the same service maps.
 //! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
 //!   the node from every pod (a link-local address no one owns works).
 
+mod cgroup;
 mod error;
 mod flows;
 mod links;

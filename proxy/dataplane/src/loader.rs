@@ -16,21 +16,21 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES,
-    DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
+    Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
 };
 
 pub use aya::programs::XdpMode;
 
 use crate::{
-    DataplaneError, EBPF_OBJECT,
+    DataplaneError, EBPF_OBJECT, cgroup,
     links::{self, Attachment},
     services::ServiceTable,
 };
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 7] = [
+const PERSISTENT_MAPS: [&str; 8] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::FLOWS,
@@ -38,6 +38,7 @@ const PERSISTENT_MAPS: [&str; 7] = [
     map_names::SOURCE_RANGES,
     map_names::CONFIG,
     map_names::STATS,
+    map_names::SOCK_REVNAT,
 ];
 
 /// SNAT source ports by default: above Linux's default ephemeral range.
@@ -70,7 +71,8 @@ pub struct DataplaneOptions {
     /// `net.ipv4.ip_local_port_range` (32768-60999 by default) so a
     /// translated flow never takes a tuple a local socket uses.
     pub snat_ports: RangeInclusive<u16>,
-    /// Pin XDP links under `pin_dir/links`, so the program stays attached
+    /// Pin XDP links under `pin_dir/links` (and cgroup links, see
+    /// [`Dataplane::attach_cgroup`], under `pin_dir/cgroup-links`), so the program stays attached
     /// when the data plane drops (an agent restart never leaves an interface
     /// untranslated) and a later load with the same `pin_dir` takes every
     /// pinned attachment over. Needs `pin_dir`; [`Dataplane::detach`]
@@ -106,6 +108,10 @@ pub struct Dataplane {
     /// Where attachments are pinned, when links are pinned at all.
     link_dir: Option<PathBuf>,
     attached_pass: HashMap<String, XdpLinkId>,
+    /// Cgroups the socket-level programs are attached to.
+    pub(crate) cgroups: HashMap<PathBuf, cgroup::CgroupAttachment>,
+    /// Where cgroup attachments are pinned, when links are pinned at all.
+    pub(crate) cgroup_link_dir: Option<PathBuf>,
     pub(crate) services: ServiceTable,
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
@@ -140,6 +146,9 @@ impl Dataplane {
                 .load()
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        // Loaded (verified) now, attached only on request: a verifier
+        // complaint surfaces at startup, not when the first cgroup is added.
+        cgroup::load_programs(&mut ebpf)?;
 
         write_config(&mut ebpf, options)?;
         let services = ServiceTable::adopt(&ebpf)?;
@@ -152,11 +161,23 @@ impl Dataplane {
             Some(dir) => links::adopt(xdp_program(&mut ebpf)?, dir)?,
             None => HashMap::new(),
         };
+        // A sibling of `links`, which holds XDP links only.
+        let cgroup_link_dir = options
+            .pin_dir
+            .as_ref()
+            .filter(|_| options.pin_links)
+            .map(|dir| dir.join("cgroup-links"));
+        let cgroups = match &cgroup_link_dir {
+            Some(dir) => cgroup::adopt(&mut ebpf, dir)?,
+            None => HashMap::new(),
+        };
         Ok(Dataplane {
             ebpf,
             attached,
             link_dir,
             attached_pass: HashMap::new(),
+            cgroups,
+            cgroup_link_dir,
             services,
             max_services: options.max_services,
             max_backends: options.max_backends,
@@ -381,7 +402,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
         Backend, BackendKey, CounterValue, FlowKey, NatEntry, ServiceKey, ServiceValue,
-        SourceRangeKey,
+        SockRevNatKey, SockRevNatValue, SourceRangeKey,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -393,6 +414,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), size_of::<u32>()),
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
         map_names::STATS => (size_of::<u32>(), size_of::<CounterValue>()),
+        map_names::SOCK_REVNAT => (size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>()),
         _ => return None,
     })
 }
@@ -408,8 +430,11 @@ fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
         let Some((key, value)) = expected_layout(name) else {
             continue;
         };
-        // STATS is per-CPU: the kernel reports the per-CPU value size.
-        if info.key_size() as usize != key || info.value_size() as usize != value {
+        // STATS is per-CPU: the kernel reports the per-CPU value size. Its
+        // length grows when counters are appended; a shorter pinned array
+        // would fail the reads of the new counters.
+        let short_stats = *name == map_names::STATS && info.max_entries() != Counter::COUNT;
+        if info.key_size() as usize != key || info.value_size() as usize != value || short_stats {
             tracing::warn!(
                 map = name,
                 path = %path.display(),

@@ -73,6 +73,13 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     })
     .context("loading the XDP data plane")?;
     dataplane.spawn_log_forwarder();
+    // Node-local clients (and pods, whose cgroups live below) are
+    // translated at connect()/sendmsg() time by the cgroup hooks.
+    std::fs::create_dir_all(&args.cgroup_root)
+        .with_context(|| format!("creating {}", args.cgroup_root.display()))?;
+    dataplane
+        .attach_cgroup(&args.cgroup_root)
+        .with_context(|| format!("attaching socket hooks to {}", args.cgroup_root.display()))?;
     if let Some(uplink) = &args.uplink {
         dataplane
             .attach(uplink, XdpMode::Default)

@@ -159,7 +159,12 @@ impl Reconciler {
             service_frontends(service, &groups, &self.node)
         };
         if endpoints::is_selector_managed(service) {
-            let slices = endpoints::to_endpoint_slices(service, &groups);
+            let mut slices = endpoints::to_endpoint_slices(service, &groups);
+            // Computed slices live as long as their service, as far as a
+            // reader can tell: give them its creation time.
+            for slice in &mut slices {
+                slice.metadata.creation_timestamp = service.metadata.creation_timestamp.clone();
+            }
             self.slices.write().unwrap().insert(name.clone(), slices);
         }
         self.sync

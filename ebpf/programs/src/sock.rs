@@ -1,0 +1,149 @@
+//! Socket-level load balancing for clients in the node's own network
+//! namespace (cgroup v2 sock_addr hooks), Cilium's "host-reachable services".
+//!
+//! XDP only sees packets arriving on an interface, never those the node's
+//! own processes send, so for those the translation happens where the
+//! address is chosen: `connect()` (TCP and connected UDP) and `sendmsg()`
+//! (unconnected UDP) swap the frontend in the user's sockaddr for a backend
+//! picked from the same `SERVICES` / `BACKENDS` maps and the same random
+//! slot choice as XDP. No packet is ever rewritten, so no conntrack entry is
+//! needed: the socket simply talks to the backend. What the application must
+//! not notice is undone per socket with `SOCK_REVNAT` (socket cookie +
+//! backend -> frontend): `recvmsg()` gives UDP replies the frontend as
+//! source, `getpeername()` shows the frontend as peer.
+//!
+//! Frontends with loadBalancerSourceRanges are left untouched (the client
+//! address is not known at connect time, so the ranges cannot be checked);
+//! such traffic leaves the node and comes back through XDP like anyone's.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use vipr_common::{
+    Counter, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, service_flags,
+};
+
+use crate::{SERVICES, SOCK_REVNAT, conntrack::pick_backend, count};
+
+/// Verdicts of a sock_addr program: let the syscall go on, or fail it (with
+/// EPERM, unless the program set another error with `bpf_set_retval`).
+const SYS_PROCEED: i32 = 1;
+const SYS_REJECT: i32 = 0;
+const AF_INET: u32 = 2;
+const ECONNREFUSED: i32 = 111;
+
+/// Which hook runs: what to count and whether UDP replies need reversing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Connect,
+    Sendmsg,
+}
+
+/// connect4 / sendmsg4: a destination that is a frontend becomes one of its
+/// backends; a frontend without backends fails the call with ECONNREFUSED.
+#[inline(always)]
+pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program's run; these
+    // fields are readable by connect4 and sendmsg4 programs.
+    let (family, addr, port, proto) = unsafe {
+        (
+            (*sa).user_family,
+            (*sa).user_ip4,
+            (*sa).user_port,
+            (*sa).protocol,
+        )
+    };
+    if family != AF_INET || (proto != u32::from(IPPROTO_TCP) && proto != u32::from(IPPROTO_UDP)) {
+        return SYS_PROCEED;
+    }
+    // The kernel hands user_port as the 16-bit network-order port widened to
+    // 32 bits: the same value ServiceKey holds.
+    let key = ServiceKey {
+        addr,
+        port: port as u16,
+        proto: proto as u8,
+        _pad: 0,
+    };
+    // SAFETY: map values are plain data.
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+        return SYS_PROCEED;
+    };
+    if service.flags & service_flags::SOURCE_RANGES != 0 {
+        return SYS_PROCEED;
+    }
+    let backend = if service.backend_count == 0 {
+        None
+    } else {
+        pick_backend(&service)
+    };
+    let Some(backend) = backend else {
+        // No endpoint (or a slot vanishing under an update): refuse now, as
+        // the XDP path answers a remote client with RST / port unreachable.
+        // SAFETY: plain helper call; a negative errno is what it takes.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        count(Counter::SockRejected, 0);
+        return SYS_REJECT;
+    };
+    // Record before rewriting: getpeername and recvmsg need the way back.
+    // Losing the record (map full is impossible for an LRU) only costs the
+    // application seeing the backend's address.
+    let rev_key = SockRevNatKey {
+        // SAFETY: the helper accepts a sock_addr context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: backend.addr,
+        port: backend.port,
+        _pad: 0,
+    };
+    let rev_value = SockRevNatValue {
+        addr,
+        port: port as u16,
+        _pad: 0,
+    };
+    let _ = SOCK_REVNAT.insert(&rev_key, &rev_value, 0);
+    // SAFETY: as above; both fields are writable by these programs.
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = u32::from(backend.port);
+    }
+    count(
+        match hook {
+            Hook::Connect => Counter::SockConnectTranslated,
+            Hook::Sendmsg => Counter::SockSendmsgTranslated,
+        },
+        0,
+    );
+    SYS_PROCEED
+}
+
+/// recvmsg4 / getpeername4: a backend this socket was sent to by
+/// [`translate_destination`] shows as the frontend the client asked for.
+/// These hooks must always let the call proceed.
+#[inline(always)]
+pub fn restore_frontend(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: valid context; readable fields for these hooks.
+    let (family, addr, port) = unsafe { ((*sa).user_family, (*sa).user_ip4, (*sa).user_port) };
+    if family != AF_INET {
+        return SYS_PROCEED;
+    }
+    let key = SockRevNatKey {
+        // SAFETY: the helper accepts a sock_addr context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr,
+        port: port as u16,
+        _pad: 0,
+    };
+    // SAFETY: plain data.
+    if let Some(frontend) = unsafe { SOCK_REVNAT.get(&key) }.copied() {
+        // SAFETY: both fields are writable by these programs.
+        unsafe {
+            (*sa).user_ip4 = frontend.addr;
+            (*sa).user_port = u32::from(frontend.port);
+        }
+        count(Counter::SockReverseTranslated, 0);
+    }
+    SYS_PROCEED
+}
