@@ -55,6 +55,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web-local}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: empty}
 spec:
   selector: {app: nothing}
@@ -138,6 +147,23 @@ fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
         "node-local client got {answer:?}"
     );
     std::fs::remove_dir(&node_client)?;
+
+    // healthCheckNodePort of a Local service: 200 with the local endpoint count.
+    let svc: serde_json::Value =
+        serde_json::from_str(&node.vipr_ok(&["get", "svc", "web-local", "-o", "json"])?)?;
+    let hc_port = svc["spec"]["healthCheckNodePort"]
+        .as_u64()
+        .expect("healthCheckNodePort");
+    let hc = vipr_e2e::run(node.outside.command("curl").args([
+        "-s",
+        "-i",
+        "-m",
+        "2",
+        &format!("http://{}:{hc_port}/", vipr_e2e::agent::NODE_IP),
+    ]))?;
+    let hc = String::from_utf8_lossy(&hc.stdout);
+    assert!(hc.starts_with("HTTP/1.1 200"), "{hc}");
+    assert!(hc.contains("\"localEndpoints\":2"), "{hc}");
 
     // A service without endpoints refuses at once (kube-proxy's REJECT).
     let empty = node.cluster_ip("empty")?;

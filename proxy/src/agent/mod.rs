@@ -12,6 +12,7 @@
 mod api_handler;
 mod dns_snapshot;
 mod frontends;
+mod health_check;
 mod node;
 mod pods;
 mod reconciler;
@@ -101,6 +102,10 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     .context("starting the pod runtime")?;
 
     let slices = ComputedSlices::default();
+    let (health_checks, wanted_health_checks) = tokio::sync::watch::channel(Default::default());
+    if let Some(node_ip) = node.node_ip {
+        health_check::spawn(node_ip, wanted_health_checks);
+    }
     let mut reconciler = Reconciler {
         store: store.clone(),
         dataplane: dataplane.clone(),
@@ -117,6 +122,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),
         sync: Default::default(),
+        health_checks,
     };
     let controller = pods::PodController::new(store.clone(), pod_runtime.clone());
     controller.adopt_existing();

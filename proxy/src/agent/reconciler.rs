@@ -25,6 +25,7 @@ use vipr_store::{
     endpoints::{self, EndpointGroup},
 };
 
+use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
     frontends::{FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
@@ -49,6 +50,8 @@ pub struct Reconciler {
     pub cluster_dns: Ipv4Addr,
     pub slices: ComputedSlices,
     pub sync: DataplaneSync,
+    /// healthCheckNodePort answers, by port.
+    pub health_checks: tokio::sync::watch::Sender<HealthChecks>,
 }
 
 impl Reconciler {
@@ -144,6 +147,8 @@ impl Reconciler {
             name.1.clone(),
         ));
         let Some(service) = object.as_deref().and_then(Object::as_service) else {
+            self.health_checks
+                .send_if_modified(|checks| remove_health_check(checks, name));
             self.slices.write().unwrap().remove(name);
             self.sync.sync_service(
                 &mut self.dataplane.lock().unwrap(),
@@ -169,7 +174,38 @@ impl Reconciler {
         }
         self.sync
             .sync_service(&mut self.dataplane.lock().unwrap(), name, table)?;
+        self.update_health_check(name, service, &groups);
         Ok(())
+    }
+
+    /// Tracks the local endpoint count a Local service's healthCheckNodePort reports.
+    fn update_health_check(&self, name: &ServiceName, service: &Service, groups: &[EndpointGroup]) {
+        let spec = service.spec.as_ref();
+        let local_policy = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+        let port = spec
+            .and_then(|s| s.health_check_node_port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|_| local_policy);
+        let local: BTreeSet<_> = groups
+            .iter()
+            .flat_map(|g| g.endpoints.iter())
+            .filter(|e| e.conditions.ready)
+            .filter(|e| {
+                e.node_name
+                    .as_deref()
+                    .is_none_or(|n| n == self.node.node_name)
+            })
+            .map(|e| e.address)
+            .collect();
+        self.health_checks.send_if_modified(|checks| {
+            let removed = remove_health_check(checks, name);
+            let Some(port) = port else {
+                return removed;
+            };
+            let entry = (name.clone(), local.len());
+            checks.insert(port, entry);
+            true
+        });
     }
 
     fn endpoint_groups(&self, service: &Service, namespace: &str) -> Vec<EndpointGroup> {
@@ -281,6 +317,13 @@ fn dns_snapshot_of(store: &Store, computed: &ComputedSlices) -> vipr_dns::Cluste
         .filter_map(|o| o.as_pod().cloned())
         .collect();
     cluster_snapshot(namespaces, &services, &slices, &pods)
+}
+
+/// Forgets `name`'s health check port; returns whether it had one.
+fn remove_health_check(checks: &mut HealthChecks, name: &ServiceName) -> bool {
+    let before = checks.len();
+    checks.retain(|_, (owner, _)| owner != name);
+    checks.len() != before
 }
 
 pub fn service_name(service: &Service) -> ServiceName {
