@@ -90,7 +90,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
 
     node::bind_cluster_dns(args.cluster_dns)?;
     let dns = Arc::new(
-        DnsServer::start(dns_config(&args), &Default::default())
+        DnsServer::start(dns_config(&args, &node), &Default::default())
             .await
             .context("starting the cluster DNS server")?,
     );
@@ -190,7 +190,9 @@ fn open_store(args: &AgentArgs) -> Result<Store> {
     })
 }
 
-fn dns_config(args: &AgentArgs) -> DnsConfig {
+/// Recursion (names outside the cluster) only for the pods, the node
+/// itself and loopback: the server is no open resolver.
+fn dns_config(args: &AgentArgs, node: &node::NodeIdentity) -> DnsConfig {
     let mut config = DnsConfig {
         zone: args.cluster_domain.clone(),
         // The cluster DNS address itself, made local by a route: replies then
@@ -206,6 +208,11 @@ fn dns_config(args: &AgentArgs) -> DnsConfig {
         args.service_cidr.into(),
         "127.0.0.0/8".parse().expect("static CIDR"),
     ];
+    if let Some(node_ip) = node.node_ip {
+        config
+            .allowed_clients
+            .push(std::net::IpAddr::V4(node_ip).into());
+    }
     config
 }
 
