@@ -114,7 +114,13 @@ pub struct PodChange {
     pub key: PodKey,
     pub uid: String,
     pub ip: Option<Ipv4Addr>,
+    /// The Ready condition: serving and not terminating.
     pub ready: bool,
+    /// All containers running and passing readiness, terminating or not
+    /// (EndpointSlice `serving`).
+    pub serving: bool,
+    /// Deletion in progress (EndpointSlice `terminating`).
+    pub terminating: bool,
     pub phase: String,
     pub deleted: bool,
 }
@@ -133,6 +139,8 @@ pub struct PodInfo {
     pub host_ifindex: Option<u32>,
     pub shim_pid: Option<i32>,
     pub deleting: bool,
+    /// See [`PodChange::serving`].
+    pub serving: bool,
 }
 
 // ------------------------------------------------------------ persisted state
@@ -184,6 +192,7 @@ struct Shared {
     pids: BTreeMap<String, i32>,
     grace_override: Option<i64>,
     gone: bool,
+    serving: bool,
 }
 
 struct PodShared {
@@ -386,6 +395,7 @@ impl Runtime {
                 pids: BTreeMap::new(),
                 grace_override: None,
                 gone: false,
+                serving: false,
             }),
             gone_cv: Condvar::new(),
             thread: Mutex::new(None),
@@ -582,6 +592,7 @@ fn info(p: &PodShared) -> PodInfo {
         host_ifindex: st.host_ifindex,
         shim_pid: st.shim_pid,
         deleting: p.deleting.load(Ordering::SeqCst),
+        serving: st.serving,
     }
 }
 
@@ -641,6 +652,7 @@ struct Supervisor {
     sandbox_error: Option<String>,
     /// Init containers run again after a sandbox change.
     init_rerun: bool,
+    terminating: bool,
     shim_failures: u32,
     init_failed: bool,
     last_change: Option<PodChange>,
@@ -715,6 +727,7 @@ impl Supervisor {
             volumes: None,
             sandbox_error: None,
             init_rerun: false,
+            terminating: false,
             shim_failures: 0,
             init_failed: false,
             last_change: None,
@@ -1180,6 +1193,25 @@ impl Supervisor {
         let mut out = BTreeMap::new();
         for v in spec.volumes.iter().flatten() {
             let vdir = self.sh.dir.join("volumes").join(&v.name);
+            // Secrets live in memory, as with the kubelet: never on the node's disk.
+            let has_secret = v.secret.is_some()
+                || v.projected
+                    .as_ref()
+                    .is_some_and(|p| p.sources.iter().flatten().any(|s| s.secret.is_some()));
+            if has_secret && !is_mountpoint(&vdir) {
+                let _ = std::fs::create_dir_all(&vdir);
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &vdir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOEXEC | nix::mount::MsFlags::MS_NOSUID,
+                    Some("mode=0755,size=16m"),
+                )
+                .map_err(|e| Waiting {
+                    reason: "CreateContainerConfigError".into(),
+                    message: format!("volume {}: mount tmpfs: {e}", v.name),
+                })?;
+            }
             let pv = spec::prepare_volume(v, &vdir, &facts, self.inner.lookup.as_ref())?;
             if pv.node_tmpfs && !is_mountpoint(&vdir) {
                 let opts = match &pv.kind {
@@ -1785,7 +1817,9 @@ impl Supervisor {
         let all_ready = app
             .iter()
             .all(|c| c.ready && matches!(c.phase, CtrPhase::Running { .. }));
-        let (initialized, cready, ready) = phase::conditions(init, ph, all_ready);
+        let serving = all_ready && !matches!(ph, Phase::Succeeded | Phase::Failed);
+        let (initialized, cready, ready) =
+            phase::conditions(init, ph, all_ready && !self.terminating);
         let created = k8s_time(self.rec.created_at);
         let cond = |t: &str, v: bool, reason: Option<&str>| PodCondition {
             type_: t.into(),
@@ -1901,7 +1935,9 @@ impl Supervisor {
                 .map(|_| "FailedCreatePodSandBox".to_string()),
             ..Default::default()
         };
-        self.sh.state.lock().unwrap().status = status;
+        let mut st = self.sh.state.lock().unwrap();
+        st.status = status;
+        st.serving = serving;
     }
 
     fn publish(&mut self) {
@@ -1917,6 +1953,8 @@ impl Supervisor {
             uid: self.rec.uid.clone(),
             ip: st.status.pod_ip.as_ref().and_then(|s| s.parse().ok()),
             ready,
+            serving: st.serving,
+            terminating: self.terminating,
             phase: st.status.phase.clone().unwrap_or_default(),
             deleted: false,
         };
@@ -1933,10 +1971,9 @@ impl Supervisor {
         let grace = self.grace();
         let deadline = Instant::now() + grace;
         let dir = self.pod_dir().to_path_buf();
-        // Not ready from the first moment of deletion: endpoints drop it now.
-        for c in &mut self.ctrs {
-            c.ready = false;
-        }
+        // Not Ready from the first moment of deletion, but still serving until its
+        // containers exit: endpoints keep it as terminating+serving meanwhile.
+        self.terminating = true;
         if self.sandbox_ready {
             self.compute_status();
         }
@@ -1966,13 +2003,35 @@ impl Supervisor {
             let name = self.ctrs[*i].spec.name.clone();
             self.signal(&name, libc::SIGTERM);
         }
-        let all_exited = |d: &Path| match shim::call(d, &Request::Status, Duration::from_secs(2)) {
-            Ok(Response::Status(r)) => r.values().all(|c| c.exit.is_some()),
-            _ => true,
-        };
-        while Instant::now() < deadline && !all_exited(&dir) {
+        while Instant::now() < deadline {
+            let recs = match shim::call(&dir, &Request::Status, Duration::from_secs(2)) {
+                Ok(Response::Status(r)) => r,
+                _ => break,
+            };
+            if recs.values().all(|c| c.exit.is_some()) {
+                break;
+            }
+            // A container that exited stops serving.
+            let mut changed = false;
+            for c in &mut self.ctrs {
+                if c.ready && recs.get(&c.spec.name).is_some_and(|r| r.exit.is_some()) {
+                    c.ready = false;
+                    changed = true;
+                }
+            }
+            if changed {
+                self.compute_status();
+                self.publish();
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        for c in &mut self.ctrs {
+            c.ready = false;
+        }
+        if self.sandbox_ready {
+            self.compute_status();
+        }
+        self.publish();
         // Shutdown SIGKILLs what is left; the shim exits once all are reaped.
         let shim_pid = self.sh.state.lock().unwrap().shim_pid;
         let _ = shim::call(&dir, &Request::Shutdown, Duration::from_secs(2));
@@ -2025,6 +2084,8 @@ impl Supervisor {
             uid: self.rec.uid.clone(),
             ip: None,
             ready: false,
+            serving: false,
+            terminating: true,
             phase: "Deleted".into(),
             deleted: true,
         });

@@ -272,6 +272,13 @@ fn init_containers_volumes_probes_and_hooks() {
         "default",
         json!({"metadata": {"name": "files"}, "data": {"app.conf": "x=1\n"}}),
     );
+    rig.objects.secrets.lock().unwrap().insert(
+        ("default".into(), "creds".into()),
+        serde_json::from_value(
+            json!({"metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}}),
+        )
+        .unwrap(),
+    );
     let rt = rig.start();
     let key = rt
         .create_pod(pod(json!({
@@ -281,6 +288,7 @@ fn init_containers_volumes_probes_and_hooks() {
                     {"name": "work", "emptyDir": {}},
                     {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
                     {"name": "conf", "configMap": {"name": "files"}},
+                    {"name": "sec", "secret": {"secretName": "creds"}},
                     {"name": "info", "projected": {"sources": [
                         {"downwardAPI": {"items": [{"path": "name", "fieldRef": {"fieldPath": "metadata.name"}}]}},
                         {"configMap": {"name": "files"}}
@@ -299,6 +307,7 @@ fn init_containers_volumes_probes_and_hooks() {
                         {"name": "work", "mountPath": "/work"},
                         {"name": "mem", "mountPath": "/mem"},
                         {"name": "conf", "mountPath": "/etc/app"},
+                        {"name": "sec", "mountPath": "/secrets"},
                         {"name": "info", "mountPath": "/info"}
                     ],
                     "lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", "echo hook > /work/poststart"]}}},
@@ -335,6 +344,20 @@ fn init_containers_volumes_probes_and_hooks() {
     assert_eq!(run("cat /work/order"), "one\ntwo\n");
     assert_eq!(run("cat /work/poststart"), "hook\n");
     assert_eq!(run("cat /etc/app/app.conf"), "x=1\n");
+    assert_eq!(run("cat /secrets/password"), "hunter2");
+    let info = rt.pod(&key).unwrap();
+    let sec_dir = rig
+        .state_dir
+        .join("pods")
+        .join(&info.uid)
+        .join("volumes/sec");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(&format!(" {} ", sec_dir.display())) && l.contains(" - tmpfs ")),
+        "secret volume must be a tmpfs"
+    );
     assert_eq!(
         run("cat /info/name; echo; cat /info/app.conf"),
         "vols\nx=1\n"
@@ -420,9 +443,18 @@ fn delete_runs_prestop_and_kills_at_grace_end() {
         .unwrap();
     let st = rig.wait_status(&key, Duration::from_secs(10), is_ready);
     let ip = st.pod_ip.unwrap();
+    let mut changes = rt.subscribe();
     let t = Instant::now();
     rt.delete_pod(&key, None).unwrap();
     assert!(rt.wait_deleted(&key, Duration::from_secs(15)));
+    // Endpoint semantics: terminating+serving (not ready), then gone.
+    let mut seen = vec![];
+    while let Ok(c) = changes.try_recv() {
+        seen.push((c.ready, c.serving, c.terminating, c.deleted));
+    }
+    // (A change published just before the delete may come first: look for the state.)
+    assert!(seen.contains(&(false, true, true, false)), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(false, false, true, true)), "{seen:?}");
     let took = t.elapsed();
     assert!(
         took >= Duration::from_secs(2) && took < Duration::from_secs(6),

@@ -220,6 +220,7 @@ fn runtime_config(args: &AgentArgs, node: &node::NodeIdentity) -> Result<Runtime
     let mut config = RuntimeConfig::new(args.state_dir.join("runtime"), args.pod_cidr);
     let exe = std::env::current_exe().context("locating the vipr binary")?;
     config.node_name = node.name.clone();
+    config.node_ip = node.node_ip;
     config.cluster_dns = vec![args.cluster_dns.into()];
     config.cluster_domain = args.cluster_domain.clone();
     config.cgroup_root = Some(args.cgroup_root.clone());
