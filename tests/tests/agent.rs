@@ -314,3 +314,27 @@ fn metrics_and_healthz_like_kube_proxy() -> Result<()> {
     assert!(get("http://127.0.0.1:10249/nothing")?.starts_with("HTTP/1.1 404"));
     Ok(())
 }
+
+/// The shipped example: container "caller" reaches container "server" of the
+/// same pod on 127.0.0.1.
+#[test]
+fn two_container_example_shares_localhost() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("two")?;
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/two-containers.yaml");
+    node.apply(&std::fs::read_to_string(example)?)?;
+    node.wait_ready(&["pair"], Duration::from_secs(30))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let logs = node.vipr_ok(&["logs", "pair", "-c", "caller"])?;
+        if logs.contains("server says: pair") {
+            return Ok(());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "caller never reached server: {logs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
