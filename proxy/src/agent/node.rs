@@ -117,9 +117,11 @@ fn ip(args: &[&str]) -> Result<()> {
 /// interface and the API socket, like `kube-proxy --cleanup`. The store is
 /// kept: it is the user's desired state, not something the agent made.
 pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Result<()> {
-    let config =
+    let mut config =
         vipr_pod_runtime::RuntimeConfig::new(args.state_dir.join("runtime"), args.pod_cidr);
+    config.cgroup_root = Some(args.cgroup_root.clone());
     let runtime_dir = config.state_dir.clone();
+    let mut cgroup_roots = vec![args.cgroup_root.clone()];
     if runtime_dir.exists() {
         let runtime = vipr_pod_runtime::Runtime::new(config, Arc::new(vipr_pod_runtime::NoObjects))
             .context("opening the pod runtime")?;
@@ -131,6 +133,7 @@ pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Resu
                 tracing::warn!(pod = %pod.key, "pod did not stop within 10s");
             }
         }
+        cgroup_roots.extend(runtime.cgroup_roots());
         runtime.detach();
     }
     if node.pin_dir.exists() {
@@ -139,7 +142,18 @@ pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Resu
     }
     // The shared parent goes too once the last node's folder is gone.
     let _ = std::fs::remove_dir(BPFFS_ROOT);
-    remove_cgroup_tree(&args.cgroup_root);
+    // A killed process leaves its cgroup a moment after it is reaped:
+    // retry briefly rather than leave empty cgroups behind.
+    for _ in 0..50 {
+        cgroup_roots.retain(|root| {
+            remove_cgroup_tree(root);
+            root.exists()
+        });
+        if cgroup_roots.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let dns = format!("{}/32", args.cluster_dns);
     let _ = Command::new("ip")
         .args(["route", "del", "local", &dns, "dev", "lo"])
