@@ -218,3 +218,41 @@ impl Drop for BpfPinDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+/// A backend that tells each client the address it saw: TCP on 8080 (one
+/// line in, `peer=IP:PORT` out) and UDP on 5353 (any datagram in, the same
+/// answer out). Runs in `ns` until `stop` is set or 90 s pass.
+pub fn spawn_peer_echo(
+    ns: &Netns,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<Result<Result<()>>>> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::time::{Duration, Instant};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = ns.spawn(move || -> Result<()> {
+        let tcp = std::net::TcpListener::bind("0.0.0.0:8080")?;
+        let udp = std::net::UdpSocket::bind("0.0.0.0:5353")?;
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(20)))?;
+        ready_tx.send(()).ok();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut buf = [0u8; 512];
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((mut conn, peer)) = tcp.accept() {
+                conn.set_nonblocking(false)?;
+                conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let mut line = String::new();
+                BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+                writeln!(conn, "peer={peer}")?;
+            }
+            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                udp.send_to(format!("peer={peer}").as_bytes(), peer)?;
+            }
+        }
+        Ok(())
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("the echo backend did not start")?;
+    Ok(handle)
+}

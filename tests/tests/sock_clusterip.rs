@@ -17,7 +17,7 @@
 use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::{
         fd::{AsRawFd, OwnedFd},
         unix::process::CommandExt,
@@ -132,40 +132,6 @@ fn rig(tag: &str) -> Result<(Rig, String)> {
 
 fn port(p: u16) -> Port {
     Port::new(p).unwrap()
-}
-
-type Server = std::thread::JoinHandle<Result<Result<()>>>;
-
-/// Serves TCP on 8080 and UDP on 5353 in the backend namespace: every line or
-/// datagram is answered with the peer address the backend saw.
-fn start_backend(rig: &Rig, stop: Arc<AtomicBool>) -> Result<Server> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = rig.backend.spawn(move || -> Result<()> {
-        let tcp = TcpListener::bind("0.0.0.0:8080")?;
-        let udp = UdpSocket::bind("0.0.0.0:5353")?;
-        tcp.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(Duration::from_millis(20)))?;
-        ready_tx.send(()).ok();
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut buf = [0u8; 512];
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok((mut conn, peer)) = tcp.accept() {
-                conn.set_nonblocking(false)?;
-                conn.set_read_timeout(Some(IO_TIMEOUT))?;
-                let mut line = String::new();
-                BufReader::new(conn.try_clone()?).read_line(&mut line)?;
-                writeln!(conn, "peer={peer}")?;
-            }
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                udp.send_to(format!("peer={peer}").as_bytes(), peer)?;
-            }
-        }
-        Ok(())
-    })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .context("backend did not start")?;
-    Ok(handle)
 }
 
 /// What a client child reports: `Ok(fields)` or `Err(errno)`.
@@ -372,7 +338,7 @@ fn node_local_clients_reach_clusterips_through_cgroup_hooks() -> Result<()> {
     dp.attach_cgroup(cgroup.path())?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let server = start_backend(&rig, stop.clone())?;
+    let server = vipr_e2e::spawn_peer_echo(&rig.backend, stop.clone())?;
 
     // TCP: connected to the backend, but getpeername says VIP:80; the backend
     // saw the node's own address (no NAT of the source at all).
@@ -502,7 +468,7 @@ fn pinned_cgroup_links_survive_a_restart() -> Result<()> {
         ..DataplaneOptions::default()
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let server = start_backend(&rig, stop.clone())?;
+    let server = vipr_e2e::spawn_peer_echo(&rig.backend, stop.clone())?;
 
     let mut dp = Dataplane::load(&options)?;
     program_services(&mut dp)?;

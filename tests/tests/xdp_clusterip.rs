@@ -9,15 +9,15 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use vipr_dataplane::{
     BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend, Port, Protocol, XdpMode,
 };
@@ -89,40 +89,6 @@ fn port(p: u16) -> Port {
     Port::new(p).unwrap()
 }
 
-/// Serves TCP on 8080 and UDP on 5353 in the backend namespace: every line or
-/// datagram is answered with the peer address the backend saw.
-type Server = std::thread::JoinHandle<Result<Result<()>>>;
-
-fn start_backend(rig: &Rig, stop: Arc<AtomicBool>) -> Result<Server> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = rig.backend.spawn(move || -> Result<()> {
-        let tcp = TcpListener::bind("0.0.0.0:8080")?;
-        let udp = UdpSocket::bind("0.0.0.0:5353")?;
-        tcp.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(Duration::from_millis(20)))?;
-        ready_tx.send(()).ok();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 512];
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            if let Ok((mut conn, peer)) = tcp.accept() {
-                conn.set_nonblocking(false)?;
-                conn.set_read_timeout(Some(IO_TIMEOUT))?;
-                let mut line = String::new();
-                BufReader::new(conn.try_clone()?).read_line(&mut line)?;
-                writeln!(conn, "peer={peer}")?;
-            }
-            if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                udp.send_to(format!("peer={peer}").as_bytes(), peer)?;
-            }
-        }
-        Ok(())
-    })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .context("backend did not start")?;
-    Ok(handle)
-}
-
 fn tcp_request(rig: &Rig, to: SocketAddr) -> Result<Result<String>> {
     rig.client.enter(move || -> Result<String> {
         let mut conn = TcpStream::connect_timeout(&to, IO_TIMEOUT)?;
@@ -183,7 +149,7 @@ fn clusterip_tcp_and_udp_through_xdp_on_veths() -> Result<()> {
     assert_eq!(dp.attached_interfaces().len(), 2);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let server = start_backend(&rig, stop.clone())?;
+    let server = vipr_e2e::spawn_peer_echo(&rig.backend, stop.clone())?;
 
     // TCP: the connection completes (the SYN-ACK came back from the VIP, or
     // the client's kernel would have reset it) and the backend saw the
