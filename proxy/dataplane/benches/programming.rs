@@ -26,6 +26,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -86,6 +87,8 @@ fn main() {
         eprintln!("programming bench: needs root (eBPF maps, network namespaces); skipped");
         return;
     }
+    install_interrupt_handler();
+    remove_leftovers();
     let config = Config::new(quick);
     let mut out = String::new();
     let _ = writeln!(
@@ -116,6 +119,62 @@ fn main() {
     let iptables = iptables_all(&config);
     section_iptables(&mut out, &iptables, &config);
     print!("{out}");
+}
+
+// ---------------------------------------------------------------------------
+// interruption and cleanup
+
+/// Set by SIGINT / SIGTERM (`timeout`, Ctrl-C): the run stops at its next
+/// check by panicking, so unwinding deletes its namespaces and files.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_interrupt_handler() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+fn check_interrupted() {
+    assert!(
+        !INTERRUPTED.load(Ordering::Relaxed),
+        "interrupted: cleaning up"
+    );
+}
+
+/// Namespaces and scratch folders of earlier runs of this bench whose
+/// process is gone (killed before it could clean up).
+fn remove_leftovers() {
+    let dead = |name: &str, prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            })
+    };
+    if let Ok(dir) = std::fs::read_dir("/run/netns") {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name, "vipr-bench-") {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name, "vipr-bench-iptables-") {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -188,6 +247,7 @@ fn from_empty_keep(services: u32, backends_per: u32, reps: usize) -> (LoadResult
         })
         .collect();
     for rep in 0..reps.max(1) {
+        check_interrupted();
         // The previous data plane's maps close before the next load.
         drop(last.take());
         let before_load = vm_rss_kib();
@@ -246,6 +306,7 @@ fn one_change(dp: &mut Dataplane, n: u32, config: &Config) -> ChangeResult {
         dp.program_service(frontend(i), &list).expect("warm up");
     }
     for _ in 0..config.change_rounds {
+        check_interrupted();
         let mut add = Vec::with_capacity(config.change_cycles);
         let mut remove = Vec::with_capacity(config.change_cycles);
         let mut replace = Vec::with_capacity(config.change_cycles);
@@ -318,6 +379,7 @@ struct Netns(String);
 
 impl Netns {
     fn create(tag: &str) -> Netns {
+        check_interrupted();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -332,6 +394,7 @@ impl Netns {
 
     /// `ip netns exec <ns> <args>`; panics on failure. Returns the wall time.
     fn exec(&self, args: &[&str]) -> Duration {
+        check_interrupted();
         let start = Instant::now();
         let output = Command::new("ip")
             .args(["netns", "exec", &self.0])
