@@ -273,18 +273,7 @@ impl Dataplane {
         out: &mut [u8],
         repeat: u32,
     ) -> Result<TestRunResult, DataplaneError> {
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(out),
-            repeat,
-            ..TestRunOptions::default()
-        };
-        xdp_program(&mut self.ebpf)?
-            .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: XDP_PROGRAM,
-                source,
-            })
+        self.run_program(XDP_PROGRAM, packet, out, repeat)
     }
 
     /// [`Dataplane::test_run`] for the pass-everything program: the floor
@@ -295,18 +284,25 @@ impl Dataplane {
         out: &mut [u8],
         repeat: u32,
     ) -> Result<TestRunResult, DataplaneError> {
+        self.run_program(PASS_PROGRAM, packet, out, repeat)
+    }
+
+    fn run_program(
+        &mut self,
+        name: &'static str,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DataplaneError> {
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(out),
             repeat,
             ..TestRunOptions::default()
         };
-        program(&mut self.ebpf, PASS_PROGRAM)?
+        program(&mut self.ebpf, name)?
             .test_run(opts)
-            .map_err(|source| DataplaneError::Program {
-                name: PASS_PROGRAM,
-                source,
-            })
+            .map_err(|source| DataplaneError::Program { name, source })
     }
 
     /// Forwards pending eBPF log lines to the `log` facade (and so to tracing).
