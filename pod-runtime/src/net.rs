@@ -11,8 +11,6 @@
 
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
@@ -34,7 +32,18 @@ pub trait NetOps: Send + Sync {
 pub struct IpRoute2;
 
 fn ip_batch(netns_of_pid: Option<i32>, script: &str, ignore_errors: bool) -> Result<()> {
-    let mut cmd = Command::new("ip");
+    // `nsenter` rather than a setns in `pre_exec`: a pre_exec hook forces
+    // fork(), which copies the page tables of an agent with a thread per pod
+    // (and stalls every core with TLB shootdowns while it does); without one
+    // std spawns with posix_spawn (vfork-like).
+    let mut cmd = match netns_of_pid {
+        Some(pid) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/proc/{pid}/ns/net")).arg("ip");
+            cmd
+        }
+        None => Command::new("ip"),
+    };
     if ignore_errors {
         cmd.arg("-force");
     }
@@ -42,22 +51,6 @@ fn ip_batch(netns_of_pid: Option<i32>, script: &str, ignore_errors: bool) -> Res
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(pid) = netns_of_pid {
-        let fd = crate::shim::ns_fd(pid, "net")?;
-        let raw = fd.as_raw_fd();
-        // SAFETY: setns is async-signal-safe; fd stays open until after spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(raw, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let out = run(cmd, script)?;
-        drop(fd);
-        return check(out, script, ignore_errors);
-    }
     let out = run(cmd, script)?;
     check(out, script, ignore_errors)
 }

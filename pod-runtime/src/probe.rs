@@ -136,6 +136,15 @@ impl ProbeState {
         }
     }
 
+    /// How long until [`ProbeState::due`] turns true (zero when it is).
+    pub fn until_due(&self, since_start: Duration) -> Duration {
+        let at = match self.last_run {
+            None => self.timing.initial_delay,
+            Some(t) => t + self.timing.period,
+        };
+        at.saturating_sub(since_start)
+    }
+
     /// Record one attempt's outcome; returns the new verdict when it changed.
     pub fn record(&mut self, since_start: Duration, ok: bool) -> Option<bool> {
         self.last_run = Some(since_start);

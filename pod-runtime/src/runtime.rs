@@ -209,6 +209,13 @@ struct PodShared {
 }
 
 impl PodShared {
+    /// Wakes the supervisor thread from its wait so it acts on a request now.
+    fn wake(&self) {
+        if let Some(handle) = self.thread.lock().unwrap().as_ref() {
+            handle.thread().unpark();
+        }
+    }
+
     fn event(&self, warning: bool, reason: &str, ctr: Option<&str>, msg: String) {
         self.state
             .lock()
@@ -443,6 +450,7 @@ impl Runtime {
             .ok_or_else(|| Error::NotFound(key.to_string()))?;
         p.state.lock().unwrap().grace_override = grace_seconds;
         p.deleting.store(true, Ordering::SeqCst);
+        p.wake();
         Ok(())
     }
 
@@ -559,6 +567,9 @@ impl Runtime {
         let pods: Vec<_> = std::mem::take(&mut *self.inner.pods.lock().unwrap())
             .into_values()
             .collect();
+        for p in &pods {
+            p.wake();
+        }
         for p in pods {
             if let Some(h) = p.thread.lock().unwrap().take() {
                 let _ = h.join();
@@ -640,6 +651,14 @@ struct Ctr {
     kill_deadline: Option<Instant>,
     oom_before: u64,
 }
+
+/// Quiet steps (nothing written, published or under way) before a pod
+/// supervisor slows from the runtime's tick to [`IDLE_TICK`].
+const QUIET_TICKS_BEFORE_IDLE: u32 = 10;
+/// How often a quiet pod's shim is asked for its containers' state.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// The shortest wait between steps, so a probe due now cannot spin the loop.
+const MIN_WAIT: Duration = Duration::from_millis(10);
 
 struct Supervisor {
     inner: Arc<Inner>,
@@ -752,6 +771,7 @@ impl Supervisor {
 
     fn run(mut self) {
         let tick = self.inner.cfg.tick;
+        let mut quiet_ticks = 0u32;
         loop {
             if self.inner.detached.load(Ordering::SeqCst) {
                 self.flush();
@@ -771,10 +791,50 @@ impl Supervisor {
             if !self.sandbox_ready {
                 self.compute_status();
             }
+            let wrote = self.dirty;
             self.flush();
-            self.publish();
-            std::thread::sleep(tick);
+            let published = self.publish();
+            if wrote || published || self.busy() {
+                quiet_ticks = 0;
+            } else {
+                quiet_ticks = quiet_ticks.saturating_add(1);
+            }
+            // Woken early by `PodShared::wake` (delete, detach).
+            std::thread::park_timeout(self.next_wait(tick, quiet_ticks));
         }
+    }
+
+    /// Whether something is under way that needs the short tick: no sandbox
+    /// yet, a (re)start scheduled, a kill in progress.
+    fn busy(&self) -> bool {
+        !self.sandbox_ready
+            || self
+                .ctrs
+                .iter()
+                .any(|c| c.next_start.is_some() || c.kill_deadline.is_some())
+    }
+
+    /// How long to wait before the next step. A pod that has been quiet for
+    /// a second polls its shim once a second (kubelet's PLEG relists at the
+    /// same period) instead of ten times: at a thousand pods that is the
+    /// difference between an idle agent and one busy core. Probes still run
+    /// on time: the wait never passes the next probe that falls due.
+    fn next_wait(&self, tick: Duration, quiet_ticks: u32) -> Duration {
+        if quiet_ticks < QUIET_TICKS_BEFORE_IDLE {
+            return tick;
+        }
+        let mut wait = IDLE_TICK.max(tick);
+        for c in &self.ctrs {
+            if c.current.as_ref().is_none_or(|r| r.exit.is_some()) {
+                continue;
+            }
+            let since = c.started_mono.elapsed();
+            let probes = [&c.startup, &c.liveness, &c.readiness];
+            for (_, state) in probes.into_iter().flatten() {
+                wait = wait.min(state.until_due(since));
+            }
+        }
+        wait.max(tick.min(MIN_WAIT))
     }
 
     fn flush(&mut self) {
@@ -1940,7 +2000,9 @@ impl Supervisor {
         st.serving = serving;
     }
 
-    fn publish(&mut self) {
+    /// Sends the pod's change to the agent when it differs from the last
+    /// one sent; returns whether it did.
+    fn publish(&mut self) -> bool {
         let st = self.sh.state.lock().unwrap();
         let ready = st
             .status
@@ -1959,10 +2021,12 @@ impl Supervisor {
             deleted: false,
         };
         drop(st);
-        if self.last_change.as_ref() != Some(&change) {
-            let _ = self.inner.tx.send(change.clone());
-            self.last_change = Some(change);
+        if self.last_change.as_ref() == Some(&change) {
+            return false;
         }
+        let _ = self.inner.tx.send(change.clone());
+        self.last_change = Some(change);
+        true
     }
 
     // ---------------------------------------------------------- deletion

@@ -39,6 +39,8 @@ pub fn bin_dir() -> PathBuf {
 pub struct AgentNode {
     // Drop order matters: the agent goes first, then the namespaces.
     agent: Option<Child>,
+    /// Agent flags beyond the ones every node gets (see [`AgentNode::start_with`]).
+    extra_args: Vec<String>,
     pub prefix: String,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
@@ -51,6 +53,12 @@ pub struct AgentNode {
 impl AgentNode {
     /// Builds the namespaces and starts the agent; returns once it answers.
     pub fn start(tag: &str) -> Result<Self> {
+        Self::start_with(tag, &[])
+    }
+
+    /// As [`AgentNode::start`], with extra `vipr agent` flags (kept across
+    /// restarts and given to `--cleanup` too).
+    pub fn start_with(tag: &str, extra_args: &[&str]) -> Result<Self> {
         let prefix = unique_prefix(tag);
         let node = Netns::new(format!("{prefix}-node"))?;
         let outside = Netns::new(format!("{prefix}-out"))?;
@@ -73,6 +81,7 @@ impl AgentNode {
         std::fs::create_dir_all(&state_dir)?;
         let mut node = AgentNode {
             agent: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             socket: state_dir.join("vipr.sock"),
             cgroup_root: PathBuf::from(format!("/sys/fs/cgroup/unified/vipr-e2e-{prefix}")),
             state_dir,
@@ -86,7 +95,7 @@ impl AgentNode {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        vec![
+        let mut args = vec![
             "agent".into(),
             "--state-dir".into(),
             self.state_dir.join("state").display().to_string(),
@@ -98,7 +107,9 @@ impl AgentNode {
             self.cgroup_root.display().to_string(),
             "--api-socket".into(),
             self.socket.display().to_string(),
-        ]
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
     }
 
     /// Starts `vipr agent` inside the node namespace (entering only its
@@ -150,6 +161,22 @@ impl AgentNode {
 
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's resident set size in MiB (from /proc), if it runs.
+    pub fn agent_rss_mib(&self) -> Option<f64> {
+        // The child is nsenter, which execs vipr in place: same pid.
+        let pid = self.agent.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
     }
 
     /// Runs the vipr CLI against this node's agent.
