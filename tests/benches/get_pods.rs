@@ -123,7 +123,10 @@ fn time_cli(node: &AgentNode, args: &[&str], pods: usize) -> Result<Spread> {
         }
         let listed = count_pods(&out.stdout, args.contains(&"json"))?;
         if listed != pods {
-            bail!("vipr {} listed {listed} pods, expected {pods}", args.join(" "));
+            bail!(
+                "vipr {} listed {listed} pods, expected {pods}",
+                args.join(" ")
+            );
         }
         if round > 0 {
             samples.push(elapsed);
