@@ -262,6 +262,24 @@ impl AgentNode {
         ))
     }
 
+    /// `ip -d link show eth0` inside the network namespace of the pod with
+    /// `uid` (entered through a process of its first container, found in its
+    /// cgroup, so it works while no agent runs).
+    pub fn pod_eth0(&self, uid: &str) -> Result<String> {
+        let cgroup = std::fs::read_dir(self.cgroup_root.join(format!("pod-{uid}")))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir() && !p.ends_with("_sandbox"))
+            .context("pod has no container cgroup")?;
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
+        let pid = procs.lines().next().context("container has no process")?;
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["ip", "-d", "link", "show", "eth0"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// A service's ClusterIP.
     pub fn cluster_ip(&self, service: &str) -> Result<String> {
         let svc: Value =

@@ -211,6 +211,14 @@ fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
     // kill -9 of the agent: pods keep running, the new agent adopts them
     // without restarting a container, and traffic flows again.
     let before = node.pod("web-2")?;
+    node.kill_agent();
+    // Pinned links: with no agent running, the pod side still has the pass
+    // program XDP_TX'd refusals need.
+    assert!(
+        node.pod_eth0(before["metadata"]["uid"].as_str().unwrap())?
+            .contains("prog/xdp"),
+        "the pod's eth0 lost its XDP program with the agent"
+    );
     node.restart_agent()?;
     node.wait_ready(&["web-1", "web-2"], Duration::from_secs(30))?;
     let after = node.pod("web-2")?;

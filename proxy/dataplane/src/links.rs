@@ -35,7 +35,19 @@ fn link_error(
     }
 }
 
-/// Turns a fresh attachment into a pinned one at `dir/<interface>`.
+/// The pin file name of an attachment key: keys may hold `/` (`pod:ns/name`).
+fn pin_name(key: &str) -> String {
+    key.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The attachment key a pin file name stands for.
+fn key_of_pin(name: &str) -> String {
+    name.replace("%2F", "/").replace("%25", "%")
+}
+
+/// Turns a fresh attachment into a pinned one at `dir/<key>` (`key` names
+/// the attachment; it is the interface unless several namespaces share one
+/// name).
 pub(crate) fn pin(
     program: &mut Xdp,
     id: XdpLinkId,
@@ -50,7 +62,7 @@ pub(crate) fn pin(
         path: dir.to_owned(),
         source,
     })?;
-    let path = dir.join(interface);
+    let path = dir.join(pin_name(interface));
     let pinned = fd.pin(&path).map_err(|e| link_error(interface, e))?;
     Ok(Attachment::Pinned {
         link: FdLink::from(pinned),
@@ -58,7 +70,12 @@ pub(crate) fn pin(
     })
 }
 
-/// Takes over every link pinned in `dir`, pointing it at `program`.
+/// Takes over every link pinned in `dir`, pointing it at `program`, keyed
+/// by the key each was pinned under.
+///
+/// A link whose interface went away while no agent ran (a pod deleted by
+/// hand) cannot be updated any more: its pin is removed and it is skipped,
+/// rather than keeping the data plane from loading.
 pub(crate) fn adopt(
     program: &mut Xdp,
     dir: &Path,
@@ -68,35 +85,43 @@ pub(crate) fn adopt(
         return Ok(adopted);
     };
     for entry in entries.flatten() {
-        let interface = entry.file_name().to_string_lossy().into_owned();
+        let key = key_of_pin(&entry.file_name().to_string_lossy());
         let path = entry.path();
-        let pinned = PinnedLink::from_pin(&path).map_err(|e| link_error(&interface, e))?;
-        let xdp = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_error(&interface, e))?;
-        let id = program
-            .attach_to_link(xdp)
-            .map_err(|e| link_error(&interface, e))?;
-        let link = program
-            .take_link(id)
-            .map_err(|e| link_error(&interface, e))?;
-        let link = FdLink::try_from(link).map_err(|e| link_error(&interface, e))?;
-        adopted.insert(interface, Attachment::Pinned { link, path });
+        match take_over(program, &path, &key) {
+            Ok(link) => {
+                adopted.insert(key, Attachment::Pinned { link, path });
+            }
+            Err(error) => {
+                tracing::warn!(link = %key, error = %error, "dropping a pinned XDP link that cannot be taken over");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
     Ok(adopted)
+}
+
+/// Points the link pinned at `path` at `program` (`bpf_link_update`).
+fn take_over(program: &mut Xdp, path: &Path, key: &str) -> Result<FdLink, DataplaneError> {
+    let pinned = PinnedLink::from_pin(path).map_err(|e| link_error(key, e))?;
+    let xdp = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_error(key, e))?;
+    let id = program
+        .attach_to_link(xdp)
+        .map_err(|e| link_error(key, e))?;
+    let link = program.take_link(id).map_err(|e| link_error(key, e))?;
+    FdLink::try_from(link).map_err(|e| link_error(key, e))
 }
 
 /// Ends an attachment: the program leaves the interface.
 pub(crate) fn release(
     program: &mut Xdp,
+    name: &'static str,
     attachment: Attachment,
     interface: &str,
 ) -> Result<(), DataplaneError> {
     match attachment {
         Attachment::Owned(id) => program
             .detach(id)
-            .map_err(|source| DataplaneError::Program {
-                name: vipr_common::XDP_PROGRAM,
-                source,
-            }),
+            .map_err(|source| DataplaneError::Program { name, source }),
         Attachment::Pinned { link, path } => {
             // The pin and our fd are the only holders; both go, so does the link.
             std::fs::remove_file(&path).map_err(|e| link_error(interface, e))?;

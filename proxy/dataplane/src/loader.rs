@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::Array,
-    programs::{TestRun, TestRunOptions, TestRunResult, Xdp, xdp::XdpLinkId},
+    programs::{TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
@@ -107,7 +107,10 @@ pub struct Dataplane {
     attached: HashMap<String, Attachment>,
     /// Where attachments are pinned, when links are pinned at all.
     link_dir: Option<PathBuf>,
-    attached_pass: HashMap<String, XdpLinkId>,
+    /// `vipr_pass` attachments by key (see [`Dataplane::attach_pass_as`]).
+    attached_pass: HashMap<String, Attachment>,
+    /// Where `vipr_pass` attachments are pinned, when links are pinned.
+    pass_link_dir: Option<PathBuf>,
     /// Cgroups the socket-level programs are attached to.
     pub(crate) cgroups: HashMap<PathBuf, cgroup::CgroupAttachment>,
     /// Where cgroup attachments are pinned, when links are pinned at all.
@@ -161,7 +164,16 @@ impl Dataplane {
             Some(dir) => links::adopt(xdp_program(&mut ebpf)?, dir)?,
             None => HashMap::new(),
         };
-        // A sibling of `links`, which holds XDP links only.
+        // Siblings of `links`: each folder holds one program's links.
+        let pass_link_dir = options
+            .pin_dir
+            .as_ref()
+            .filter(|_| options.pin_links)
+            .map(|dir| dir.join("pass-links"));
+        let attached_pass = match &pass_link_dir {
+            Some(dir) => links::adopt(program(&mut ebpf, PASS_PROGRAM)?, dir)?,
+            None => HashMap::new(),
+        };
         let cgroup_link_dir = options
             .pin_dir
             .as_ref()
@@ -175,7 +187,8 @@ impl Dataplane {
             ebpf,
             attached,
             link_dir,
-            attached_pass: HashMap::new(),
+            attached_pass,
+            pass_link_dir,
             cgroups,
             cgroup_link_dir,
             services,
@@ -231,31 +244,39 @@ impl Dataplane {
         if self.attached_pass.contains_key(key) {
             return Ok(());
         }
-        let link = program(&mut self.ebpf, PASS_PROGRAM)?
+        let program = program(&mut self.ebpf, PASS_PROGRAM)?;
+        let id = program
             .attach(interface, mode)
             .map_err(|source| DataplaneError::Attach {
                 interface: interface.to_owned(),
                 source,
             })?;
-        self.attached_pass.insert(key.to_owned(), link);
+        // Pinned like the translation's links: while the agent restarts, a
+        // refusal sent back with XDP_TX must still be received.
+        let attachment = match &self.pass_link_dir {
+            Some(dir) => links::pin(program, id, dir, key)?,
+            None => Attachment::Owned(id),
+        };
+        self.attached_pass.insert(key.to_owned(), attachment);
         Ok(())
     }
 
     /// Detaches the XDP program from `interface`.
     pub fn detach(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        if let Some(link) = self.attached_pass.remove(interface) {
-            return program(&mut self.ebpf, PASS_PROGRAM)?
-                .detach(link)
-                .map_err(|source| DataplaneError::Program {
-                    name: PASS_PROGRAM,
-                    source,
-                });
+        if let Some(attachment) = self.attached_pass.remove(interface) {
+            let program = program(&mut self.ebpf, PASS_PROGRAM)?;
+            return links::release(program, PASS_PROGRAM, attachment, interface);
         }
         let attachment = self
             .attached
             .remove(interface)
             .ok_or_else(|| DataplaneError::NotAttached(interface.to_owned()))?;
-        links::release(xdp_program(&mut self.ebpf)?, attachment, interface)
+        links::release(
+            xdp_program(&mut self.ebpf)?,
+            XDP_PROGRAM,
+            attachment,
+            interface,
+        )
     }
 
     /// Interfaces the program is attached to, sorted.
