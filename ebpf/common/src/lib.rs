@@ -298,11 +298,16 @@ pub enum Counter {
     /// Socket level: `connect()` / `sendmsg()` to a frontend without
     /// endpoints refused with ECONNREFUSED.
     SockRejected = 19,
+    /// A TCP packet without SYN opened a flow (counted besides `NewFlow`):
+    /// its conntrack entry is gone, evicted from a full flow map or lost.
+    /// The LRU flow map makes room by evicting its oldest entry rather than
+    /// refusing a new flow; this is where that becomes visible.
+    FlowOpenedMidStream = 20,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -326,6 +331,7 @@ impl Counter {
         Counter::SockSendmsgTranslated,
         Counter::SockReverseTranslated,
         Counter::SockRejected,
+        Counter::FlowOpenedMidStream,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -351,6 +357,7 @@ impl Counter {
             Counter::SockSendmsgTranslated => "sock_sendmsg_translated",
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::SockRejected => "sock_rejected",
+            Counter::FlowOpenedMidStream => "flow_opened_mid_stream",
         }
     }
 

@@ -158,6 +158,9 @@ pub fn open(
         u32::from_be(tuple.dst_addr),
         u16::from_be(tuple.dst_port)
     );
+    if tuple.proto == IPPROTO_TCP && packet.tcp_flags() & tcp_flags::SYN == 0 {
+        count(Counter::FlowOpenedMidStream, 0);
+    }
     packet.rewrite(tuple, &forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
 }
