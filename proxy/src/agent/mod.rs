@@ -16,6 +16,7 @@ mod health_check;
 mod node;
 mod pods;
 mod reconciler;
+mod slice_index;
 mod sync;
 
 use std::{
@@ -123,6 +124,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         slices: slices.clone(),
         sync: Default::default(),
         health_checks,
+        slice_index: Default::default(),
     };
     let controller = pods::PodController::new(store.clone(), pod_runtime.clone());
     controller.adopt_existing();

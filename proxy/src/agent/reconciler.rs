@@ -29,6 +29,7 @@ use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
     frontends::{FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
+    slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
 };
 use crate::metrics::Metrics;
@@ -52,6 +53,8 @@ pub struct Reconciler {
     pub sync: DataplaneSync,
     /// healthCheckNodePort answers, by port.
     pub health_checks: tokio::sync::watch::Sender<HealthChecks>,
+    /// User EndpointSlices by service (rebuilt by each full sync).
+    pub slice_index: SliceIndex,
 }
 
 impl Reconciler {
@@ -59,6 +62,7 @@ impl Reconciler {
     /// pinned maps that no service wants any more.
     pub fn full_sync(&mut self) -> Result<()> {
         let started = Instant::now();
+        self.slice_index = SliceIndex::from_store(&self.store);
         let services: Vec<ServiceName> = self
             .store
             .list(Kind::Service, None)
@@ -92,7 +96,12 @@ impl Reconciler {
         self.metrics.change_pending();
         let mut affected = BTreeSet::new();
         for event in events {
-            self.affected_services(&event.object, &mut affected);
+            if event.object.kind() == Kind::EndpointSlice {
+                self.metrics.endpoint_changes.inc();
+                affected.extend(self.slice_index.update(event));
+            } else {
+                self.affected_services(&event.object, &mut affected);
+            }
         }
         for service in &affected {
             self.sync_service(service)?;
@@ -126,13 +135,6 @@ impl Reconciler {
                     {
                         affected.insert(service_name(service));
                     }
-                }
-            }
-            Object::EndpointSlice(slice) => {
-                self.metrics.endpoint_changes.inc();
-                if let Some(name) = endpoints::slice_service_name(slice) {
-                    let namespace = slice.metadata.namespace.clone().unwrap_or_default();
-                    affected.insert((namespace, name.to_owned()));
                 }
             }
             _ => {}
@@ -213,12 +215,12 @@ impl Reconciler {
             let pods = self.store.list(Kind::Pod, Some(namespace));
             endpoints::compute(service, pods.iter().filter_map(|o| o.as_pod()))
         } else {
-            let service_name = service.metadata.name.as_deref().unwrap_or_default();
-            self.store
-                .list(Kind::EndpointSlice, Some(namespace))
-                .iter()
-                .filter_map(|o| o.as_endpoint_slice())
-                .filter(|s| endpoints::slice_service_name(s) == Some(service_name))
+            let name = (
+                namespace.to_owned(),
+                service.metadata.name.clone().unwrap_or_default(),
+            );
+            self.slice_index
+                .slices_of(&name)
                 .filter_map(endpoints::from_endpoint_slice)
                 .collect()
         }

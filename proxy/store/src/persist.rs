@@ -21,6 +21,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 
 pub(crate) const FILE_NAME: &str = "store.redb";
+/// redb's page cache: enough for the tree's inner pages during a commit.
+const PAGE_CACHE_BYTES: usize = 16 << 20;
 
 /// One staged write of a batch.
 pub(crate) enum Write<'a> {
@@ -46,7 +48,12 @@ impl Disk {
             source,
         })?;
         let path = state_dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(storage("open database"))?;
+        // Every object also lives in memory (the store's map); redb's page
+        // cache (1 GiB by default) would only hold a second copy.
+        let db = Database::builder()
+            .set_cache_size(PAGE_CACHE_BYTES)
+            .create(&path)
+            .map_err(storage("open database"))?;
         let disk = Disk { db, path };
         disk.ensure_tables()?;
         let loaded = disk.load()?;
