@@ -79,6 +79,34 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Benchmark vipr against kube-proxy's iptables, nftables and IPVS modes
+    /// on a rig of network namespaces it builds and removes (needs root).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// 1 and 10,000 services, one round (a few minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Numbers of services to measure (default 1,1000,10000,50000; --quick: 1,10000).
+    #[arg(long, value_delimiter = ',')]
+    pub services: Option<Vec<usize>>,
+    /// Endpoints (backend pods) per service.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub endpoints: u16,
+    /// Rounds per scale (modes interleaved; default 3, --quick 1).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: Option<u16>,
+    /// New connections timed per mode and round.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Modes to leave out, e.g. --skip iptables-nft.
+    #[arg(long, value_delimiter = ',')]
+    pub skip: Vec<String>,
+    /// Where results.json and results.svg go.
+    #[arg(long, default_value = "vipr-bench")]
+    pub output: PathBuf,
 }
 
 #[derive(Args)]

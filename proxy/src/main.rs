@@ -26,6 +26,7 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Agent(args) => agent::run(*args, cli.api_socket),
+        Command::Bench(args) => commands::bench(args),
         other => commands::run(other, &cli.api_socket),
     };
     match result {

@@ -14,14 +14,11 @@
 
 use std::{
     net::Ipv4Addr,
-    path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use vipr_common::{IPPROTO_TCP, ServiceKey, ServiceValue};
-use vipr_e2e::agent::AgentNode;
+use anyhow::{Result, bail};
+use vipr_e2e::{agent::AgentNode, maps::PinnedServices};
 
 const SERVICE_PORT: u16 = 80;
 /// Bounded wait for the maps to show a change.
@@ -70,7 +67,6 @@ struct Row {
 
 fn run(services: usize, per_service: usize) -> Result<Row> {
     let node = AgentNode::start("as")?;
-    let pin_dir = Path::new("/sys/fs/bpf/vipr").join(&node.prefix);
     let manifest: String = (0..services)
         .map(|i| service_manifest(i, per_service))
         .collect();
@@ -80,14 +76,14 @@ fn run(services: usize, per_service: usize) -> Result<Row> {
     let started = Instant::now();
     node.vipr_ok(&["apply", "-f", &file.display().to_string()])?;
     let stored = started.elapsed();
-    let services_map = open_services(&pin_dir)?;
+    let services_map = PinnedServices::open(&node.pin_dir())?;
     // The reconciler goes through services in name order: the last one
     // programmed is the last name; then every frontend is checked.
     wait_backends(&services_map, services - 1, per_service)?;
     for i in 0..services {
-        let value = frontend(&services_map, i)?.with_context(|| format!("svc-{i:05} missing"))?;
-        if value.backend_count as usize != per_service {
-            bail!("svc-{i:05} has {} backends", value.backend_count);
+        let backends = services_map.backends(cluster_ip(i), SERVICE_PORT, true)?;
+        if backends != Some(per_service as u32) {
+            bail!("svc-{i:05} has {backends:?} backends, expected {per_service}");
         }
     }
     let programmed = started.elapsed();
@@ -136,33 +132,11 @@ fn slice_manifest(i: usize, endpoints: usize) -> String {
     )
 }
 
-type ServicesMap = BpfHashMap<MapData, ServiceKey, ServiceValue>;
-
-fn open_services(pin_dir: &Path) -> Result<ServicesMap> {
-    let path = pin_dir.join("SERVICES");
-    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(BpfHashMap::try_from(Map::HashMap(data))?)
-}
-
-fn frontend(map: &ServicesMap, i: usize) -> Result<Option<ServiceValue>> {
-    let key = ServiceKey {
-        addr: u32::from(cluster_ip(i)).to_be(),
-        port: SERVICE_PORT.to_be(),
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    match map.get(&key, 0) {
-        Ok(value) => Ok(Some(value)),
-        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Waits until service `i`'s frontend has `backends` backends.
-fn wait_backends(map: &ServicesMap, i: usize, backends: usize) -> Result<()> {
+fn wait_backends(map: &PinnedServices, i: usize, backends: usize) -> Result<()> {
     let deadline = Instant::now() + PROGRAMMED_TIMEOUT;
     loop {
-        if frontend(map, i)?.is_some_and(|v| v.backend_count as usize == backends) {
+        if map.backends(cluster_ip(i), SERVICE_PORT, true)? == Some(backends as u32) {
             return Ok(());
         }
         if Instant::now() > deadline {

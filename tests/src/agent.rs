@@ -19,15 +19,19 @@ use crate::{Netns, VethEnd, unique_prefix, veth_pair};
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
 
-/// The folder holding the workspace's binaries (`vipr`, `vipr-netexec`),
-/// next to the test executable's `deps/` folder.
+/// The folder holding the workspace's binaries (`vipr`, `vipr-netexec`):
+/// the running executable's own folder when that is `vipr` itself (`vipr
+/// bench`), else the one above a test's `deps/` folder.
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf();
+    let exe = std::env::current_exe().expect("executable path");
+    let own = exe.parent().expect("executable folder").to_path_buf();
+    let dir = if own.join("vipr").exists() {
+        own
+    } else {
+        own.parent()
+            .expect("target/<profile>/deps/<test>")
+            .to_path_buf()
+    };
     assert!(
         dir.join("vipr").exists(),
         "{} has no vipr binary: run `cargo build --bins` first (cargo xtask test does)",
@@ -157,6 +161,11 @@ impl AgentNode {
     pub fn restart_agent(&mut self) -> Result<()> {
         self.kill_agent();
         self.spawn_agent()
+    }
+
+    /// Where the agent pins its maps and links.
+    pub fn pin_dir(&self) -> PathBuf {
+        Path::new("/sys/fs/bpf/vipr").join(&self.prefix)
     }
 
     pub fn agent_log(&self) -> String {

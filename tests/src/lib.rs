@@ -186,6 +186,7 @@ pub fn veth_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
 }
 
 pub mod agent;
+pub mod maps;
 
 /// A folder on bpffs (`/sys/fs/bpf/<name>`) for one test's pinned maps and
 /// links, removed with everything in it on drop.

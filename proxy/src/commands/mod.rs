@@ -3,6 +3,10 @@
 
 mod get;
 
+pub use bench::bench;
+
+mod bench;
+
 use std::{
     io::Read,
     path::{Path, PathBuf},
@@ -18,7 +22,9 @@ use crate::{
 
 pub fn run(command: Command, socket: &Path) -> Result<ExitCode> {
     match command {
-        Command::Agent(_) => unreachable!("the agent is not a client command"),
+        Command::Agent(_) | Command::Bench(_) => {
+            unreachable!("the agent and the benchmark are not client commands")
+        }
         Command::Apply { files } => {
             let manifests = read_manifests(&files)?;
             print_done(api::call(socket, &Request::Apply { manifests })?)

@@ -1,0 +1,149 @@
+//! The load: new TCP connections timed one by one, and a UDP flood of many
+//! flows. Both run on a thread inside the outside namespace, so every packet
+//! crosses the node's uplink like a real client's.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use rand::Rng;
+
+/// A connection that takes longer than this counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Failures tolerated before a mode's figures are called broken.
+const MAX_FAILURES: usize = 5;
+
+pub struct Connections {
+    /// Time from `connect()` to established, per connection, in µs.
+    pub latencies_us: Vec<f64>,
+    pub per_second: f64,
+    pub failures: usize,
+}
+
+/// Opens `count` connections one after another, each to a target `pick`
+/// chooses at random among `targets`, and closes each at once.
+pub fn connect_many(
+    count: usize,
+    targets: usize,
+    pick: impl Fn(usize) -> (Ipv4Addr, u16),
+) -> Result<Connections> {
+    let mut rng = rand::rng();
+    let mut latencies_us = Vec::with_capacity(count);
+    let mut failures = 0;
+    let started = Instant::now();
+    for _ in 0..count {
+        let (addr, port) = pick(rng.random_range(0..targets));
+        let begin = Instant::now();
+        match TcpStream::connect_timeout(&SocketAddr::from((addr, port)), CONNECT_TIMEOUT) {
+            Ok(stream) => {
+                latencies_us.push(begin.elapsed().as_secs_f64() * 1e6);
+                reset_on_close(&stream);
+            }
+            Err(error) => {
+                failures += 1;
+                if failures > MAX_FAILURES {
+                    bail!("connections to {addr}:{port} fail: {error}");
+                }
+            }
+        }
+    }
+    let per_second = latencies_us.len() as f64 / started.elapsed().as_secs_f64();
+    Ok(Connections {
+        latencies_us,
+        per_second,
+        failures,
+    })
+}
+
+/// Makes closing send RST instead of FIN, so thousands of timed
+/// connections leave no TIME_WAIT entries behind on the client.
+fn reset_on_close(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Sends small UDP datagrams to `target` for `duration` from `flows`
+/// distinct source ports (each its own flow, cycled through in turn) of
+/// `source`, through a raw socket: one socket, and no local port binding
+/// limits how many flows there are. Returns how many were sent.
+pub fn udp_flood(
+    source: Ipv4Addr,
+    target: (Ipv4Addr, u16),
+    flows: u16,
+    duration: Duration,
+) -> Result<u64> {
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        bail!("raw socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let destination = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(target.0).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut packet = udp_packet(source, target);
+    let mut sent = 0u64;
+    let deadline = Instant::now() + duration;
+    let first_port: u16 = 1024;
+    let mut flow: u16 = 0;
+    while Instant::now() < deadline {
+        // A batch between clock reads keeps the clock out of the rate.
+        for _ in 0..64 {
+            let port = first_port + flow;
+            flow = (flow + 1) % flows.max(1);
+            packet[20..22].copy_from_slice(&port.to_be_bytes());
+            // SAFETY: valid fd, buffer and address for the call's duration.
+            let n = unsafe {
+                libc::sendto(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const destination).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n > 0 {
+                sent += 1;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// An IPv4 + UDP datagram with an 18-byte payload; the kernel fills in the
+/// IP checksum, id and length (IP_HDRINCL); UDP checksum 0 means none.
+fn udp_packet(source: Ipv4Addr, (addr, port): (Ipv4Addr, u16)) -> Vec<u8> {
+    const PAYLOAD: usize = 18;
+    let mut p = vec![0u8; 28 + PAYLOAD];
+    p[0] = 0x45;
+    p[6] = 0x40; // DF
+    p[8] = 64; // TTL
+    p[9] = libc::IPPROTO_UDP as u8;
+    p[12..16].copy_from_slice(&source.octets());
+    p[16..20].copy_from_slice(&addr.octets());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + PAYLOAD) as u16).to_be_bytes());
+    p
+}

@@ -1,0 +1,236 @@
+//! `vipr bench`: vipr next to kube-proxy's iptables (legacy and nft
+//! backends), nftables and IPVS modes, and the direct path with no virtual
+//! IP, measured on one rig of network namespaces with the same client and
+//! the same backend pods.
+//!
+//! For each scale (number of services) the modes take turns within a round
+//! and the order flips every round (A B C, C B A, ...), so drift on a
+//! shared machine spreads over all of them; each figure is reported as the
+//! median over the rounds with its minimum and maximum.
+//!
+//! Modules: `rig` (namespaces, agent, pods), `modes` (how each mode is
+//! programmed), `kube_proxy` (kube-proxy's rule layouts), `client` (the
+//! load), `report` (JSON, table, plot).
+
+pub mod client;
+pub mod kube_proxy;
+pub mod modes;
+pub mod report;
+pub mod rig;
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::{
+    modes::{Mode, Programmer},
+    report::{Machine, Results, Round, Run},
+    rig::Rig,
+};
+
+pub struct BenchOptions {
+    pub services: Vec<usize>,
+    pub endpoints: usize,
+    pub rounds: usize,
+    pub connections: usize,
+    /// Distinct source ports of the NodePort flood (each a flow).
+    pub udp_flows: u16,
+    pub udp_duration: Duration,
+    pub output: PathBuf,
+    /// Modes to leave out (by name), e.g. the slow iptables-nft at 50,000.
+    pub skip: Vec<String>,
+}
+
+impl BenchOptions {
+    /// `--quick`: 1 and 10,000 services, one round, lighter load.
+    pub fn quick(output: PathBuf) -> Self {
+        BenchOptions {
+            services: vec![1, 10_000],
+            endpoints: 2,
+            rounds: 1,
+            connections: 1_000,
+            udp_flows: 8_192,
+            udp_duration: Duration::from_secs(1),
+            output,
+            skip: Vec::new(),
+        }
+    }
+
+    pub fn full(output: PathBuf) -> Self {
+        BenchOptions {
+            services: vec![1, 1_000, 10_000, 50_000],
+            endpoints: 2,
+            rounds: 3,
+            connections: 3_000,
+            udp_flows: 8_192,
+            udp_duration: Duration::from_secs(2),
+            output,
+            skip: Vec::new(),
+        }
+    }
+}
+
+/// Set by SIGINT / SIGTERM: the run stops at its next step and the rig's
+/// guards tear everything down on the way out.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_interrupt_handler() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic (async-signal-safe).
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted: the rig was torn down");
+    }
+    Ok(())
+}
+
+/// Runs the whole benchmark and writes `results.json` and `results.svg`.
+pub fn run(options: &BenchOptions) -> Result<Results> {
+    install_interrupt_handler();
+    let modes: Vec<(Mode, Option<String>)> = Mode::ALL
+        .into_iter()
+        .map(|m| {
+            let skipped = options.skip.iter().any(|s| s == m.name());
+            let reason = if skipped {
+                Some("left out with --skip".to_owned())
+            } else {
+                m.unavailable()
+            };
+            (m, reason)
+        })
+        .collect();
+    let runnable: Vec<Mode> = modes
+        .iter()
+        .filter(|(_, r)| r.is_none())
+        .map(|(m, _)| *m)
+        .collect();
+    let steps = options.services.len() * options.rounds * runnable.len();
+    let progress = ProgressBar::new(steps as u64 + 1);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    progress.set_message("building the rig (agent, backend pods)");
+    let rig = Rig::build(options.endpoints.max(2))?;
+    progress.inc(1);
+
+    let mut runs = Vec::new();
+    for &n in &options.services {
+        let mut rounds: Vec<Vec<Round>> = runnable.iter().map(|_| Vec::new()).collect();
+        for round in 0..options.rounds {
+            let mut order: Vec<usize> = (0..runnable.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for k in order {
+                check_interrupted()?;
+                let mode = runnable[k];
+                progress.set_message(format!(
+                    "{} services, round {}/{}: {}",
+                    n,
+                    round + 1,
+                    options.rounds,
+                    mode.name()
+                ));
+                rounds[k].push(measure(&rig, mode, n, options)?);
+                progress.inc(1);
+            }
+        }
+        for (mode, reason) in &modes {
+            match (reason, runnable.iter().position(|m| m == mode)) {
+                (None, Some(k)) => {
+                    runs.push(Run::from_rounds(*mode, n, options.endpoints, &rounds[k]))
+                }
+                (Some(reason), _) => runs.push(Run::unavailable(
+                    *mode,
+                    n,
+                    options.endpoints,
+                    reason.clone(),
+                )),
+                (None, None) => {}
+            }
+        }
+    }
+    progress.finish_with_message("done; tearing the rig down");
+    drop(rig);
+    let results = Results {
+        machine: Machine::describe(
+            options.rounds,
+            options.connections,
+            options.udp_flows,
+            options.udp_duration.as_secs_f64(),
+        ),
+        runs,
+    };
+    results.write(&options.output)?;
+    Ok(results)
+}
+
+/// One round of one mode at `n` services: program, load, change, clear.
+fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Round> {
+    let services = modes::services(mode, rig, n, options.endpoints);
+    let programmer = Programmer::new(mode, rig)?;
+    let program_all = programmer.program_all(&services)?;
+    let rss = (mode == Mode::Vipr)
+        .then(|| rig.node.agent_rss_mib())
+        .flatten();
+    check_interrupted()?;
+
+    let connections = rig
+        .node
+        .outside
+        .enter(|| client::connect_many(options.connections, n, |i| mode.target(rig, i)))??;
+    check_interrupted()?;
+
+    let before = rig.delivered_to_pods()?;
+    let target = mode.udp_target(rig);
+    rig.node.outside.enter(|| {
+        client::udp_flood(
+            vipr_e2e::agent::OUTSIDE_IP,
+            target,
+            options.udp_flows,
+            options.udp_duration,
+        )
+    })??;
+    // Let the last datagrams drain through the node before counting.
+    std::thread::sleep(Duration::from_millis(100));
+    let delivered = rig.delivered_to_pods()? - before;
+    let udp_pps = delivered as f64 / options.udp_duration.as_secs_f64();
+
+    let changed = n / 2;
+    let after = modes::with_extra_endpoint(&services[changed]);
+    let one_change = programmer.change_one(&services, changed, &after)?;
+    programmer.clear(&services)?;
+
+    let mut latencies = connections.latencies_us;
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    let programmed = !matches!(mode, Mode::Direct);
+    Ok(Round {
+        p50: pct(0.50),
+        p90: pct(0.90),
+        p99: pct(0.99),
+        conn_per_s: connections.per_second,
+        udp_pps,
+        program_all_ms: programmed.then_some(program_all.as_secs_f64() * 1e3),
+        program_one_change_ms: programmed.then_some(one_change.as_secs_f64() * 1e3),
+        rss_mib: rss,
+        failures: connections.failures,
+    })
+}

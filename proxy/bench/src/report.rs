@@ -1,0 +1,354 @@
+//! What a run produces: `results.json` (medians with their spread, the
+//! machine), a table for the terminal, and an SVG plot of connection
+//! latency and programming time against the number of services.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::modes::Mode;
+
+#[derive(Serialize)]
+pub struct Results {
+    pub machine: Machine,
+    pub runs: Vec<Run>,
+}
+
+#[derive(Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub rounds: usize,
+    pub connections_per_round: usize,
+    pub udp_flows: u16,
+    pub udp_seconds: f64,
+}
+
+impl Machine {
+    pub fn describe(rounds: usize, connections: usize, flows: u16, udp_seconds: f64) -> Self {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned();
+        Machine {
+            kernel,
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, usize::from),
+            rounds,
+            connections_per_round: connections,
+            udp_flows: flows,
+            udp_seconds,
+        }
+    }
+}
+
+/// The median of a figure over the rounds, with the smallest and largest.
+#[derive(Clone, Copy, Serialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if sorted.is_empty() {
+            return None;
+        }
+        sorted.sort_by(f64::total_cmp);
+        Some(Spread {
+            median: sorted[sorted.len() / 2],
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        })
+    }
+}
+
+#[derive(Clone, Copy, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+/// One mode at one scale, over all rounds.
+#[derive(Serialize)]
+pub struct Run {
+    pub mode: Mode,
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Medians over the rounds of each round's percentiles.
+    pub conn_latency_us: Option<Latency>,
+    pub conn_per_s: Option<f64>,
+    pub udp_pps: Option<f64>,
+    pub program_all_ms: Option<f64>,
+    pub program_one_change_ms: Option<f64>,
+    pub rss_mib: Option<f64>,
+    /// Every figure's spread over the rounds.
+    pub spread: BTreeMap<&'static str, Spread>,
+    pub connection_failures: usize,
+}
+
+/// One round's figures for one mode and scale.
+#[derive(Default)]
+pub struct Round {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub conn_per_s: f64,
+    pub udp_pps: f64,
+    pub program_all_ms: Option<f64>,
+    pub program_one_change_ms: Option<f64>,
+    pub rss_mib: Option<f64>,
+    pub failures: usize,
+}
+
+impl Run {
+    pub fn unavailable(mode: Mode, services: usize, endpoints: usize, reason: String) -> Run {
+        Run {
+            mode,
+            services,
+            endpoints_per_service: endpoints,
+            available: false,
+            reason: Some(reason),
+            conn_latency_us: None,
+            conn_per_s: None,
+            udp_pps: None,
+            program_all_ms: None,
+            program_one_change_ms: None,
+            rss_mib: None,
+            spread: BTreeMap::new(),
+            connection_failures: 0,
+        }
+    }
+
+    pub fn from_rounds(mode: Mode, services: usize, endpoints: usize, rounds: &[Round]) -> Run {
+        let mut spread = BTreeMap::new();
+        let mut figure = |name: &'static str, values: Vec<f64>| {
+            let s = Spread::of(&values);
+            if let Some(s) = s {
+                spread.insert(name, s);
+            }
+            s.map(|s| s.median)
+        };
+        let p50 = figure(
+            "conn_latency_p50_us",
+            rounds.iter().map(|r| r.p50).collect(),
+        );
+        let p90 = figure(
+            "conn_latency_p90_us",
+            rounds.iter().map(|r| r.p90).collect(),
+        );
+        let p99 = figure(
+            "conn_latency_p99_us",
+            rounds.iter().map(|r| r.p99).collect(),
+        );
+        let conn_per_s = figure("conn_per_s", rounds.iter().map(|r| r.conn_per_s).collect());
+        let udp_pps = figure("udp_pps", rounds.iter().map(|r| r.udp_pps).collect());
+        let program_all_ms = figure(
+            "program_all_ms",
+            rounds.iter().filter_map(|r| r.program_all_ms).collect(),
+        );
+        let program_one_change_ms = figure(
+            "program_one_change_ms",
+            rounds
+                .iter()
+                .filter_map(|r| r.program_one_change_ms)
+                .collect(),
+        );
+        let rss_mib = figure("rss_mib", rounds.iter().filter_map(|r| r.rss_mib).collect());
+        Run {
+            mode,
+            services,
+            endpoints_per_service: endpoints,
+            available: true,
+            reason: None,
+            conn_latency_us: match (p50, p90, p99) {
+                (Some(p50), Some(p90), Some(p99)) => Some(Latency { p50, p90, p99 }),
+                _ => None,
+            },
+            conn_per_s,
+            udp_pps,
+            program_all_ms,
+            program_one_change_ms,
+            rss_mib,
+            spread,
+            connection_failures: rounds.iter().map(|r| r.failures).sum(),
+        }
+    }
+}
+
+impl Results {
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let json = serde_json::to_string_pretty(self)?;
+        std::fs::write(dir.join("results.json"), json)?;
+        self.plot(&dir.join("results.svg"))
+    }
+
+    /// The terminal table, then each target ratio at the largest scale.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<16} {:>8} {:>22} {:>9} {:>10} {:>12} {:>12} {:>8}\n",
+            "mode",
+            "services",
+            "connect p50/p90/p99 µs",
+            "conn/s",
+            "udp pps",
+            "program ms",
+            "1 change ms",
+            "RSS MiB"
+        );
+        let opt = |v: Option<f64>, precision: usize| {
+            v.map_or("-".to_owned(), |v| format!("{v:.precision$}"))
+        };
+        for run in &self.runs {
+            if !run.available {
+                out.push_str(&format!(
+                    "{:<16} {:>8} unavailable: {}\n",
+                    run.mode.name(),
+                    run.services,
+                    run.reason.as_deref().unwrap_or("")
+                ));
+                continue;
+            }
+            let latency = run.conn_latency_us.map_or("-".to_owned(), |l| {
+                format!("{:.0}/{:.0}/{:.0}", l.p50, l.p90, l.p99)
+            });
+            out.push_str(&format!(
+                "{:<16} {:>8} {:>22} {:>9} {:>10} {:>12} {:>12} {:>8}\n",
+                run.mode.name(),
+                run.services,
+                latency,
+                opt(run.conn_per_s, 0),
+                opt(run.udp_pps, 0),
+                opt(run.program_all_ms, 1),
+                opt(run.program_one_change_ms, 2),
+                opt(run.rss_mib, 1)
+            ));
+        }
+        out.push_str(&self.ratios());
+        out
+    }
+
+    fn find(&self, mode: Mode, services: usize) -> Option<&Run> {
+        self.runs
+            .iter()
+            .find(|r| r.mode == mode && r.services == services && r.available)
+    }
+
+    /// vipr against the others at the largest scale measured.
+    fn ratios(&self) -> String {
+        let Some(largest) = self.runs.iter().map(|r| r.services).max() else {
+            return String::new();
+        };
+        let (Some(vipr), Some(direct), Some(ipt)) = (
+            self.find(Mode::Vipr, largest),
+            self.find(Mode::Direct, largest),
+            self.find(Mode::IptablesLegacy, largest)
+                .or_else(|| self.find(Mode::IptablesNft, largest)),
+        ) else {
+            return String::new();
+        };
+        let p50 = |r: &Run| r.conn_latency_us.map(|l| l.p50);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        format!(
+            "\nat {largest} services: vipr p50 connect = {} of direct, {} of {}; \
+             one change {} faster than {}; NodePort pps {} of {}\n",
+            ratio(p50(vipr), p50(direct)),
+            ratio(p50(vipr), p50(ipt)),
+            ipt.mode.name(),
+            ratio(ipt.program_one_change_ms, vipr.program_one_change_ms),
+            ipt.mode.name(),
+            ratio(vipr.udp_pps, ipt.udp_pps),
+            ipt.mode.name(),
+        )
+    }
+
+    fn plot(&self, path: &Path) -> Result<()> {
+        let root = SVGBackend::new(path, (1100, 450)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (left, right) = root.split_horizontally(550);
+        let modes: Vec<Mode> = Mode::ALL
+            .into_iter()
+            .filter(|m| self.runs.iter().any(|r| r.mode == *m && r.available))
+            .collect();
+        let series = |f: &dyn Fn(&Run) -> Option<f64>, mode: Mode| -> Vec<(f64, f64)> {
+            self.runs
+                .iter()
+                .filter(|r| r.mode == mode && r.available)
+                .filter_map(|r| Some((r.services.max(1) as f64, f(r)?)))
+                .collect()
+        };
+        let max_services = self
+            .runs
+            .iter()
+            .map(|r| r.services)
+            .max()
+            .unwrap_or(1)
+            .max(10) as f64;
+        type Figure<'f> = &'f dyn Fn(&Run) -> Option<f64>;
+        let panels: [(&DrawingArea<_, _>, &str, Figure); 2] = [
+            (&left, "new connection p50 (µs)", &|r: &Run| {
+                r.conn_latency_us.map(|l| l.p50)
+            }),
+            (&right, "program all services (ms)", &|r: &Run| {
+                r.program_all_ms
+            }),
+        ];
+        for (area, title, f) in panels {
+            let max_y = modes
+                .iter()
+                .flat_map(|m| series(f, *m))
+                .map(|(_, y)| y)
+                .fold(1.0_f64, f64::max);
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(
+                    (1.0..max_services * 1.5).log_scale(),
+                    (0.01..max_y * 2.0).log_scale(),
+                )?;
+            chart.configure_mesh().x_desc("services").draw()?;
+            for (k, mode) in modes.iter().enumerate() {
+                let points = series(f, *mode);
+                if points.is_empty() {
+                    continue;
+                }
+                let color = Palette99::pick(k).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                    .label(mode.name())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! Reads a node's pinned SERVICES map: what the kernel holds, so a test or
+//! benchmark can tell when a change is programmed (not just stored).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
+use vipr_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue};
+
+/// The pinned SERVICES map of the agent whose pin folder is `pin_dir`.
+pub struct PinnedServices(BpfHashMap<MapData, ServiceKey, ServiceValue>);
+
+impl PinnedServices {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let path = pin_dir.join("SERVICES");
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(PinnedServices(BpfHashMap::try_from(Map::HashMap(data))?))
+    }
+
+    /// The backend count of frontend `addr:port/proto`, if programmed.
+    pub fn backends(&self, addr: Ipv4Addr, port: u16, tcp: bool) -> Result<Option<u32>> {
+        let key = ServiceKey {
+            addr: u32::from(addr).to_be(),
+            port: port.to_be(),
+            proto: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
+            _pad: 0,
+        };
+        match self.0.get(&key, 0) {
+            Ok(value) => Ok(Some(value.backend_count)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
