@@ -356,6 +356,60 @@ fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
         .unwrap_or_default()
 }
 
+/// A connection opened to an old pod before the rollout is answered by
+/// that pod after the rollout replaced it: the pod left the endpoints, but
+/// flows already open finish within its grace period.
+#[test]
+fn an_open_flow_finishes_on_a_replaced_pod() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("dfl")?;
+    node.apply(&MANIFEST.replace("replicas: 3", "replicas: 1"))?;
+    node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "40s"])?;
+    let old = wait_rolled_out(&node, 1, Duration::from_secs(10))?;
+    wait_endpoints(&node, 1)?;
+    let vip = node.cluster_ip("web")?;
+
+    // Connect now, send the request only once the rollout is over.
+    let cgroup = node.cgroup_root.join("open-flow");
+    std::fs::create_dir_all(&cgroup)?;
+    let go = node.state_dir.join("send-now");
+    let script = format!(
+        "echo $$ > {cgroup}/cgroup.procs && exec 3<>/dev/tcp/{vip}/80 && \
+         for i in $(seq 100); do [ -e {go} ] && break; sleep 0.1; done && \
+         printf 'GET /hostname HTTP/1.1\r\nHost: web\r\n\r\n' >&3 && cat <&3",
+        cgroup = cgroup.display(),
+        go = go.display(),
+    );
+    let flow = node
+        .node
+        .net_command("bash")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    node.vipr_ok(&["set", "env", "deployment/web", "VERSION=2"])?;
+    node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "30s"])?;
+    let pods = items(&json(&node, &["get", "pods"])?);
+    let draining = pods
+        .iter()
+        .find(|p| p["metadata"]["name"] == old[0].as_str())
+        .with_context(|| format!("the old pod {} is gone with a flow open", old[0]))?;
+    assert!(!draining["metadata"]["deletionTimestamp"].is_null());
+    std::fs::write(&go, "")?;
+    let answer = flow.wait_with_output()?;
+    let _ = std::fs::remove_dir(&cgroup);
+    let text = String::from_utf8_lossy(&answer.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{text} {}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
+    assert!(text.ends_with(&old[0]), "answered by another pod: {text}");
+    wait_rolled_out(&node, 1, Duration::from_secs(10))?;
+    Ok(())
+}
+
 #[test]
 fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
     require_root();
