@@ -213,9 +213,14 @@ pub fn sync(store: &Store, key: &ObjectKey) -> Result<Option<Duration>> {
     Ok(plan.recheck_after)
 }
 
+/// How often an edit is retried when the controller wrote the Deployment
+/// (its status) between our read and our write.
+const EDIT_ATTEMPTS: usize = 5;
+
 /// Applies one kubectl-like edit to a stored Deployment and stores it (with
-/// its resourceVersion, so a concurrent change is refused, not lost).
-/// Returns kubectl's outcome line.
+/// its resourceVersion: a concurrent write makes us read again and redo the
+/// edit, as kubectl does, instead of overwriting it). Returns kubectl's
+/// outcome line.
 pub fn edit(
     store: &Store,
     namespace: &str,
@@ -223,41 +228,63 @@ pub fn edit(
     edit: DeploymentEdit,
 ) -> Result<Vec<String>, String> {
     let key = ObjectKey::namespaced(Kind::Deployment, namespace, name);
-    let mut d = store
-        .get(&key)
-        .and_then(|o| o.as_deployment().cloned())
-        .ok_or_else(|| format!("deployments.apps {name:?} not found"))?;
-    let done = match edit {
+    for attempt in 1.. {
+        let mut d = store
+            .get(&key)
+            .and_then(|o| o.as_deployment().cloned())
+            .ok_or_else(|| format!("deployments.apps {name:?} not found"))?;
+        let done = apply_edit(store, &mut d, &edit).map_err(|e| e.to_string())?;
+        d.status = None;
+        match store.apply(vec![Object::Deployment(d)]) {
+            Ok(_) => return Ok(vec![format!("deployment.apps/{name} {done}")]),
+            Err(vipr_store::StoreError::Conflict { .. }) if attempt < EDIT_ATTEMPTS => continue,
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// The edit on `d`; kubectl's past-tense word for it.
+fn apply_edit(
+    store: &Store,
+    d: &mut Deployment,
+    edit: &DeploymentEdit,
+) -> Result<String, edits::EditError> {
+    Ok(match edit {
         DeploymentEdit::Scale { replicas } => {
-            edits::scale(&mut d, replicas).map(|()| "scaled".to_owned())
+            edits::scale(d, *replicas)?;
+            "scaled".into()
         }
         DeploymentEdit::SetImage { images } => {
-            edits::set_image(&mut d, &images).map(|()| "image updated".to_owned())
+            edits::set_image(d, images)?;
+            "image updated".into()
         }
-        DeploymentEdit::SetEnv { container, env } => env
-            .iter()
-            .map(|e| e.parse())
-            .collect::<Result<Vec<edits::EnvEdit>, _>>()
-            .and_then(|env| edits::set_env(&mut d, container.as_deref(), &env))
-            .map(|()| "env updated".to_owned()),
-        DeploymentEdit::Pause => edits::set_paused(&mut d, true).map(|()| "paused".to_owned()),
-        DeploymentEdit::Resume => edits::set_paused(&mut d, false).map(|()| "resumed".to_owned()),
+        DeploymentEdit::SetEnv { container, env } => {
+            let env = env
+                .iter()
+                .map(|e| e.parse())
+                .collect::<Result<Vec<edits::EnvEdit>, _>>()?;
+            edits::set_env(d, container.as_deref(), &env)?;
+            "env updated".into()
+        }
+        DeploymentEdit::Pause => {
+            edits::set_paused(d, true)?;
+            "paused".into()
+        }
+        DeploymentEdit::Resume => {
+            edits::set_paused(d, false)?;
+            "resumed".into()
+        }
         DeploymentEdit::Undo { to_revision } => {
-            let (replica_sets, _) = owned(store, &d);
-            edits::rollback(&mut d, &replica_sets, to_revision).map(|outcome| match outcome {
-                Rollback::RolledBack(_) => "rolled back".to_owned(),
+            let (replica_sets, _) = owned(store, d);
+            match edits::rollback(d, &replica_sets, *to_revision)? {
+                Rollback::RolledBack(_) => "rolled back".into(),
                 Rollback::Skipped(revision) => format!(
                     "skipped rollback (current template already matches revision {revision})"
                 ),
-            })
+            }
         }
-    }
-    .map_err(|e| e.to_string())?;
-    d.status = None;
-    store
-        .apply(vec![Object::Deployment(d)])
-        .map_err(|e| e.to_string())?;
-    Ok(vec![format!("deployment.apps/{name} {done}")])
+    })
 }
 
 fn count_collision(store: &Store, key: &ObjectKey, d: &Deployment) -> Result<()> {
