@@ -21,8 +21,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::strategy::{self, BadValue, Strategy};
 use super::{
-    CHANGE_CAUSE, DESIRED_REPLICAS, MAX_REPLICAS, POD_TEMPLATE_HASH, REVISION, owner_reference,
-    pod_template_hash, revision, spec_replicas,
+    CHANGE_CAUSE, DESIRED_REPLICAS, MAX_REPLICAS, POD_TEMPLATE_HASH, REVISION, change_cause,
+    owner_reference, pod_template_hash, revision, spec_replicas,
 };
 
 /// What the controller sees of one Deployment.
@@ -121,11 +121,7 @@ pub fn step(observed: &Observed<'_>) -> Result<Plan, BadValue> {
     if sets[new].revision <= max_old_revision {
         sets[new].revision = max_old_revision + 1;
     }
-    let change_cause = d
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CHANGE_CAUSE));
+    let change_cause = change_cause(&d.metadata);
     sets[new].change_cause = change_cause.cloned().or(sets[new].change_cause.take());
 
     if paused {
@@ -238,12 +234,7 @@ fn revisions<'a>(
                 stored: rs,
                 name: rs.metadata.name.as_deref().unwrap_or_default(),
                 revision: revision(&rs.metadata),
-                change_cause: rs
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(CHANGE_CAUSE))
-                    .cloned(),
+                change_cause: change_cause(&rs.metadata).cloned(),
                 replicas: spec_replicas(rs),
                 active,
                 ready,
@@ -356,12 +347,7 @@ fn new_replica_set(
             (desired + strategy.max_surge()).to_string(),
         ),
     ]);
-    if let Some(cause) = d
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CHANGE_CAUSE))
-    {
+    if let Some(cause) = change_cause(&d.metadata) {
         annotations.insert(CHANGE_CAUSE.into(), cause.clone());
     }
     ReplicaSet {

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 
 use super::controller::{PROGRESSING, TIMED_OUT};
-use super::{CHANGE_CAUSE, POD_TEMPLATE_HASH, revision};
+use super::{CHANGE_CAUSE, POD_TEMPLATE_HASH, change_cause, revision};
 
 /// A command that cannot be applied; the message names the field or object.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,11 +198,7 @@ pub fn rollback(
         return Ok(Rollback::Skipped(target_revision));
     }
     d.spec.template = template;
-    let cause = target
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CHANGE_CAUSE));
+    let cause = change_cause(&target.metadata);
     let annotations = d.metadata.annotations.get_or_insert_with(Default::default);
     match cause {
         Some(cause) => annotations.insert(CHANGE_CAUSE.into(), cause.clone()),
@@ -224,12 +220,7 @@ pub fn history(replica_sets: &[ReplicaSet]) -> Vec<History> {
         .iter()
         .map(|rs| History {
             revision: revision(&rs.metadata),
-            change_cause: rs
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(CHANGE_CAUSE))
-                .cloned(),
+            change_cause: change_cause(&rs.metadata).cloned(),
         })
         .filter(|h| h.revision > 0)
         .collect();

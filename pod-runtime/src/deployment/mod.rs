@@ -36,11 +36,18 @@ pub const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 
 /// A ReplicaSet's revision (0 when it has none or a malformed one).
 pub fn revision(meta: &ObjectMeta) -> i64 {
-    meta.annotations
-        .as_ref()
-        .and_then(|a| a.get(REVISION))
+    annotation(meta, REVISION)
         .and_then(|r| r.parse().ok())
         .unwrap_or(0)
+}
+
+/// An object's `kubernetes.io/change-cause`.
+pub fn change_cause(meta: &ObjectMeta) -> Option<&String> {
+    annotation(meta, CHANGE_CAUSE)
+}
+
+fn annotation<'m>(meta: &'m ObjectMeta, key: &str) -> Option<&'m String> {
+    meta.annotations.as_ref()?.get(key)
 }
 
 /// The ownerReference naming `owner` as controller, if any.
