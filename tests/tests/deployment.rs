@@ -16,31 +16,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use vipr_e2e::{agent::AgentNode, require_root};
 
-const MANIFEST: &str = r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web}
-spec:
-  replicas: 3
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 10
-      containers:
-      - name: netexec
-        image: host
-        command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-        ports: [{name: http, containerPort: 8080}]
-        readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web}
-spec:
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http}]
-"#;
+/// The shipped example: 3 replicas (maxSurge 1, maxUnavailable 0) behind a
+/// ClusterIP named `web`.
+const MANIFEST: &str = include_str!("../../examples/deployment.yaml");
 
 /// The most requests one client run sends (it is stopped earlier).
 const MAX_REQUESTS: u32 = 500_000;
@@ -363,7 +341,7 @@ fn row<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
 fn an_open_flow_finishes_on_a_replaced_pod() -> Result<()> {
     require_root();
     let node = AgentNode::start("dfl")?;
-    node.apply(&MANIFEST.replace("replicas: 3", "replicas: 1"))?;
+    node.apply(&MANIFEST.replace("  replicas: 3", "  replicas: 1"))?;
     node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "40s"])?;
     let old = wait_rolled_out(&node, 1, Duration::from_secs(10))?;
     wait_endpoints(&node, 1)?;
@@ -414,7 +392,7 @@ fn an_open_flow_finishes_on_a_replaced_pod() -> Result<()> {
 fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
     require_root();
     let node = AgentNode::start("dsc")?;
-    node.apply(&MANIFEST.replace("replicas: 3", "replicas: 1"))?;
+    node.apply(&MANIFEST.replace("  replicas: 3", "  replicas: 1"))?;
     let status = node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "40s"])?;
     assert!(
         status.ends_with("deployment \"web\" successfully rolled out\n"),
@@ -426,8 +404,10 @@ fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
     let out = node.vipr_ok(&["scale", "deployment/web", "--replicas", "3"])?;
     assert_eq!(out.trim(), "deployment.apps/web scaled");
     let status = node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "40s"])?;
+    // Its first look sees the scale not yet observed, or pods not yet there.
     assert!(
-        status.starts_with("Waiting for deployment \"web\" rollout to finish: "),
+        status.starts_with("Waiting for deployment spec update to be observed...\n")
+            || status.starts_with("Waiting for deployment \"web\" rollout to finish: "),
         "rollout status did not wait: {status}"
     );
     assert!(
@@ -462,7 +442,10 @@ fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
     // A rollout that cannot progress (the image does not exist) stops at
     // the surge pod: the old pod keeps serving, and rollout status reports
     // the deadline; undo recovers.
-    node.apply(&MANIFEST.replace("replicas: 3", "replicas: 1\n  progressDeadlineSeconds: 4"))?;
+    node.apply(&MANIFEST.replace(
+        "  replicas: 3",
+        "  replicas: 1\n  progressDeadlineSeconds: 4",
+    ))?;
     node.vipr_ok(&["set", "image", "deployment/web", "netexec=missing:1"])?;
     let stuck = node.vipr(&["rollout", "status", "deployment/web", "--timeout", "30s"])?;
     assert!(!stuck.status.success());
@@ -501,7 +484,7 @@ fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
 fn bad_deployment_input_names_the_field() -> Result<()> {
     require_root();
     let node = AgentNode::start("dbd")?;
-    node.apply(&MANIFEST.replace("replicas: 3", "replicas: 1"))?;
+    node.apply(&MANIFEST.replace("  replicas: 3", "  replicas: 1"))?;
     let before = json(&node, &["get", "deploy", "web"])?["spec"].clone();
     let cases: [(&[&str], &str); 4] = [
         (&["set", "image", "deployment/web", "nope=x"], "\"nope\""),
@@ -529,20 +512,17 @@ fn bad_deployment_input_names_the_field() -> Result<()> {
     let manifests = [
         (
             MANIFEST.replace(
-                "  replicas: 3\n",
-                "  replicas: 3\n  strategy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 0}}\n",
+                "maxSurge: 1, maxUnavailable: 0",
+                "maxSurge: 0, maxUnavailable: 0",
             ),
             "spec.strategy.rollingUpdate.maxUnavailable",
         ),
         (
-            MANIFEST.replace("replicas: 3", "replicas: -3"),
+            MANIFEST.replace("  replicas: 3", "  replicas: -3"),
             "spec.replicas",
         ),
         (
-            MANIFEST.replace(
-                "metadata: {labels: {app: web}}",
-                "metadata: {labels: {app: api}}",
-            ),
+            MANIFEST.replace("      labels: {app: web}", "      labels: {app: api}"),
             "spec.template.metadata.labels",
         ),
     ];
