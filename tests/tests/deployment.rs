@@ -306,6 +306,38 @@ fn rolling_update_and_undo_fail_no_request() -> Result<()> {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(revisions, ["2", "3"], "{history}");
+    let d = json(&node, &["get", "deploy", "web"])?;
+    let status = &d["status"];
+    assert_eq!(status["observedGeneration"], d["metadata"]["generation"]);
+    for field in [
+        "replicas",
+        "updatedReplicas",
+        "readyReplicas",
+        "availableReplicas",
+    ] {
+        assert_eq!(status[field], 3, "{field}: {status}");
+    }
+    assert_eq!(status["unavailableReplicas"], 0, "{status}");
+    let condition = |type_: &str| {
+        status["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .map(|c| (c["status"].clone(), c["reason"].clone()))
+    };
+    assert_eq!(
+        condition("Available"),
+        Some(("True".into(), "MinimumReplicasAvailable".into()))
+    );
+    assert_eq!(
+        condition("Progressing"),
+        Some(("True".into(), "NewReplicaSetAvailable".into()))
+    );
+    assert_eq!(
+        d["metadata"]["annotations"]["deployment.kubernetes.io/revision"],
+        "3"
+    );
     let rs = node.vipr_ok(&["get", "rs"])?;
     assert!(
         rs.starts_with("NAME   ") && rs.contains("DESIRED   CURRENT   READY"),
@@ -477,6 +509,16 @@ fn scale_moves_the_endpoints_and_rollout_status_waits() -> Result<()> {
     node.vipr_ok(&["rollout", "resume", "deployment/web"])?;
     node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "30s"])?;
     assert_eq!(items(&json(&node, &["get", "rs"])?).len(), 3);
+
+    // Deleting the Deployment takes its ReplicaSets and pods along.
+    node.vipr_ok(&["delete", "deploy", "web"])?;
+    assert!(items(&json(&node, &["get", "rs"])?).is_empty());
+    wait_endpoints(&node, 0)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !items(&json(&node, &["get", "pods"])?).is_empty() {
+        assert!(Instant::now() < deadline, "pods outlived their Deployment");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
 
@@ -535,5 +577,26 @@ fn bad_deployment_input_names_the_field() -> Result<()> {
         before,
         "a rejected change was stored"
     );
+    Ok(())
+}
+
+/// kill -9 of the agent: the restarted agent adopts the Deployment's pods
+/// (no pod replaced, no new revision) and still rolls out changes.
+#[test]
+fn a_restarted_agent_keeps_the_deployments_pods() -> Result<()> {
+    require_root();
+    let mut node = AgentNode::start("drs")?;
+    node.apply(MANIFEST)?;
+    node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "40s"])?;
+    let before = wait_rolled_out(&node, 3, Duration::from_secs(10))?;
+    node.restart_agent()?;
+    node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "30s"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(wait_rolled_out(&node, 3, Duration::from_secs(10))?, before);
+    assert_eq!(items(&json(&node, &["get", "rs"])?).len(), 1);
+    node.vipr_ok(&["set", "env", "deployment/web", "AFTER=restart"])?;
+    node.vipr_ok(&["rollout", "status", "deployment/web", "--timeout", "30s"])?;
+    let after = wait_rolled_out(&node, 3, Duration::from_secs(20))?;
+    assert!(after.iter().all(|p| !before.contains(p)), "{after:?}");
     Ok(())
 }
