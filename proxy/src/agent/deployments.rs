@@ -381,6 +381,9 @@ mod tests {
         let (_dir, store) = store("flow");
         store.apply_manifest(WEB).unwrap();
         converge(&store);
+        // The controller's revision annotation survives applying the manifest again.
+        let again = store.apply_manifest(WEB).unwrap().remove(0);
+        assert_eq!(again.outcome, vipr_store::Outcome::Unchanged);
         let rss = replica_sets(&store);
         assert_eq!(rss.len(), 1);
         let rs_name = rss[0].metadata.name.clone().unwrap();
