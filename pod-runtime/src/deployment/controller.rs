@@ -16,7 +16,7 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec, ReplicaSetStatus,
 };
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::strategy::{self, BadValue, Strategy};
@@ -362,7 +362,7 @@ fn new_replica_set(
         spec: ReplicaSetSpec {
             replicas: Some(replicas),
             min_ready_seconds: d.spec.min_ready_seconds,
-            selector: LabelSelector { ..selector },
+            selector,
             template: Some(template),
         },
         status: None,

@@ -470,26 +470,27 @@ fn rolling_update_limits(surge: &IntOrString, unavailable: &IntOrString) -> Chec
     let (surge_amount, _) = amount(SURGE, surge)?;
     let (unavailable_amount, percent) = amount(UNAVAILABLE, unavailable)?;
     if percent && unavailable_amount > 100 {
-        return Err(invalid(
+        return Err(invalid_amount(
             UNAVAILABLE,
-            unavailable_text(unavailable),
+            unavailable,
             "must not be greater than 100%",
         ));
     }
     if surge_amount == 0 && unavailable_amount == 0 {
-        return Err(invalid(
+        return Err(invalid_amount(
             UNAVAILABLE,
-            unavailable_text(unavailable),
+            unavailable,
             "may not be 0 when `maxSurge` is 0",
         ));
     }
     Ok(())
 }
 
-fn unavailable_text(value: &IntOrString) -> String {
+/// An int-or-percent shown as kubectl shows it: `0`, `"0%"`.
+fn invalid_amount(field: &str, value: &IntOrString, why: &str) -> FieldError {
     match value {
-        IntOrString::Int(n) => n.to_string(),
-        IntOrString::String(s) => s.clone(),
+        IntOrString::Int(n) => invalid(field, n, why),
+        IntOrString::String(s) => invalid(field, s, why),
     }
 }
 
