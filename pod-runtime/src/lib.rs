@@ -12,6 +12,7 @@
 //! - [`exec`]: running a command in a container's namespaces.
 //! - [`validate`]: input validation naming the bad field.
 //! - [`events`]: per-pod event log for `vipr describe`.
+//! - [`deployment`]: the Deployment controller's pure logic (revisions, rollouts, status).
 //!
 //! # Wiring it into the agent
 //!
@@ -38,6 +39,7 @@
 
 pub mod backoff;
 pub mod cgroup;
+pub mod deployment;
 pub mod error;
 pub mod events;
 pub mod exec;

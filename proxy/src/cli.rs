@@ -79,9 +79,96 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Set a Deployment's replicas: vipr scale deployment/NAME --replicas N
+    Scale(ScaleArgs),
+    /// Change a Deployment's pod template (starts a rollout).
+    #[command(subcommand)]
+    Set(SetCommand),
+    /// Follow, list, undo, pause and resume a Deployment's rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Benchmark vipr against kube-proxy's iptables, nftables and IPVS modes
     /// on a rig of network namespaces it builds and removes (needs root).
     Bench(BenchArgs),
+}
+
+/// The Deployment a command acts on: `deployment/NAME` (or `deploy/NAME`),
+/// or `deployment NAME`.
+#[derive(Args, Clone, Debug)]
+pub struct DeploymentTarget {
+    /// deployment/NAME, or the kind followed by NAME.
+    pub target: String,
+    pub name: Option<String>,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ScaleArgs {
+    #[command(flatten)]
+    pub deployment: DeploymentTarget,
+    /// The new number of replicas.
+    #[arg(long, allow_negative_numbers = true)]
+    pub replicas: i64,
+}
+
+#[derive(Subcommand)]
+pub enum SetCommand {
+    /// vipr set image deployment/NAME CONTAINER=IMAGE... (`*=IMAGE`: all containers)
+    Image {
+        target: String,
+        /// CONTAINER=IMAGE pairs.
+        #[arg(required = true)]
+        images: Vec<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+    /// vipr set env deployment/NAME KEY=VALUE... KEY-...
+    Env {
+        target: String,
+        /// KEY=VALUE sets, KEY- removes.
+        #[arg(required = true)]
+        env: Vec<String>,
+        /// Only this container (default: all).
+        #[arg(short, long)]
+        container: Option<String>,
+        #[arg(short, long)]
+        namespace: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RolloutCommand {
+    /// Wait for the rollout to finish, printing its progress.
+    Status {
+        #[command(flatten)]
+        deployment: DeploymentTarget,
+        /// Give up after this long (e.g. 90s, 5m; 0: wait forever).
+        #[arg(long, default_value = "0")]
+        timeout: String,
+    },
+    /// List the revisions (REVISION CHANGE-CAUSE).
+    History {
+        #[command(flatten)]
+        deployment: DeploymentTarget,
+    },
+    /// Go back to the previous revision, or to --to-revision.
+    Undo {
+        #[command(flatten)]
+        deployment: DeploymentTarget,
+        #[arg(long, default_value_t = 0)]
+        to_revision: i64,
+    },
+    /// Stop rolling out template changes (scaling still applies).
+    Pause {
+        #[command(flatten)]
+        deployment: DeploymentTarget,
+    },
+    /// Roll out template changes again.
+    Resume {
+        #[command(flatten)]
+        deployment: DeploymentTarget,
+    },
 }
 
 #[derive(Args)]

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio::time::timeout;
 
 use crate::Shared;
@@ -32,17 +33,51 @@ const MAX_HEAD: usize = 16 * 1024;
 /// How long a client may take to send its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts connections until the listener fails.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    loop {
-        let (stream, peer) = listener.accept().await?;
+/// After a stop request, the listener stays open while connections keep
+/// arriving this often: those already queued or racing the endpoint
+/// removal are served instead of reset.
+const DRAIN_IDLE: Duration = Duration::from_millis(250);
+/// The longest the listener stays open after a stop request.
+const DRAIN_MAX: Duration = Duration::from_secs(5);
+
+/// Accepts connections until `stop` turns true (SIGTERM), then drains:
+/// connections still arriving are served until none came for
+/// [`DRAIN_IDLE`], and every open one is finished before returning.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut open = JoinSet::new();
+    let serve_one = |open: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr| {
         let shared = shared.clone();
-        tokio::spawn(async move {
+        open.spawn(async move {
             if let Err(e) = handle(stream, peer, &shared).await {
                 eprintln!("vipr-netexec: http {peer}: {e}");
             }
         });
+    };
+    while !*stop.borrow() {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = accepted?;
+                serve_one(&mut open, stream, peer);
+            }
+            _ = stop.changed() => {}
+            Some(_) = open.join_next(), if !open.is_empty() => {}
+        }
     }
+    let closes_at = tokio::time::Instant::now() + DRAIN_MAX;
+    while tokio::time::Instant::now() < closes_at {
+        match timeout(DRAIN_IDLE, listener.accept()).await {
+            Ok(Ok((stream, peer))) => serve_one(&mut open, stream, peer),
+            _ => break,
+        }
+    }
+    drop(listener);
+    // Each connection is bounded by READ_TIMEOUT and the drain of its socket.
+    while open.join_next().await.is_some() {}
+    Ok(())
 }
 
 async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> std::io::Result<()> {

@@ -6,7 +6,9 @@
 //!   request per connection, always `Connection: close`.
 //! - [`udp`] owns the UDP commands (`hostname`, `echo X`, `clientip`).
 //! - This file owns the command line, the listeners and shutdown: SIGTERM or
-//!   SIGINT ends the process with status 0.
+//!   SIGINT ends the process with status 0 once open HTTP connections (and
+//!   any still arriving for a moment, see [`http::serve`]) are answered, so a
+//!   pod removed from its service's endpoints fails no request.
 //!
 //! On start it prints one line to stdout, `listening http=ADDR udp=ADDR`, so
 //! whoever started it with port 0 learns the ports the kernel chose.
@@ -64,12 +66,20 @@ async fn main() -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        r = http::serve(tcp, shared.clone()) => r.context("HTTP server")?,
-        r = udp::serve(udp, shared) => r.context("UDP server")?,
-        _ = term.recv() => eprintln!("vipr-netexec: SIGTERM, exiting"),
-        _ = int.recv() => eprintln!("vipr-netexec: SIGINT, exiting"),
-    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut http = tokio::spawn(http::serve(tcp, shared.clone(), stopped));
+    let signal = tokio::select! {
+        r = &mut http => return r.context("HTTP server task")?.context("HTTP server"),
+        r = udp::serve(udp, shared) => return r.context("UDP server"),
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    eprintln!("vipr-netexec: {signal}, finishing open connections");
+    let _ = stop.send(true);
+    http.await
+        .context("HTTP server task")?
+        .context("HTTP server")?;
+    eprintln!("vipr-netexec: exiting");
     Ok(())
 }
 

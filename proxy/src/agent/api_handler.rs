@@ -12,9 +12,6 @@ use crate::api::{Handler, Request, Response};
 /// How long `vipr exec` may run before it is killed.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Grace period of a pod that does not set `terminationGracePeriodSeconds`.
-const DEFAULT_GRACE_SECONDS: i64 = 30;
-
 #[derive(Clone)]
 pub struct AgentApi {
     pub store: Arc<Store>,
@@ -90,6 +87,17 @@ impl AgentApi {
                 namespace,
                 name,
             } => self.describe(&kind, namespace.as_deref(), &name),
+            Request::EditDeployment {
+                namespace,
+                name,
+                edit,
+            } => super::deployments::edit(
+                &self.store,
+                namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+                &name,
+                edit,
+            )
+            .map(|lines| Response::Done { lines }),
         }
     }
 
@@ -126,18 +134,7 @@ impl AgentApi {
                 others.push(key.clone());
                 continue;
             }
-            let object = self
-                .store
-                .get(key)
-                .ok_or_else(|| format!("{key} not found"))?;
-            let grace = object
-                .as_pod()
-                .and_then(|p| p.spec.as_ref())
-                .and_then(|s| s.termination_grace_period_seconds)
-                .unwrap_or(DEFAULT_GRACE_SECONDS);
-            self.store
-                .mark_terminating(key, grace)
-                .map_err(|e| e.to_string())?;
+            super::pods::terminate(&self.store, key).map_err(|e| e.to_string())?;
             lines.push(format!("pod/{} deleted", key.name()));
         }
         if !others.is_empty() {

@@ -5,11 +5,14 @@
 //! Threads and tasks:
 //! - the reconciler thread follows the store's change feed: it starts and
 //!   stops pods and programs services (one full sync, then increments);
+//! - the deployments thread runs the Deployment controller on the same
+//!   feed: it creates and removes pods (and ReplicaSets) through the store;
 //! - a task copies pod status from the runtime into the store (which wakes
 //!   the reconciler) and attaches XDP to each new pod's node-side veth;
 //! - the API, metrics and DNS servers run as tasks.
 
 mod api_handler;
+mod deployments;
 mod dns_snapshot;
 mod frontends;
 mod health_check;
@@ -131,6 +134,13 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     let reconcile_thread = std::thread::Builder::new()
         .name("reconciler".into())
         .spawn(move || pods::run_loop(&mut reconciler, &controller))?;
+
+    std::thread::Builder::new()
+        .name("deployments".into())
+        .spawn({
+            let store = store.clone();
+            move || deployments::run_loop(&store)
+        })?;
 
     tokio::spawn(pods::follow_pod_status(
         store.clone(),

@@ -64,6 +64,25 @@ pub fn ensure_dns_service(store: &Store, cluster_dns: std::net::Ipv4Addr) -> Res
     Ok(())
 }
 
+/// Grace period of a pod that does not set `terminationGracePeriodSeconds`.
+const DEFAULT_GRACE_SECONDS: i64 = 30;
+
+/// Starts a pod's graceful deletion (as `kubectl delete pod` does): it
+/// leaves the endpoints at once, then the runtime stops it within its grace
+/// period and removes the object.
+pub fn terminate(store: &Store, key: &ObjectKey) -> Result<()> {
+    let object = store
+        .get(key)
+        .ok_or_else(|| anyhow::anyhow!("{key} not found"))?;
+    let grace = object
+        .as_pod()
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(DEFAULT_GRACE_SECONDS);
+    store.mark_terminating(key, grace)?;
+    Ok(())
+}
+
 /// Starts and stops pods in the runtime as the store's Pod objects say.
 pub struct PodController {
     store: Arc<Store>,
@@ -158,10 +177,13 @@ pub fn run_loop(reconciler: &mut Reconciler, pods: &PodController) -> Result<()>
             if events.is_empty() {
                 continue;
             }
+            // The data plane first: a pod marked for deletion has left the
+            // backends (no new connection can pick it) before it is signalled.
+            let synced = reconciler.apply_events(&events);
             for event in &events {
                 pods.handle(event);
             }
-            if let Err(error) = reconciler.apply_events(&events) {
+            if let Err(error) = synced {
                 tracing::error!(error = %format!("{error:#}"), "sync failed; full sync");
                 continue 'relist;
             }

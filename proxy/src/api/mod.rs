@@ -57,6 +57,38 @@ pub enum Request {
         namespace: Option<String>,
         name: String,
     },
+    /// Changes a Deployment the way kubectl's `scale`, `set` and `rollout`
+    /// commands do.
+    EditDeployment {
+        namespace: Option<String>,
+        name: String,
+        edit: DeploymentEdit,
+    },
+}
+
+/// One kubectl-like change to a Deployment.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "edit", rename_all = "kebab-case")]
+pub enum DeploymentEdit {
+    /// `spec.replicas` (no new revision).
+    Scale {
+        replicas: i64,
+    },
+    /// `CONTAINER=IMAGE` pairs (`*` for all containers).
+    SetImage {
+        images: Vec<(String, String)>,
+    },
+    /// `KEY=VALUE` / `KEY-` for every container, or `container`'s.
+    SetEnv {
+        container: Option<String>,
+        env: Vec<String>,
+    },
+    Pause,
+    Resume,
+    /// Back to `to_revision`, or the previous revision with 0.
+    Undo {
+        to_revision: i64,
+    },
 }
 
 /// Externally tagged (`{"data": {...}}`) on purpose: an internally tagged

@@ -5,7 +5,7 @@ use std::{path::Path, process::ExitCode};
 
 use anyhow::{Result, bail};
 use k8s_openapi::api::{
-    apps::v1::Deployment,
+    apps::v1::{Deployment, ReplicaSet},
     core::v1::{ConfigMap, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
@@ -116,6 +116,11 @@ fn table(kind: Kind, items: &[Value], wide: bool, all_namespaces: bool) -> Resul
             items,
             |d: Deployment| deployment_row(&d),
             header(&["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]),
+        )?,
+        Kind::ReplicaSet => typed(
+            items,
+            |rs: ReplicaSet| replica_set_row(&rs),
+            header(&["NAME", "DESIRED", "CURRENT", "READY", "AGE"]),
         )?,
         Kind::EndpointSlice => typed(
             items,
@@ -328,6 +333,17 @@ fn deployment_row(deployment: &Deployment) -> Vec<String> {
     ]
 }
 
+fn replica_set_row(rs: &ReplicaSet) -> Vec<String> {
+    let status = rs.status.clone().unwrap_or_default();
+    vec![
+        name(&rs.metadata),
+        rs.spec.replicas.unwrap_or(1).to_string(),
+        status.replicas.to_string(),
+        status.ready_replicas.unwrap_or(0).to_string(),
+        age(&rs.metadata),
+    ]
+}
+
 fn slice_row(slice: &EndpointSlice) -> Vec<String> {
     let ports: Vec<String> = slice
         .ports
@@ -385,7 +401,7 @@ fn age(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Str
 }
 
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
-fn print_table(rows: &Rows) {
+pub(super) fn print_table(rows: &Rows) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {

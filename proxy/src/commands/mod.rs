@@ -2,6 +2,7 @@
 //! prints the answer the way kubectl would.
 
 mod get;
+mod rollout;
 
 pub use bench::bench;
 
@@ -72,6 +73,9 @@ pub fn run(command: Command, socket: &Path) -> Result<ExitCode> {
             namespace,
             command,
         } => exec(socket, pod, container, namespace, command),
+        Command::Scale(args) => rollout::scale(socket, args),
+        Command::Set(command) => rollout::set(socket, command),
+        Command::Rollout(command) => rollout::rollout(socket, command),
     }
 }
 
@@ -110,7 +114,7 @@ fn exec(
 }
 
 /// Prints a `Done` answer's lines; turns an error answer into an error.
-fn print_done(response: Response) -> Result<ExitCode> {
+pub(crate) fn print_done(response: Response) -> Result<ExitCode> {
     match response {
         Response::Done { lines } => {
             for line in lines {

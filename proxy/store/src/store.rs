@@ -677,6 +677,30 @@ fn fill_system_metadata(object: &mut Object, old: Option<&Object>) {
     meta.resource_version = old_meta.and_then(|m| m.resource_version.clone());
     meta.managed_fields = None;
     meta.self_link = None;
+    keep_controller_annotations(meta, old_meta);
+}
+
+/// Annotations a controller writes on the objects it manages (a Deployment's
+/// revision). A manifest applied again without them keeps them, as kubectl's
+/// merge would, so re-applying an unchanged manifest is "unchanged".
+const CONTROLLER_ANNOTATIONS: &[&str] = &["deployment.kubernetes.io/revision"];
+
+fn keep_controller_annotations(meta: &mut ObjectMeta, old: Option<&ObjectMeta>) {
+    let Some(old) = old.and_then(|m| m.annotations.as_ref()) else {
+        return;
+    };
+    for key in CONTROLLER_ANNOTATIONS {
+        if let Some(value) = old.get(*key)
+            && meta
+                .annotations
+                .as_ref()
+                .is_none_or(|a| !a.contains_key(*key))
+        {
+            meta.annotations
+                .get_or_insert_with(Default::default)
+                .insert((*key).to_owned(), value.clone());
+        }
+    }
 }
 
 /// A random (version 4) UUID in its usual text form.

@@ -427,8 +427,9 @@ fn deployment(d: &mut Deployment) -> Checked {
             .rolling_update
             .get_or_insert_with(RollingUpdateDeployment::default);
         let quarter = || IntOrString::String("25%".into());
-        ru.max_surge.get_or_insert_with(quarter);
-        ru.max_unavailable.get_or_insert_with(quarter);
+        let surge = ru.max_surge.get_or_insert_with(quarter).clone();
+        let unavailable = ru.max_unavailable.get_or_insert_with(quarter).clone();
+        rolling_update_limits(&surge, &unavailable)?;
     } else if strategy.rolling_update.is_some() {
         return Err(forbidden(
             "spec.strategy.rollingUpdate",
@@ -439,6 +440,58 @@ fn deployment(d: &mut Deployment) -> Checked {
     spec.progress_deadline_seconds.get_or_insert(600);
     non_negative("spec.minReadySeconds", spec.min_ready_seconds)?;
     non_negative("spec.revisionHistoryLimit", spec.revision_history_limit)
+}
+
+/// `maxSurge` / `maxUnavailable`: a count or `N%`, not negative, unavailable
+/// at most 100%, and not both zero (the rollout could never make progress).
+fn rolling_update_limits(surge: &IntOrString, unavailable: &IntOrString) -> Checked {
+    const SURGE: &str = "spec.strategy.rollingUpdate.maxSurge";
+    const UNAVAILABLE: &str = "spec.strategy.rollingUpdate.maxUnavailable";
+    let amount = |field: &str, value: &IntOrString| -> Result<(i64, bool), FieldError> {
+        match value {
+            IntOrString::Int(n) if *n < 0 => {
+                Err(invalid(field, n, "must be greater than or equal to 0"))
+            }
+            IntOrString::Int(n) => Ok((i64::from(*n), false)),
+            IntOrString::String(s) => s
+                .strip_suffix('%')
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse().ok())
+                .map(|p| (p, true))
+                .ok_or_else(|| {
+                    invalid(
+                        field,
+                        s,
+                        "a valid percent string must be a numeric string followed by an ending '%'",
+                    )
+                }),
+        }
+    };
+    let (surge_amount, _) = amount(SURGE, surge)?;
+    let (unavailable_amount, percent) = amount(UNAVAILABLE, unavailable)?;
+    if percent && unavailable_amount > 100 {
+        return Err(invalid_amount(
+            UNAVAILABLE,
+            unavailable,
+            "must not be greater than 100%",
+        ));
+    }
+    if surge_amount == 0 && unavailable_amount == 0 {
+        return Err(invalid_amount(
+            UNAVAILABLE,
+            unavailable,
+            "may not be 0 when `maxSurge` is 0",
+        ));
+    }
+    Ok(())
+}
+
+/// An int-or-percent shown as kubectl shows it: `0`, `"0%"`.
+fn invalid_amount(field: &str, value: &IntOrString, why: &str) -> FieldError {
+    match value {
+        IntOrString::Int(n) => invalid(field, n, why),
+        IntOrString::String(s) => invalid(field, s, why),
+    }
 }
 
 fn non_negative(field: &str, v: Option<i32>) -> Checked {
@@ -1031,6 +1084,31 @@ mod tests {
         let e = check(&DEPLOY.replace("selector: {matchLabels: {app: web}}", "selector: {}"))
             .unwrap_err();
         assert!(e.starts_with("spec.selector"), "{e}");
+    }
+
+    #[test]
+    fn rolling_update_limits_name_the_field() {
+        let strategy = |surge: &str, unavailable: &str| {
+            DEPLOY.replace(
+                "  selector:",
+                &format!("  strategy: {{rollingUpdate: {{maxSurge: {surge}, maxUnavailable: {unavailable}}}}}\n  selector:"),
+            )
+        };
+        assert!(check(&strategy("0", "1")).is_ok());
+        assert!(check(&strategy("'50%'", "0")).is_ok());
+        for (surge, unavailable, field) in [
+            ("0", "0", "spec.strategy.rollingUpdate.maxUnavailable"),
+            ("'0%'", "0", "spec.strategy.rollingUpdate.maxUnavailable"),
+            ("-1", "1", "spec.strategy.rollingUpdate.maxSurge"),
+            ("'x%'", "1", "spec.strategy.rollingUpdate.maxSurge"),
+            ("1", "'150%'", "spec.strategy.rollingUpdate.maxUnavailable"),
+        ] {
+            let e = check(&strategy(surge, unavailable)).unwrap_err();
+            assert!(e.starts_with(field), "{surge}/{unavailable}: {e}");
+        }
+        let e = check(&DEPLOY.replace("spec:\n  selector", "spec:\n  replicas: -2\n  selector"))
+            .unwrap_err();
+        assert!(e.starts_with("spec.replicas"), "{e}");
     }
 
     #[test]
