@@ -40,11 +40,17 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The agent's log filter in tests: debug for vipr's own crates, which also
+/// turns on the eBPF program's per-flow debug log.
+pub const TEST_LOG_FILTER: &str = "info,vipr=debug";
+
 pub struct AgentNode {
     // Drop order matters: the agent goes first, then the namespaces.
     agent: Option<Child>,
     /// Agent flags beyond the ones every node gets (see [`AgentNode::start_with`]).
     extra_args: Vec<String>,
+    /// `RUST_LOG` of the agent.
+    log_filter: String,
     pub prefix: String,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
@@ -63,6 +69,13 @@ impl AgentNode {
     /// As [`AgentNode::start`], with extra `vipr agent` flags (kept across
     /// restarts and given to `--cleanup` too).
     pub fn start_with(tag: &str, extra_args: &[&str]) -> Result<Self> {
+        Self::start_logging(tag, extra_args, TEST_LOG_FILTER)
+    }
+
+    /// As [`AgentNode::start_with`], with the agent's `RUST_LOG` filter:
+    /// benchmarks run it at `info`, as a production node would, so no
+    /// per-flow debug logging is measured.
+    pub fn start_logging(tag: &str, extra_args: &[&str], log_filter: &str) -> Result<Self> {
         let prefix = unique_prefix(tag);
         let node = Netns::new(format!("{prefix}-node"))?;
         let outside = Netns::new(format!("{prefix}-out"))?;
@@ -86,6 +99,7 @@ impl AgentNode {
         let mut node = AgentNode {
             agent: None,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            log_filter: log_filter.to_owned(),
             socket: state_dir.join("vipr.sock"),
             cgroup_root: PathBuf::from(format!("/sys/fs/cgroup/unified/vipr-e2e-{prefix}")),
             state_dir,
@@ -127,7 +141,7 @@ impl AgentNode {
             .arg(format!("--net=/run/netns/{}", self.node.name()))
             .arg(bin_dir().join("vipr"))
             .args(self.agent_args())
-            .env("RUST_LOG", "info,vipr=debug")
+            .env("RUST_LOG", &self.log_filter)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()

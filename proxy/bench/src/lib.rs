@@ -182,6 +182,10 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
     Ok(results)
 }
 
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
 /// One round of one mode at `n` services: program, load, change, clear.
 fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Round> {
     let services = modes::services(mode, rig, n, options.endpoints);
@@ -228,8 +232,10 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
         p99: pct(0.99),
         conn_per_s: connections.per_second,
         udp_pps,
-        program_all_ms: programmed.then_some(program_all.as_secs_f64() * 1e3),
-        program_one_change_ms: programmed.then_some(one_change.as_secs_f64() * 1e3),
+        program_all_ms: programmed.then_some(ms(program_all.programming)),
+        program_one_change_ms: programmed.then_some(ms(one_change.programming)),
+        apply_all_ms: program_all.end_to_end.map(ms),
+        apply_one_change_ms: one_change.end_to_end.map(ms),
         rss_mib: rss,
         failures: connections.failures,
     })

@@ -162,6 +162,28 @@ pub fn with_extra_endpoint(service: &KubeService) -> KubeService {
     changed
 }
 
+/// How long a programming step took.
+pub struct Timing {
+    /// The data plane's own work, comparable across modes: for the
+    /// netfilter modes the `iptables-restore` / `nft -f` run (process start
+    /// included, as kube-proxy pays it too); for vipr the agent's syncs
+    /// (computing the frontends from the objects and writing the maps).
+    pub programming: Duration,
+    /// vipr only: from `vipr apply` to the maps holding the change, which
+    /// adds the CLI, the API socket and the store's durable commit (the
+    /// part kube-proxy leaves to the API server and its watch).
+    pub end_to_end: Option<Duration>,
+}
+
+impl Timing {
+    fn programmer_only(programming: Duration) -> Self {
+        Timing {
+            programming,
+            end_to_end: None,
+        }
+    }
+}
+
 /// One mode's data plane on the rig, holding what it programmed.
 pub struct Programmer<'a> {
     mode: Mode,
@@ -177,33 +199,50 @@ impl<'a> Programmer<'a> {
     }
 
     /// Programs every service from empty; returns how long it took.
-    pub fn program_all(&self, services: &[KubeService]) -> Result<Duration> {
+    pub fn program_all(&self, services: &[KubeService]) -> Result<Timing> {
         match self.mode {
             Mode::Vipr => {
                 let file = self.write("services.yaml", &vipr_manifest(services))?;
-                let started = Instant::now();
-                self.rig
-                    .node
-                    .vipr_ok(&["apply", "-f", &file.display().to_string()])?;
-                let map = PinnedServices::open(&self.rig.node.pin_dir())?;
-                // The reconciler goes through services in name order.
-                let last = services.len() - 2;
-                wait_programmed(&map, &services[last], services[last].endpoints.len())?;
-                for service in services {
-                    wait_programmed(&map, service, service.endpoints.len())?;
-                }
-                Ok(started.elapsed())
+                self.through_agent(|| {
+                    self.rig
+                        .node
+                        .vipr_ok(&["apply", "-f", &file.display().to_string()])?;
+                    let map = PinnedServices::open(&self.rig.node.pin_dir())?;
+                    // The reconciler goes through services in name order.
+                    let last = services.len() - 2;
+                    wait_programmed(&map, &services[last], services[last].endpoints.len())?;
+                    for service in services {
+                        wait_programmed(&map, service, service.endpoints.len())?;
+                    }
+                    Ok(())
+                })
             }
             Mode::IptablesLegacy | Mode::IptablesNft => {
                 let file = self.write("full.rules", &kube_proxy::iptables_full(services))?;
-                self.restore(&file)
+                self.restore(&file).map(Timing::programmer_only)
             }
             Mode::Nftables => {
                 let file = self.write("full.nft", &kube_proxy::nftables_full(services))?;
-                self.nft(&file)
+                self.nft(&file).map(Timing::programmer_only)
             }
-            Mode::Direct | Mode::Ipvs => Ok(Duration::ZERO),
+            Mode::Direct | Mode::Ipvs => Ok(Timing::programmer_only(Duration::ZERO)),
         }
+    }
+
+    /// Runs `step` (an apply through the agent, waited for until the maps
+    /// show it) and times it end to end and by the agent's own programming.
+    fn through_agent(&self, step: impl FnOnce() -> Result<()>) -> Result<Timing> {
+        let synced_before = self.rig.agent_sync_seconds()?;
+        let started = Instant::now();
+        step()?;
+        let end_to_end = started.elapsed();
+        // The last sync's metric is recorded just after its map writes.
+        std::thread::sleep(Duration::from_millis(50));
+        let synced = self.rig.agent_sync_seconds()? - synced_before;
+        Ok(Timing {
+            programming: Duration::from_secs_f64(synced.max(0.0)),
+            end_to_end: Some(end_to_end),
+        })
     }
 
     /// Applies `after` (service `changed` of `services`, one endpoint
@@ -213,28 +252,28 @@ impl<'a> Programmer<'a> {
         services: &[KubeService],
         changed: usize,
         after: &KubeService,
-    ) -> Result<Duration> {
+    ) -> Result<Timing> {
         let before = &services[changed];
         match self.mode {
             Mode::Vipr => {
                 let map = PinnedServices::open(&self.rig.node.pin_dir())?;
-                let started = Instant::now();
-                self.rig.node.apply(&slice_manifest(after, changed))?;
-                wait_programmed(&map, after, after.endpoints.len())?;
-                Ok(started.elapsed())
+                self.through_agent(|| {
+                    self.rig.node.apply(&slice_manifest(after, changed))?;
+                    wait_programmed(&map, after, after.endpoints.len())
+                })
             }
             Mode::IptablesLegacy | Mode::IptablesNft => {
                 let mut updated = services.to_vec();
                 updated[changed] = after.clone();
                 let text = kube_proxy::iptables_partial(&updated, changed, before);
                 let file = self.write("partial.rules", &text)?;
-                self.restore(&file)
+                self.restore(&file).map(Timing::programmer_only)
             }
             Mode::Nftables => {
                 let file = self.write("change.nft", &kube_proxy::nftables_change(after, before))?;
-                self.nft(&file)
+                self.nft(&file).map(Timing::programmer_only)
             }
-            Mode::Direct | Mode::Ipvs => Ok(Duration::ZERO),
+            Mode::Direct | Mode::Ipvs => Ok(Timing::programmer_only(Duration::ZERO)),
         }
     }
 

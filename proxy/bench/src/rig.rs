@@ -32,7 +32,9 @@ pub struct Rig {
 
 impl Rig {
     pub fn build(pods: usize) -> Result<Rig> {
-        let node = AgentNode::start("bench").context("starting the node and its agent")?;
+        // At `info`, as on a production node: no per-flow debug log is measured.
+        let node = AgentNode::start_logging("bench", &[], "info")
+            .context("starting the node and its agent")?;
         let manifest: String = (0..pods).map(pod_manifest).collect();
         node.apply(&manifest)?;
         let names: Vec<String> = (0..pods).map(pod_name).collect();
@@ -47,6 +49,20 @@ impl Rig {
             node.outside.ip(&["route", "add", net, "via", &node_ip])?;
         }
         Ok(Rig { node, pods })
+    }
+
+    /// Seconds the agent has spent programming the data plane so far: the
+    /// sum of its `kubeproxy_sync_proxy_rules_duration_seconds` histogram
+    /// (every sync: computing frontends from the objects and writing the
+    /// maps), read from its metrics endpoint inside the node namespace.
+    /// The difference over a step is vipr's counterpart of the time
+    /// `iptables-restore` or `nft -f` takes for the same step.
+    pub fn agent_sync_seconds(&self) -> Result<f64> {
+        let text = self.node.node.enter(|| http_get(AGENT_METRICS, "/metrics"))??;
+        text.lines()
+            .find_map(|l| l.strip_prefix(SYNC_SECONDS_SUM))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {SYNC_SECONDS_SUM} in the agent's metrics"))
     }
 
     /// Packets the node has handed to its pods so far (the node-side veths'
@@ -66,6 +82,29 @@ impl Rig {
             .filter_map(|l| l["stats64"]["tx"]["packets"].as_u64())
             .sum())
     }
+}
+
+/// The agent's default `--metrics-addr`, inside the node namespace.
+const AGENT_METRICS: &str = "127.0.0.1:10249";
+const SYNC_SECONDS_SUM: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum ";
+
+/// The body of a plain HTTP/1.0 GET.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // One write: the request is one segment, as any HTTP client sends it.
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        bail!("{addr}{path}: no HTTP response");
+    };
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{addr}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
 }
 
 fn pod_name(i: usize) -> String {
