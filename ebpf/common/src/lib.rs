@@ -12,12 +12,15 @@
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
-    pub const FLOWS: &str = "FLOWS";
-    pub const REVERSE_FLOWS: &str = "REVERSE_FLOWS";
+    /// Conntrack: both directions of every translated flow in one map.
+    pub const CONNTRACK: &str = "CONNTRACK";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Maps of earlier builds, removed from the pin folder at load: the
+    /// forward and reply conntrack maps that `CONNTRACK` replaced.
+    pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -46,7 +49,8 @@ pub mod sock_programs {
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Default capacity of each conntrack map (LRU).
+/// Default number of flows conntrack holds (LRU); each flow takes two
+/// entries of the `CONNTRACK` map, one per direction.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Default capacity of the loadBalancerSourceRanges trie (all services).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
@@ -180,6 +184,9 @@ pub mod flow_flags {
     /// The flow's source is rewritten (SNAT or hairpin): the reverse entry
     /// restores the client as destination.
     pub const SNAT: u8 = 1 << 1;
+    /// The entry is the flow's reply direction (backend to client), so one
+    /// lookup serves both directions and still tells them apart.
+    pub const REPLY: u8 = 1 << 2;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -197,6 +204,12 @@ pub struct NatEntry {
     pub flags: u8,
     pub _pad: u8,
     pub _pad2: u16,
+    /// The rewrite's change to the IPv4 header checksum (addresses), and to
+    /// the TCP/UDP checksum (addresses, as part of the pseudo-header, and
+    /// ports): folded ones' complement sums, computed once when the flow
+    /// opens so a conntrack hit only adds them.
+    pub ip_check_delta: u16,
+    pub l4_check_delta: u16,
 }
 
 impl NatEntry {
@@ -416,7 +429,7 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 20);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);

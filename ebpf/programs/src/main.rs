@@ -51,15 +51,14 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Forward direction: client 5-tuple (to the frontend) -> the tuple it leaves with.
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, NatEntry> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
-
-/// Reply direction: backend -> client (or SNAT address) 5-tuple -> the tuple
-/// it leaves with (from the frontend, to the client).
-#[map(name = "REVERSE_FLOWS")]
-static REVERSE_FLOWS: LruHashMap<FlowKey, NatEntry> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+/// Conntrack, both directions of each flow in one map: a client's tuple (to
+/// the frontend) and the backend's reply tuple, each mapped to the tuple its
+/// packets leave with; reply entries carry `flow_flags::REPLY`. One map means
+/// one lookup per packet whichever way it travels. Sized by userspace to two
+/// entries per flow.
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<FlowKey, NatEntry> =
+    LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
 
 /// loadBalancerSourceRanges of every service that has them, keyed by service id.
 #[map(name = "SOURCE_RANGES")]

@@ -30,11 +30,10 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 8] = [
+const PERSISTENT_MAPS: [&str; 7] = [
     map_names::SERVICES,
     map_names::BACKENDS,
-    map_names::FLOWS,
-    map_names::REVERSE_FLOWS,
+    map_names::CONNTRACK,
     map_names::SOURCE_RANGES,
     map_names::CONFIG,
     map_names::STATS,
@@ -133,8 +132,7 @@ impl Dataplane {
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
-            .map_max_entries(map_names::FLOWS, options.max_flows)
-            .map_max_entries(map_names::REVERSE_FLOWS, options.max_flows)
+            .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -385,10 +383,18 @@ fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, Dat
         path: dir.to_owned(),
         source,
     })?;
+    for retired in map_names::RETIRED {
+        let _ = std::fs::remove_file(dir.join(retired));
+    }
     Ok(PERSISTENT_MAPS
         .iter()
         .map(|name| (*name, dir.join(name)))
         .collect())
+}
+
+/// Entries of the conntrack map for `max_flows` flows: one per direction.
+pub(crate) fn conntrack_entries(max_flows: u32) -> u32 {
+    max_flows.saturating_mul(2)
 }
 
 fn config(options: &DataplaneOptions) -> DataplaneConfig {
@@ -424,9 +430,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (size_of::<BackendKey>(), size_of::<Backend>()),
-        map_names::FLOWS | map_names::REVERSE_FLOWS => {
-            (size_of::<FlowKey>(), size_of::<NatEntry>())
-        }
+        map_names::CONNTRACK => (size_of::<FlowKey>(), size_of::<NatEntry>()),
         // LPM trie keys carry a 4-byte prefix length in front.
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), size_of::<u32>()),
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
