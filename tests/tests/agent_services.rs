@@ -86,7 +86,11 @@ spec:
 
 /// A node with the services and the named pods, all ready.
 fn node_with(tag: &str, pods: &[&str]) -> Result<AgentNode> {
-    let node = AgentNode::start(tag)?;
+    node_with_flags(tag, pods, &[])
+}
+
+fn node_with_flags(tag: &str, pods: &[&str], agent_flags: &[&str]) -> Result<AgentNode> {
+    let node = AgentNode::start_with(tag, agent_flags)?;
     let manifest: String = pods.iter().map(|p| web_pod(p)).collect();
     node.apply(&(manifest + SERVICES))?;
     node.wait_ready(pods, Duration::from_secs(30))?;
@@ -173,7 +177,7 @@ fn udp_ask(socket: &UdpSocket, command: &str) -> Result<String> {
 #[test]
 fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
     require_root();
-    let node = node_with("aso", &["web-1"])?;
+    let node = node_with_flags("aso", &["web-1"], &["--max-flows", "1000"])?;
 
     // externalTrafficPolicy Cluster: SNAT to the node, so the reply returns
     // through it; Local: the client's own address is kept.
@@ -235,6 +239,18 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
         "curl: connection refused expected"
     );
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
+
+    // The conntrack size flag took effect (the first expiry pass runs at start).
+    let metrics = node
+        .node
+        .command("curl")
+        .args(["-s", "-m", "2", "http://127.0.0.1:10249/metrics"])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("vipr_conntrack_capacity_flows 1000"),
+        "{metrics}"
+    );
     Ok(())
 }
 

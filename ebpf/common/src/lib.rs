@@ -49,9 +49,14 @@ pub mod sock_programs {
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Default number of flows conntrack holds (LRU); each flow takes two
-/// entries of the `CONNTRACK` map, one per direction.
+/// Default number of flows conntrack holds; each flow takes two entries of
+/// the `CONNTRACK` map, one per direction.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Conntrack's clock: `bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`
+/// (CLOCK_MONOTONIC_COARSE in ticks of 2^24 ns, about 16.8 ms), kept in
+/// [`NatEntry::last_seen`]; a u32 of these wraps after about 2.3 years.
+pub const FLOW_CLOCK_SHIFT: u32 = 24;
 /// Default capacity of the loadBalancerSourceRanges trie (all services).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
@@ -187,6 +192,9 @@ pub mod flow_flags {
     /// The entry is the flow's reply direction (backend to client), so one
     /// lookup serves both directions and still tells them apart.
     pub const REPLY: u8 = 1 << 2;
+    /// A packet after the first was translated with this entry; on the
+    /// reply entry it means the backend answered (the flow is established).
+    pub const SEEN: u8 = 1 << 3;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -210,6 +218,9 @@ pub struct NatEntry {
     /// opens so a conntrack hit only adds them.
     pub ip_check_delta: u16,
     pub l4_check_delta: u16,
+    /// When a packet last used this entry, in [`FLOW_CLOCK_SHIFT`] ticks:
+    /// userspace removes flows idle for longer than their timeout.
+    pub last_seen: u32,
 }
 
 impl NatEntry {
@@ -283,7 +294,8 @@ pub enum Counter {
     DropMalformed = 6,
     /// Dropped: an IP fragment addressed to a service (ports unknown).
     DropFragment = 7,
-    /// Dropped: conntrack could not record the flow (map full).
+    /// Dropped: conntrack could not record the flow: the map is full (of
+    /// live flows; idle ones are expired by userspace, never evicted).
     DropFlowMapFull = 8,
     /// Dropped: backend slot missing although the service counts it.
     DropBackendMissing = 9,
@@ -312,9 +324,8 @@ pub enum Counter {
     /// endpoints refused with ECONNREFUSED.
     SockRejected = 19,
     /// A TCP packet without SYN opened a flow (counted besides `NewFlow`):
-    /// its conntrack entry is gone, evicted from a full flow map or lost.
-    /// The LRU flow map makes room by evicting its oldest entry rather than
-    /// refusing a new flow; this is where that becomes visible.
+    /// its conntrack entry is gone (expired while idle, removed with a
+    /// vanished backend, or the map was recreated).
     FlowOpenedMidStream = 20,
 }
 
@@ -429,7 +440,7 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 8);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 20);
+        assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);

@@ -1,24 +1,26 @@
-//! Conntrack: the LRU map that remembers each translated flow, one entry per
-//! direction, each holding the full tuple its packets leave with. Both
+//! Conntrack: the hash map that remembers each translated flow, one entry
+//! per direction, each holding the full tuple its packets leave with. Both
 //! directions live in one map so a packet costs one lookup either way; the
 //! reply entry carries `flow_flags::REPLY`.
 //!
 //! Opening a flow (`open`) picks a backend, optionally an SNAT source (port
 //! claimed atomically by inserting the reply entry with BPF_NOEXIST), and
-//! records both directions; `close` removes both. TCP flows leave on RST at once, and after FINs both ways
-//! on the last ACK; UDP flows are removed by userspace when their backend
-//! goes (see the control library's `services` module).
+//! records both directions; `close` removes both. TCP flows leave on RST at
+//! once, and after FINs both ways on the last ACK. Userspace removes the UDP
+//! flows of a backend that goes (the control library's `services` module)
+//! and expires idle flows by their `last_seen` stamp (its `flows` module);
+//! a full map refuses new flows, counted, and never evicts a live one.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     maps::{LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use vipr_common::{
-    Backend, BackendKey, Counter, DataplaneConfig, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry,
-    ServiceValue, SourceRangeKey, flow_flags, service_flags,
+    Backend, BackendKey, Counter, DataplaneConfig, FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, NatEntry, ServiceValue, SourceRangeKey, flow_flags, service_flags,
 };
 
 use crate::{
@@ -31,6 +33,15 @@ use crate::{
 const SNAT_ATTEMPTS: u32 = 8;
 /// LPM prefix length of a full source-range lookup (service id + address).
 const SOURCE_RANGE_FULL_PREFIX: u32 = 64;
+/// What a map update returns when a hash map is full.
+const E2BIG: i32 = 7;
+
+/// Conntrack's clock (see `FLOW_CLOCK_SHIFT`).
+#[inline(always)]
+fn now() -> u32 {
+    // SAFETY: a plain helper call with no arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } >> FLOW_CLOCK_SHIFT) as u32
+}
 
 /// Translates a packet of a known flow, either direction; `None` when the
 /// flow is unknown.
@@ -40,6 +51,7 @@ pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(&entry);
+    stamp(entry_ptr, &entry);
     track_close(packet, tuple, entry_ptr, &entry);
     let counter = if entry.flags & flow_flags::REPLY != 0 {
         Counter::ReplyTranslated
@@ -47,6 +59,21 @@ pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
         Counter::FlowHit
     };
     Some((counter, xdp_action::XDP_PASS))
+}
+
+/// Records that the entry was used now. Writes only when the tick changed
+/// (every ~17 ms at most), so a busy flow's entry is rarely dirtied.
+#[inline(always)]
+fn stamp(entry_ptr: *mut NatEntry, entry: &NatEntry) {
+    let now = now();
+    if entry.last_seen != now {
+        // SAFETY: live map value; a racing writer stores the same tick.
+        unsafe { (*entry_ptr).last_seen = now };
+    }
+    if entry.flags & flow_flags::SEEN == 0 {
+        // SAFETY: as above; set once per entry.
+        unsafe { (*entry_ptr).flags |= flow_flags::SEEN };
+    }
 }
 
 /// Follows TCP closing: a flow leaves on RST, or on the last ACK after FINs
@@ -116,6 +143,7 @@ pub fn open(
         _pad2: 0,
         ip_check_delta: 0,
         l4_check_delta: 0,
+        last_seen: now(),
     };
     let mut reverse = NatEntry {
         src_addr: tuple.dst_addr,
@@ -127,14 +155,15 @@ pub fn open(
         _pad2: 0,
         ip_check_delta: 0,
         l4_check_delta: 0,
+        last_seen: forward.last_seen,
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
             forward.src_addr = addr;
             forward.flags = flow_flags::SNAT;
             reverse.flags |= flow_flags::SNAT;
-            if !claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
-                return (Counter::DropSnatPortsExhausted, xdp_action::XDP_DROP);
+            if let Err(refused) = claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
+                return (refused, xdp_action::XDP_DROP);
             }
         }
         None => {
@@ -216,31 +245,31 @@ fn snat_source(
 }
 
 /// Finds a source port for `forward`'s SNAT address whose reply tuple is
-/// free, and claims it by inserting the reply entry.
+/// free, and claims it by inserting the reply entry; the drop reason when
+/// none is (or conntrack is full).
 #[inline(always)]
 fn claim_snat_port(
     forward: &mut NatEntry,
     reverse: &NatEntry,
     config: &DataplaneConfig,
     proto: u8,
-) -> bool {
+) -> Result<(), Counter> {
     let range = u32::from(config.snat_port_count);
     if range == 0 {
-        return false;
+        return Err(Counter::DropSnatPortsExhausted);
     }
     for _ in 0..SNAT_ATTEMPTS {
         // SAFETY: a plain helper call with no arguments.
         let offset = unsafe { bpf_get_prandom_u32() } % range;
         forward.src_port = (config.snat_port_min.wrapping_add(offset as u16)).to_be();
         let reply_key = forward.tuple(proto).reversed();
-        if CONNTRACK
-            .insert(reply_key, sealed(&reply_key, *reverse), u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return true;
+        match CONNTRACK.insert(reply_key, sealed(&reply_key, *reverse), u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(()),
+            Err(error) if error == -E2BIG => return Err(Counter::DropFlowMapFull),
+            Err(_) => {}
         }
     }
-    false
+    Err(Counter::DropSnatPortsExhausted)
 }
 
 /// A frontend without endpoints: refuse at once (or drop, when asked).

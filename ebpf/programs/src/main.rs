@@ -2,7 +2,7 @@
 //!
 //! Attached to each pod's node-side veth and to the node's uplink, it sees
 //! every packet entering the node's network namespace. For a packet to a
-//! service frontend it picks a backend once per flow (conntrack in an LRU
+//! service frontend it picks a backend once per flow (conntrack in a hash
 //! map), rewrites the destination (DNAT, plus SNAT for externally reached
 //! frontends with externalTrafficPolicy Cluster and for hairpin flows) and
 //! records the reverse mapping so the backend's replies get the service
@@ -56,9 +56,14 @@ static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAUL
 /// packets leave with; reply entries carry `flow_flags::REPLY`. One map means
 /// one lookup per packet whichever way it travels. Sized by userspace to two
 /// entries per flow.
+///
+/// A plain hash map, not an LRU one: an LRU map makes room by silently
+/// evicting its least recently used entry, which can be a live idle flow
+/// (it would come back with another backend, or its replies untranslated).
+/// Here a full map refuses the new flow, counted (`DropFlowMapFull`), and
+/// userspace expires idle flows by `NatEntry::last_seen`.
 #[map(name = "CONNTRACK")]
-static CONNTRACK: LruHashMap<FlowKey, NatEntry> =
-    LruHashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+static CONNTRACK: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
 
 /// loadBalancerSourceRanges of every service that has them, keyed by service id.
 #[map(name = "SOURCE_RANGES")]

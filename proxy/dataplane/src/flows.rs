@@ -1,10 +1,11 @@
-//! Reading and pruning conntrack (the CONNTRACK LRU map, one entry per
+//! Reading and pruning conntrack (the CONNTRACK map, one entry per
 //! direction of each flow) from userspace.
 //!
 //! The eBPF side removes TCP flows when they close; what it cannot know is
 //! that a backend went away. A UDP flow has no close, so a flow pinned to a
-//! removed backend would black-hole the client until LRU eviction; those are
-//! cleared here whenever a UDP frontend loses a backend.
+//! removed backend would black-hole the client until it expired; those are
+//! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
+//! in `expiry`.)
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 

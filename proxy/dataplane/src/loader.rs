@@ -126,7 +126,7 @@ impl Dataplane {
     pub fn load(options: &DataplaneOptions) -> Result<Self, DataplaneError> {
         let log_level = options.ebpf_log_level as u8;
         let pin_paths = pin_paths(options.pin_dir.as_deref())?;
-        discard_incompatible_pins(&pin_paths);
+        discard_incompatible_pins(&pin_paths, options);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &log_level, true)
@@ -440,10 +440,24 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     })
 }
 
-/// Removes pinned maps left by a build with another layout. aya would
-/// reuse them blindly, and the program would then fail to load (or read
-/// garbage); losing the state of an incompatible version is the lesser harm.
-fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
+/// Entries each sized map gets from `options`; `None` for fixed sizes.
+fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
+    match name {
+        map_names::SERVICES => Some(options.max_services),
+        map_names::BACKENDS => Some(options.max_backends),
+        map_names::CONNTRACK => Some(conntrack_entries(options.max_flows)),
+        map_names::SOURCE_RANGES => Some(options.max_source_ranges),
+        map_names::STATS => Some(Counter::COUNT),
+        _ => None,
+    }
+}
+
+/// Removes pinned maps left by a build with another layout, or sized
+/// otherwise than `options` ask. aya would reuse them blindly, and the
+/// program would then fail to load, read garbage, or keep the old size;
+/// losing that state is the lesser harm (services are programmed again by
+/// the caller; flows in a discarded conntrack reopen on their next packet).
+fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)], options: &DataplaneOptions) {
     for (name, path) in pin_paths {
         let Ok(info) = aya::maps::MapInfo::from_pin(path) else {
             continue;
@@ -452,14 +466,16 @@ fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
             continue;
         };
         // STATS is per-CPU: the kernel reports the per-CPU value size. Its
-        // length grows when counters are appended; a shorter pinned array
-        // would fail the reads of the new counters.
-        let short_stats = *name == map_names::STATS && info.max_entries() != Counter::COUNT;
-        if info.key_size() as usize != key || info.value_size() as usize != value || short_stats {
+        // length grows when counters are appended.
+        let layout_differs = info.key_size() as usize != key || info.value_size() as usize != value;
+        let resized =
+            expected_max_entries(name, options).is_some_and(|max| info.max_entries() != max);
+        if layout_differs || resized {
             tracing::warn!(
                 map = name,
                 path = %path.display(),
-                "pinned map has another layout (an older vipr?): discarding it and its state"
+                pinned_entries = info.max_entries(),
+                "pinned map has another layout or size (an older vipr, or new --max-* flags): discarding it and its state"
             );
             let _ = std::fs::remove_file(path);
         }

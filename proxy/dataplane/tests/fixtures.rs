@@ -475,3 +475,28 @@ fn pinned_maps_of_another_layout_are_replaced() {
         "no service: passed (no service CIDR set)"
     );
 }
+
+#[test]
+fn pinned_maps_of_another_size_are_replaced() {
+    let dir = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/vipr-fixture-size-{}",
+        std::process::id()
+    )));
+    let options = |max_flows| DataplaneOptions {
+        pin_dir: Some(dir.0.clone()),
+        max_flows,
+        ..DataplaneOptions::default()
+    };
+    let mut dp = Dataplane::load(&options(4)).expect("load with a pin dir (needs bpffs)");
+    assert_eq!(
+        dp.expire_idle_flows(&Default::default()).unwrap().capacity,
+        4
+    );
+    drop(dp);
+    let mut dp = Dataplane::load(&options(8)).unwrap();
+    assert_eq!(
+        dp.expire_idle_flows(&Default::default()).unwrap().capacity,
+        8,
+        "a new --max-flows takes effect over the pinned map"
+    );
+}
