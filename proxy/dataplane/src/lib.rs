@@ -27,6 +27,7 @@
 //! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
 //!   the node from every pod (a link-local address no one owns works).
 
+mod batch;
 mod cgroup;
 mod error;
 mod expiry;
