@@ -110,6 +110,13 @@ fn outside_get(node: &AgentNode, addr: Ipv4Addr, port: u16, path: &str) -> Resul
     ))
 }
 
+/// The client address the pod behind `addr:port` saw for a request from outside.
+fn source_seen(node: &AgentNode, addr: Ipv4Addr, port: u16) -> Result<Ipv4Addr> {
+    let (ok, seen) = outside_get(node, addr, port, "/clientip")?;
+    ensure!(ok, "{addr}:{port} did not answer from outside");
+    client_ip(&seen)
+}
+
 /// The hostnames that answered `n` fresh HTTP connections to the NodePort.
 fn outside_hostnames(node: &AgentNode, n: usize) -> Result<BTreeSet<String>> {
     let mut seen = BTreeSet::new();
@@ -181,12 +188,16 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
 
     // externalTrafficPolicy Cluster: SNAT to the node, so the reply returns
     // through it; Local: the client's own address is kept.
-    let (ok, seen) = outside_get(&node, NODE_IP, HTTP_NODEPORT, "/clientip")?;
-    ensure!(ok, "NodePort (Cluster) did not answer");
-    assert_eq!(client_ip(&seen)?, NODE_IP, "Cluster: backend saw {seen}");
-    let (ok, seen) = outside_get(&node, NODE_IP, LOCAL_NODEPORT, "/clientip")?;
-    ensure!(ok, "NodePort (Local) did not answer");
-    assert_eq!(client_ip(&seen)?, OUTSIDE_IP, "Local: backend saw {seen}");
+    assert_eq!(
+        source_seen(&node, NODE_IP, HTTP_NODEPORT)?,
+        NODE_IP,
+        "NodePort, Cluster"
+    );
+    assert_eq!(
+        source_seen(&node, NODE_IP, LOCAL_NODEPORT)?,
+        OUTSIDE_IP,
+        "NodePort, Local"
+    );
 
     let udp = outside_udp(&node, SocketAddr::from((NODE_IP, UDP_NODEPORT)))?;
     assert_eq!(
@@ -203,12 +214,10 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
         "via",
         &NODE_IP.to_string(),
     ])?;
-    let (ok, seen) = outside_get(&node, EXTERNAL_IP, 80, "/clientip")?;
-    ensure!(ok, "externalIP did not answer");
     assert_eq!(
-        client_ip(&seen)?,
+        source_seen(&node, EXTERNAL_IP, 80)?,
         NODE_IP,
-        "externalIP (Cluster): backend saw {seen}"
+        "externalIP, Cluster"
     );
     let (ok, host) = outside_get(&node, EXTERNAL_IP, 80, "/hostname")?;
     assert!(ok && host == "web-1", "externalIP reached {host:?}");
@@ -416,19 +425,15 @@ fn load_balancers_get_pool_addresses_served_from_outside() -> Result<()> {
     // The pool routes to the node, as the network in front of it would.
     node.outside
         .ip(&["route", "add", LB_POOL, "via", &NODE_IP.to_string()])?;
-    let (ok, seen) = outside_get(&node, cluster, 80, "/clientip")?;
-    ensure!(ok, "LoadBalancer {cluster} did not answer");
     assert_eq!(
-        client_ip(&seen)?,
+        source_seen(&node, cluster, 80)?,
         NODE_IP,
-        "Cluster policy: backend saw {seen}"
+        "LoadBalancer, Cluster"
     );
-    let (ok, seen) = outside_get(&node, local, 80, "/clientip")?;
-    ensure!(ok, "LoadBalancer {local} (Local) did not answer");
     assert_eq!(
-        client_ip(&seen)?,
+        source_seen(&node, local, 80)?,
         OUTSIDE_IP,
-        "Local policy: backend saw {seen}"
+        "LoadBalancer, Local"
     );
 
     // No longer a LoadBalancer: the address goes back and stops answering.
