@@ -7,9 +7,10 @@
 //! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
 //! in `expiry`.)
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-
-use std::os::fd::{AsFd, BorrowedFd};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, BorrowedFd},
+};
 
 use aya::{Ebpf, maps::Map};
 use vipr_common::{FlowKey, IPPROTO_UDP, NatEntry, flow_flags, map_names};
