@@ -16,6 +16,7 @@ mod deployments;
 mod dns_snapshot;
 mod frontends;
 mod health_check;
+mod lb_ipam;
 mod node;
 mod pods;
 mod reconciler;
@@ -30,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
+use vipr_dataplane::{Dataplane, DataplaneOptions, FlowExpirer, FlowTimeouts, XdpMode};
 use vipr_dns::{DnsConfig, DnsServer, Upstreams};
 use vipr_pod_runtime::{Runtime, RuntimeConfig};
 use vipr_store::{ServiceNetwork, Store, StoreConfig};
@@ -46,6 +47,7 @@ use reconciler::{ComputedSlices, Reconciler};
 pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // The only source so far; the flag keeps DESIGN.md's contract.
     let Source::Local = args.source;
+    check_address_ranges(&args)?;
     let node = node::NodeIdentity::resolve(&args)?;
     if args.cleanup {
         node::cleanup(&args, &node, &api_socket)?;
@@ -57,6 +59,21 @@ pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(serve(args, node, api_socket))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Address ranges that must not overlap, named by their flags.
+fn check_address_ranges(args: &AgentArgs) -> Result<()> {
+    if let Some(pool) = args.lb_ip_pool {
+        for (flag, net) in [
+            ("--service-cidr", args.service_cidr),
+            ("--pod-cidr", args.pod_cidr),
+        ] {
+            if pool.contains(&net.network()) || net.contains(&pool.network()) {
+                anyhow::bail!("--lb-ip-pool {pool} overlaps {flag} {net}");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -> Result<()> {
@@ -72,6 +89,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         service_cidr: Some(args.service_cidr),
         node_addr: node.node_ip,
         hairpin_addr: Some(node::HAIRPIN_ADDR),
+        max_flows: args.max_flows,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
         // The program stays attached while the agent restarts.
         pin_links: true,
         ..DataplaneOptions::default()
@@ -90,6 +110,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
             .attach(uplink, XdpMode::Default)
             .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
     }
+    let expirer = dataplane
+        .flow_expirer()
+        .context("opening conntrack for expiry")?;
     let dataplane = Arc::new(Mutex::new(dataplane));
 
     node::bind_cluster_dns(args.cluster_dns)?;
@@ -148,6 +171,10 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         dataplane.clone(),
     ));
     tokio::spawn(export_datapath_counters(dataplane.clone(), metrics.clone()));
+    tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
+    if let Some(pool) = args.lb_ip_pool {
+        tokio::spawn(lb_ipam::run(store.clone(), pool));
+    }
     for addr in [args.metrics_addr, args.healthz_addr] {
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -250,6 +277,34 @@ async fn export_datapath_counters(dataplane: Arc<Mutex<Dataplane>>, metrics: Arc
         match counters {
             Ok(counters) => metrics.set_datapath(&counters),
             Err(error) => tracing::warn!(error = %error, "reading data plane counters"),
+        }
+    }
+}
+
+/// How often idle flows are looked for in conntrack.
+const FLOW_EXPIRY_PERIOD: Duration = Duration::from_secs(10);
+
+/// Removes idle flows from conntrack every period, on a blocking thread
+/// with its own map handle (a pass over many flows takes syscalls per
+/// flow and must not hold up service programming).
+async fn expire_idle_flows(mut expirer: FlowExpirer, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(FLOW_EXPIRY_PERIOD);
+    let timeouts = FlowTimeouts::default();
+    loop {
+        tick.tick().await;
+        let pass = tokio::task::spawn_blocking(move || {
+            let result = expirer.expire_idle(&timeouts);
+            (expirer, result)
+        })
+        .await;
+        let Ok((back, result)) = pass else {
+            tracing::error!("conntrack expiry pass panicked; idle flows are no longer expired");
+            return;
+        };
+        expirer = back;
+        match result {
+            Ok(expiry) => metrics.set_conntrack(&expiry),
+            Err(error) => tracing::warn!(error = %error, "expiring idle flows"),
         }
     }
 }
