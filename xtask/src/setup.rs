@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nsd", "the cluster DNS benchmark's reference server"),
     ("iputils-ping", "connectivity checks in the quickstart"),
     ("curl", "the quickstart's HTTP requests"),
+    (
+        "netcat-openbsd",
+        "`nc -u` for UDP through a ClusterIP (quickstart, tests)",
+    ),
     ("python3", "simple workloads in pod runtime tests"),
 ];
 
