@@ -10,8 +10,13 @@ use std::{
 use anyhow::{Result, bail};
 use rand::Rng;
 
-/// A connection that takes longer than this counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection that takes longer than this counts as failed. Three
+/// seconds leaves room for one SYN retransmit (the first comes after 1 s):
+/// a single lost packet makes a slow connection, counted as such, not a
+/// failed one.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A connection slower than this waited for a SYN or SYN-ACK retransmit.
+const RETRANSMIT_LATENCY: Duration = Duration::from_millis(900);
 /// Failures tolerated before a mode's figures are called broken.
 const MAX_FAILURES: usize = 5;
 
@@ -20,6 +25,8 @@ pub struct Connections {
     pub latencies_us: Vec<f64>,
     pub per_second: f64,
     pub failures: usize,
+    /// Connections that needed a SYN retransmit (a packet was lost).
+    pub retransmitted: usize,
 }
 
 /// Opens `count` connections one after another, each to a target `pick`
@@ -32,13 +39,16 @@ pub fn connect_many(
     let mut rng = rand::rng();
     let mut latencies_us = Vec::with_capacity(count);
     let mut failures = 0;
+    let mut retransmitted = 0;
     let started = Instant::now();
     for _ in 0..count {
         let (addr, port) = pick(rng.random_range(0..targets));
         let begin = Instant::now();
         match TcpStream::connect_timeout(&SocketAddr::from((addr, port)), CONNECT_TIMEOUT) {
             Ok(stream) => {
-                latencies_us.push(begin.elapsed().as_secs_f64() * 1e6);
+                let took = begin.elapsed();
+                retransmitted += usize::from(took > RETRANSMIT_LATENCY);
+                latencies_us.push(took.as_secs_f64() * 1e6);
                 reset_on_close(&stream);
             }
             Err(error) => {
@@ -54,6 +64,7 @@ pub fn connect_many(
         latencies_us,
         per_second,
         failures,
+        retransmitted,
     })
 }
 

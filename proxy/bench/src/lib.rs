@@ -238,5 +238,6 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
         apply_one_change_ms: one_change.end_to_end.map(ms),
         rss_mib: rss,
         failures: connections.failures,
+        retransmitted: connections.retransmitted,
     })
 }

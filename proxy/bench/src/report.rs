@@ -105,6 +105,8 @@ pub struct Run {
     /// Every figure's spread over the rounds.
     pub spread: BTreeMap<&'static str, Spread>,
     pub connection_failures: usize,
+    /// Connections that waited for a SYN retransmit (over all rounds).
+    pub connections_retransmitted: usize,
 }
 
 /// One round's figures for one mode and scale.
@@ -121,6 +123,7 @@ pub struct Round {
     pub apply_one_change_ms: Option<f64>,
     pub rss_mib: Option<f64>,
     pub failures: usize,
+    pub retransmitted: usize,
 }
 
 impl Run {
@@ -141,6 +144,7 @@ impl Run {
             rss_mib: None,
             spread: BTreeMap::new(),
             connection_failures: 0,
+            connections_retransmitted: 0,
         }
     }
 
@@ -184,7 +188,10 @@ impl Run {
         );
         let apply_one_change_ms = figure(
             "apply_one_change_ms",
-            rounds.iter().filter_map(|r| r.apply_one_change_ms).collect(),
+            rounds
+                .iter()
+                .filter_map(|r| r.apply_one_change_ms)
+                .collect(),
         );
         let rss_mib = figure("rss_mib", rounds.iter().filter_map(|r| r.rss_mib).collect());
         Run {
@@ -206,6 +213,7 @@ impl Run {
             rss_mib,
             spread,
             connection_failures: rounds.iter().map(|r| r.failures).sum(),
+            connections_retransmitted: rounds.iter().map(|r| r.retransmitted).sum(),
         }
     }
 }

@@ -58,7 +58,10 @@ impl Rig {
     /// The difference over a step is vipr's counterpart of the time
     /// `iptables-restore` or `nft -f` takes for the same step.
     pub fn agent_sync_seconds(&self) -> Result<f64> {
-        let text = self.node.node.enter(|| http_get(AGENT_METRICS, "/metrics"))??;
+        let text = self
+            .node
+            .node
+            .enter(|| http_get(AGENT_METRICS, "/metrics"))??;
         text.lines()
             .find_map(|l| l.strip_prefix(SYNC_SECONDS_SUM))
             .and_then(|v| v.trim().parse().ok())
@@ -91,8 +94,8 @@ const SYNC_SECONDS_SUM: &str = "kubeproxy_sync_proxy_rules_duration_seconds_sum 
 /// The body of a plain HTTP/1.0 GET.
 fn http_get(addr: &str, path: &str) -> Result<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)
-        .with_context(|| format!("connecting to {addr}"))?;
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     // One write: the request is one segment, as any HTTP client sends it.
     stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;

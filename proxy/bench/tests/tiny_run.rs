@@ -73,7 +73,10 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
         vipr["program_one_change_ms"].as_f64().unwrap(),
         vipr["apply_one_change_ms"].as_f64().unwrap(),
     );
-    assert!(program < apply, "programming {program} ms within apply {apply} ms");
+    assert!(
+        program < apply,
+        "programming {program} ms within apply {apply} ms"
+    );
     assert!(
         vipr["rss_mib"].as_f64().unwrap() > 1.0,
         "agent RSS measured"

@@ -52,8 +52,12 @@ pub async fn serve(
     let serve_one = |open: &mut JoinSet<()>, stream: TcpStream, peer: SocketAddr| {
         let shared = shared.clone();
         open.spawn(async move {
-            if let Err(e) = handle(stream, peer, &shared).await {
-                eprintln!("vipr-netexec: http {peer}: {e}");
+            match handle(stream, peer, &shared).await {
+                // A client that resets or leaves early is ordinary (load
+                // generators do it on every connection): not worth a line.
+                Err(e) if is_client_gone(&e) => {}
+                Err(e) => eprintln!("vipr-netexec: http {peer}: {e}"),
+                Ok(()) => {}
             }
         });
     };
@@ -78,6 +82,14 @@ pub async fn serve(
     // Each connection is bounded by READ_TIMEOUT and the drain of its socket.
     while open.join_next().await.is_some() {}
     Ok(())
+}
+
+fn is_client_gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        error.kind(),
+        ConnectionReset | BrokenPipe | UnexpectedEof | ConnectionAborted
+    )
 }
 
 async fn handle(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) -> std::io::Result<()> {

@@ -57,6 +57,23 @@ pub struct Shared {
     pub ready: std::sync::atomic::AtomicBool,
 }
 
+/// Accept-queue length: Go servers such as agnhost get the kernel's
+/// `somaxconn` (4096); std's and tokio's 128 overflows (a dropped SYN, a
+/// one-second retransmit) as soon as a load generator outpaces a briefly
+/// descheduled server.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -64,16 +81,14 @@ async fn main() -> anyhow::Result<()> {
         hostname: hostname()?,
         ready: std::sync::atomic::AtomicBool::new(true),
     });
-    let tcp = TcpListener::bind(SocketAddr::new(args.address, args.http_port))
-        .await
+    let tcp = listen(SocketAddr::new(args.address, args.http_port))
         .with_context(|| format!("binding HTTP port {}", args.http_port))?;
     let udp = UdpSocket::bind(SocketAddr::new(args.address, args.udp_port))
         .await
         .with_context(|| format!("binding UDP port {}", args.udp_port))?;
     let lines = match args.tcp_port {
         Some(port) => Some(
-            TcpListener::bind(SocketAddr::new(args.address, port))
-                .await
+            listen(SocketAddr::new(args.address, port))
                 .with_context(|| format!("binding TCP line port {port}"))?,
         ),
         None => None,
