@@ -1,7 +1,7 @@
 //! Conntrack: the two LRU maps that remember each translated flow, one entry
 //! per direction, each holding the full tuple its packets leave with.
 //!
-//! Opening a flow picks a backend, optionally an SNAT source (port claimed
+//! Opening a flow picks a backend (`balance`), optionally an SNAT source (port claimed
 //! atomically by inserting the reply entry with BPF_NOEXIST), and records
 //! both directions. TCP flows leave on RST at once, and after FINs both ways
 //! on the last ACK; UDP flows are removed by userspace when their backend
@@ -15,12 +15,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use vipr_common::{
-    Backend, BackendKey, Counter, DataplaneConfig, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry,
-    ServiceValue, SourceRangeKey, flow_flags, service_flags,
+    Counter, DataplaneConfig, Endpoint, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry, ServiceValue,
+    SourceRangeKey, flow_flags, service_flags,
 };
 
 use crate::{
-    BACKENDS, CONFIG, FLOWS, REVERSE_FLOWS, SOURCE_RANGES, count,
+    CONFIG, FLOWS, REVERSE_FLOWS, SOURCE_RANGES,
+    balance::{self, NewFlow},
+    count,
     headers::{Packet, tcp_flags},
     reject,
 };
@@ -36,25 +38,32 @@ const SOURCE_RANGE_FULL_PREFIX: u32 = 64;
 #[inline(always)]
 pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
     if let Some(entry) = FLOWS.get_ptr_mut(tuple) {
-        track(packet, tuple, entry, &FLOWS, &REVERSE_FLOWS);
+        track(packet, tuple, entry, Direction::Forward);
         return Some((Counter::FlowHit, xdp_action::XDP_PASS));
     }
     if let Some(entry) = REVERSE_FLOWS.get_ptr_mut(tuple) {
-        track(packet, tuple, entry, &REVERSE_FLOWS, &FLOWS);
+        track(packet, tuple, entry, Direction::Reply);
         return Some((Counter::ReplyTranslated, xdp_action::XDP_PASS));
     }
     None
 }
 
+/// Which of a flow's two entries a packet matched.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Client to frontend (`FLOWS`).
+    Forward,
+    /// Backend to client (`REVERSE_FLOWS`).
+    Reply,
+}
+
 /// Rewrites the packet per its flow entry and follows TCP closing.
 #[inline(always)]
-fn track(
-    packet: &Packet,
-    tuple: &FlowKey,
-    entry_ptr: *mut NatEntry,
-    own: &FlowMap,
-    other: &FlowMap,
-) {
+fn track(packet: &Packet, tuple: &FlowKey, entry_ptr: *mut NatEntry, direction: Direction) {
+    let (own, other): (&FlowMap, &FlowMap) = match direction {
+        Direction::Forward => (&FLOWS, &REVERSE_FLOWS),
+        Direction::Reply => (&REVERSE_FLOWS, &FLOWS),
+    };
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(tuple, &entry);
@@ -64,8 +73,18 @@ fn track(
         return;
     }
     let other_key = entry.tuple(tuple.proto).reversed();
+    // The backend is the forward entry's destination, the reply's source.
+    let backend_key = match direction {
+        Direction::Forward => &other_key,
+        Direction::Reply => tuple,
+    };
+    let counted = (entry.flags & flow_flags::COUNTED != 0).then_some(Endpoint {
+        addr: backend_key.src_addr,
+        port: backend_key.src_port,
+        _pad: 0,
+    });
     if flags & tcp_flags::RST != 0 {
-        close(own, tuple, other, &other_key);
+        close(own, tuple, other, &other_key, counted);
     } else if flags & tcp_flags::FIN != 0 {
         // SAFETY: as above; a racing writer can only set the same bit.
         unsafe { (*entry_ptr).flags |= flow_flags::FIN };
@@ -76,14 +95,28 @@ fn track(
         let other_closed =
             unsafe { other.get(other_key) }.is_some_and(|e| e.flags & flow_flags::FIN != 0);
         if other_closed {
-            close(own, tuple, other, &other_key);
+            close(own, tuple, other, &other_key, counted);
         }
     }
 }
 
+/// Forgets both entries of a flow; a flow counted for its backend's load
+/// (`counted`: the backend) is taken off the count.
 #[inline(always)]
-fn close(own: &FlowMap, key: &FlowKey, other: &FlowMap, other_key: &FlowKey) {
-    let _ = own.remove(key);
+fn close(
+    own: &FlowMap,
+    key: &FlowKey,
+    other: &FlowMap,
+    other_key: &FlowKey,
+    counted: Option<Endpoint>,
+) {
+    // Only the close that removes the entry uncounts it, so a RST racing
+    // a last ACK on another CPU cannot take the count down twice.
+    if own.remove(key).is_ok()
+        && let Some(backend) = counted
+    {
+        balance::connection_closed(&backend);
+    }
     let _ = other.remove(other_key);
     count(Counter::FlowClosed, 0);
 }
@@ -105,17 +138,19 @@ pub fn open(
     if service.backend_count == 0 {
         return no_endpoints(ctx, service, tuple.proto);
     }
-    let Some(backend) = pick_backend(service) else {
+    let Some(backend) = balance::choose(service, &NewFlow::of_packet(tuple)) else {
         return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
     };
     let config = CONFIG.get(0).copied().unwrap_or_default();
+    let counted = balance::counts_connections(service);
+    let flags = if counted { flow_flags::COUNTED } else { 0 };
 
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,
         src_port: tuple.src_port,
         dst_port: backend.port,
-        flags: 0,
+        flags,
         _pad: 0,
         _pad2: 0,
     };
@@ -124,15 +159,15 @@ pub fn open(
         dst_addr: tuple.src_addr,
         src_port: tuple.dst_port,
         dst_port: tuple.src_port,
-        flags: 0,
+        flags,
         _pad: 0,
         _pad2: 0,
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
             forward.src_addr = addr;
-            forward.flags = flow_flags::SNAT;
-            reverse.flags = flow_flags::SNAT;
+            forward.flags |= flow_flags::SNAT;
+            reverse.flags |= flow_flags::SNAT;
             if !claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
                 return (Counter::DropSnatPortsExhausted, xdp_action::XDP_DROP);
             }
@@ -147,6 +182,9 @@ pub fn open(
     if FLOWS.insert(tuple, forward, 0).is_err() {
         let _ = REVERSE_FLOWS.remove(forward.tuple(tuple.proto).reversed());
         return (Counter::DropFlowMapFull, xdp_action::XDP_DROP);
+    }
+    if counted {
+        balance::connection_opened(&backend);
     }
     debug!(
         ctx,
@@ -163,18 +201,6 @@ pub fn open(
     }
     packet.rewrite(tuple, &forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
-}
-
-#[inline(always)]
-pub(crate) fn pick_backend(service: &ServiceValue) -> Option<Backend> {
-    // SAFETY: a plain helper call with no arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let key = BackendKey {
-        service_id: service.service_id,
-        slot,
-    };
-    // SAFETY: plain data read.
-    unsafe { BACKENDS.get(key) }.copied()
 }
 
 /// Whether `src_addr` is inside one of the service's source ranges.
@@ -199,7 +225,7 @@ fn snat_source(
     service: &ServiceValue,
     config: &DataplaneConfig,
     tuple: &FlowKey,
-    backend: &Backend,
+    backend: &Endpoint,
 ) -> Option<u32> {
     if backend.addr == tuple.src_addr && config.hairpin_addr != 0 {
         Some(config.hairpin_addr)

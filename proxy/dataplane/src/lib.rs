@@ -7,7 +7,8 @@
 //! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
-//! `services` (frontends, backends, source ranges), `flows` (conntrack
+//! `services` (frontends, backends, source ranges), `balance` (what new-flow
+//! balancing reads: weight ranges, Maglev tables, members, connection counts), `flows` (conntrack
 //! reads and UDP pruning), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
 //!
@@ -27,6 +28,7 @@
 //! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
 //!   the node from every pod (a link-local address no one owns works).
 
+mod balance;
 mod cgroup;
 mod error;
 mod flows;
