@@ -119,6 +119,10 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         node: NodeAddresses {
             node_ip: node.node_ip,
             node_name: node.name.clone(),
+            balancing: vipr_balancer::NodeDefaults {
+                algorithm: args.lb_algorithm,
+                maglev_seed: args.maglev_seed,
+            },
         },
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),
@@ -138,6 +142,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         dataplane.clone(),
     ));
     tokio::spawn(export_datapath_counters(dataplane.clone(), metrics.clone()));
+    tokio::spawn(recount_active_connections(dataplane.clone()));
     for addr in [args.metrics_addr, args.healthz_addr] {
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -240,6 +245,21 @@ async fn export_datapath_counters(dataplane: Arc<Mutex<Dataplane>>, metrics: Arc
         match counters {
             Ok(counters) => metrics.set_datapath(&counters),
             Err(error) => tracing::warn!(error = %error, "reading data plane counters"),
+        }
+    }
+}
+
+/// How often the active connection counts (`lc`, `sed`, `nq`) are set to
+/// what conntrack holds, forgetting flows that left it without a close.
+const ACTIVE_RECOUNT_PERIOD: Duration = Duration::from_secs(10);
+
+async fn recount_active_connections(dataplane: Arc<Mutex<Dataplane>>) {
+    let mut tick = tokio::time::interval(ACTIVE_RECOUNT_PERIOD);
+    loop {
+        tick.tick().await;
+        let recounted = dataplane.lock().unwrap().recount_active_connections();
+        if let Err(error) = recounted {
+            tracing::warn!(error = %error, "recounting active connections");
         }
     }
 }
