@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -28,6 +29,9 @@ pub struct Metrics {
     pub endpoint_changes: IntCounter,
     datapath_packets: IntCounterVec,
     datapath_bytes: IntCounterVec,
+    conntrack_flows: IntGauge,
+    conntrack_capacity: IntGauge,
+    conntrack_expired: IntCounter,
     health: Mutex<Health>,
 }
 
@@ -75,6 +79,18 @@ impl Metrics {
             Opts::new("vipr_datapath_bytes_total", "Bytes by data plane outcome"),
             &["outcome"],
         )?;
+        let conntrack_flows = IntGauge::new(
+            "vipr_conntrack_flows",
+            "Flows in conntrack at the last expiry pass",
+        )?;
+        let conntrack_capacity = IntGauge::new(
+            "vipr_conntrack_capacity_flows",
+            "Flows conntrack holds at most (--max-flows); when full, new flows are dropped as drop_flow_map_full",
+        )?;
+        let conntrack_expired = IntCounter::new(
+            "vipr_conntrack_expired_flows_total",
+            "Idle flows removed from conntrack",
+        )?;
         for collector in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(programming_duration.clone()),
@@ -82,6 +98,9 @@ impl Metrics {
             Box::new(endpoint_changes.clone()),
             Box::new(datapath_packets.clone()),
             Box::new(datapath_bytes.clone()),
+            Box::new(conntrack_flows.clone()),
+            Box::new(conntrack_capacity.clone()),
+            Box::new(conntrack_expired.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -93,6 +112,9 @@ impl Metrics {
             endpoint_changes,
             datapath_packets,
             datapath_bytes,
+            conntrack_flows,
+            conntrack_capacity,
+            conntrack_expired,
             health: Mutex::new(Health::default()),
         }))
     }
@@ -116,6 +138,13 @@ impl Metrics {
             set_counter(&self.datapath_packets, counter.name(), value.packets);
             set_counter(&self.datapath_bytes, counter.name(), value.bytes);
         }
+    }
+
+    /// Records one conntrack expiry pass.
+    pub fn set_conntrack(&self, expiry: &vipr_dataplane::Expiry) {
+        self.conntrack_flows.set(expiry.flows as i64);
+        self.conntrack_capacity.set(i64::from(expiry.capacity));
+        self.conntrack_expired.inc_by(expiry.expired as u64);
     }
 
     fn healthz(&self) -> (u16, String) {

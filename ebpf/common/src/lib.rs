@@ -14,8 +14,8 @@ pub mod hash;
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
-    pub const FLOWS: &str = "FLOWS";
-    pub const REVERSE_FLOWS: &str = "REVERSE_FLOWS";
+    /// Conntrack: both directions of every translated flow in one map.
+    pub const CONNTRACK: &str = "CONNTRACK";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
@@ -33,11 +33,14 @@ pub mod map_names {
     /// Open flows per backend endpoint, for `lc`, `sed`, `nq`:
     /// [`Endpoint`] -> u32. +1 when a flow of such a service opens, -1 when
     /// it closes (RST, or FIN both ways); userspace recounts from the flow
-    /// map to forget flows that were evicted or removed without a close.
+    /// map to forget flows that expired or were removed without a close.
     pub const ACTIVE_CONNECTIONS: &str = "ACTIVE_CONNECTIONS";
     /// Round-robin turn counter (u32) of each service, indexed by service id
     /// (`rr`, `wrr`).
     pub const BALANCE_TURNS: &str = "BALANCE_TURNS";
+    /// Maps of earlier builds, removed from the pin folder at load: the
+    /// forward and reply conntrack maps that `CONNTRACK` replaced.
+    pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -66,8 +69,14 @@ pub mod sock_programs {
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Default capacity of each conntrack map (LRU).
+/// Default number of flows conntrack holds; each flow takes two entries of
+/// the `CONNTRACK` map, one per direction.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Conntrack's clock: `bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`
+/// (CLOCK_MONOTONIC_COARSE in ticks of 2^24 ns, about 16.8 ms), kept in
+/// [`NatEntry::last_seen`]; a u32 of these wraps after about 2.3 years.
+pub const FLOW_CLOCK_SHIFT: u32 = 24;
 /// Default capacity of the loadBalancerSourceRanges trie (all services).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
@@ -321,9 +330,15 @@ pub mod flow_flags {
     /// The flow's source is rewritten (SNAT or hairpin): the reverse entry
     /// restores the client as destination.
     pub const SNAT: u8 = 1 << 1;
+    /// The entry is the flow's reply direction (backend to client), so one
+    /// lookup serves both directions and still tells them apart.
+    pub const REPLY: u8 = 1 << 2;
+    /// A packet after the first was translated with this entry; on the
+    /// reply entry it means the backend answered (the flow is established).
+    pub const SEEN: u8 = 1 << 3;
     /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
     /// balances by load): its close takes the count down again.
-    pub const COUNTED: u8 = 1 << 2;
+    pub const COUNTED: u8 = 1 << 4;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -341,6 +356,15 @@ pub struct NatEntry {
     pub flags: u8,
     pub _pad: u8,
     pub _pad2: u16,
+    /// The rewrite's change to the IPv4 header checksum (addresses), and to
+    /// the TCP/UDP checksum (addresses, as part of the pseudo-header, and
+    /// ports): folded ones' complement sums, computed once when the flow
+    /// opens so a conntrack hit only adds them.
+    pub ip_check_delta: u16,
+    pub l4_check_delta: u16,
+    /// When a packet last used this entry, in [`FLOW_CLOCK_SHIFT`] ticks:
+    /// userspace removes flows idle for longer than their timeout.
+    pub last_seen: u32,
 }
 
 impl NatEntry {
@@ -414,7 +438,8 @@ pub enum Counter {
     DropMalformed = 6,
     /// Dropped: an IP fragment addressed to a service (ports unknown).
     DropFragment = 7,
-    /// Dropped: conntrack could not record the flow (map full).
+    /// Dropped: conntrack could not record the flow: the map is full (of
+    /// live flows; idle ones are expired by userspace, never evicted).
     DropFlowMapFull = 8,
     /// Dropped: backend slot missing although the service counts it.
     DropBackendMissing = 9,
@@ -443,9 +468,8 @@ pub enum Counter {
     /// endpoints refused with ECONNREFUSED.
     SockRejected = 19,
     /// A TCP packet without SYN opened a flow (counted besides `NewFlow`):
-    /// its conntrack entry is gone, evicted from a full flow map or lost.
-    /// The LRU flow map makes room by evicting its oldest entry rather than
-    /// refusing a new flow; this is where that becomes visible.
+    /// its conntrack entry is gone (expired while idle, removed with a
+    /// vanished backend, or the map was recreated).
     FlowOpenedMidStream = 20,
     /// A new flow went to the backend its client's session affinity
     /// (ClientIP) remembered (counted besides `NewFlow` / `Sock*`).
@@ -575,7 +599,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);

@@ -294,17 +294,17 @@ impl Dataplane {
     /// Sets every backend's active connection count (`lc`, `sed`, `nq`) to
     /// the number of counted flows conntrack holds for it. The data plane
     /// counts opens and closes; this forgets the flows that left conntrack
-    /// without a close (LRU eviction, UDP flows cleared by userspace, TCP
-    /// flows that were never closed cleanly). A flow opening or closing
+    /// without a close (expired idle, UDP flows cleared with their backend). A flow opening or closing
     /// during the walk may be missed until the next recount. Returns the
     /// number of counted flows found.
     pub fn recount_active_connections(&mut self) -> Result<u64, DataplaneError> {
         let ebpf = self.ebpf_mut();
         let mut open: HashMap<Endpoint, u32> = HashMap::new();
         {
-            let flows: BpfHashMap<_, FlowKey, NatEntry> = map(ebpf, map_names::FLOWS)?;
+            let flows: BpfHashMap<_, FlowKey, NatEntry> = map(ebpf, map_names::CONNTRACK)?;
             for (_, entry) in flows.iter().filter_map(Result::ok) {
-                if entry.flags & flow_flags::COUNTED != 0 {
+                // The forward entry's destination is the backend.
+                if entry.flags & flow_flags::COUNTED != 0 && entry.flags & flow_flags::REPLY == 0 {
                     let backend = Endpoint {
                         addr: entry.dst_addr,
                         port: entry.dst_port,

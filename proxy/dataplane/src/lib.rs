@@ -8,8 +8,9 @@
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
 //! `services` (frontends, backends, source ranges), `balance` (what new-flow
-//! balancing reads: weight ranges, Maglev tables, members, connection counts), `flows` (conntrack
-//! reads and UDP pruning), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
+//! balancing reads: weight ranges, Maglev tables, members, connection
+//! counts), `flows` (conntrack reads and UDP pruning), `expiry` (idle flows
+//! out of conntrack), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
 //!
 //! # What the node must provide
@@ -31,6 +32,7 @@
 mod balance;
 mod cgroup;
 mod error;
+mod expiry;
 mod flows;
 mod links;
 mod loader;
@@ -39,13 +41,14 @@ mod stats;
 mod types;
 
 pub use error::DataplaneError;
+pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
 pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
 pub use stats::Counters;
 pub use types::{
     BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, InvalidPort, Port, Protocol,
 };
-pub use vipr_common::Counter;
+pub use vipr_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES};
 
 /// Sysctls (key, value) the node's network namespace needs for every path
 /// of the data plane to work; the agent sets them where it attaches.
