@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use vipr_common::Counter;
 use vipr_e2e::{
     agent::{AgentNode, NODE_IP},
-    maps::pinned_counter,
+    maps::{pinned_counter, pinned_maglev_table},
     require_root,
 };
 
@@ -265,5 +265,75 @@ fn client_ip_affinity_sticks_follows_readiness_and_expires() -> Result<()> {
     let seen = from_client(&node, &url, 4)?;
     assert_eq!(hits()? - before, 4);
     assert_eq!(seen, vec![fresh[0].clone(); 4], "sticks again after expiry");
+    Ok(())
+}
+
+/// A selector-less maglev service over ten fixed addresses (an
+/// EndpointSlice of its own): no pods needed, the same backends anywhere.
+fn maglev_service(weights_from_slice_order: &str) -> String {
+    let endpoints: String = (1..=10)
+        .map(|i| format!("- addresses: [10.244.50.{i}]\n"))
+        .collect();
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: consistent, annotations: {{vipr.io/lb-algorithm: maglev, vipr.io/maglev-table-size: "4093"}}}}
+spec:
+  clusterIP: 10.96.77.7
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: consistent-1, labels: {{kubernetes.io/service-name: consistent}}}}
+addressType: IPv4
+endpoints:
+{weights_from_slice_order}{endpoints}ports:
+- {{port: 8080}}
+"#
+    )
+}
+
+/// Waits for the Maglev table of 10.96.77.7:80 on `node`.
+fn maglev_table(node: &AgentNode) -> Result<Vec<(std::net::Ipv4Addr, u16)>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = pinned_maglev_table(&node.pin_dir(), [10, 96, 77, 7].into(), 80)?;
+        if table.len() == 4093 {
+            return Ok(table);
+        }
+        if Instant::now() > deadline {
+            bail!("no Maglev table programmed (have {} slots)", table.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every node with the same `--maglev-seed` builds the same table (so a
+/// flow gets the same backend whichever node it enters), whatever order
+/// the endpoints are listed in; another seed builds another table.
+#[test]
+fn maglev_tables_agree_across_agents_with_one_seed() -> Result<()> {
+    require_root();
+    let a = AgentNode::start_with("mgla", &["--maglev-seed", "0x5eed"])?;
+    let b = AgentNode::start_with("mglb", &["--maglev-seed", "0x5eed"])?;
+    let other = AgentNode::start_with("mglc", &["--maglev-seed", "42"])?;
+    a.apply(&maglev_service(""))?;
+    // b lists the endpoints in another order (one moved to the front).
+    b.apply(&maglev_service("- addresses: [10.244.50.10]\n").replacen(
+        "- addresses: [10.244.50.10]\nports",
+        "ports",
+        1,
+    ))?;
+    other.apply(&maglev_service(""))?;
+    let (ta, tb, tc) = (maglev_table(&a)?, maglev_table(&b)?, maglev_table(&other)?);
+    assert_eq!(ta, tb, "same seed, same table");
+    let backends: BTreeSet<_> = ta.iter().collect();
+    assert_eq!(backends.len(), 10, "every backend has slots");
+    let differing = ta.iter().zip(&tc).filter(|(x, y)| x != y).count();
+    assert!(
+        differing > 4093 / 2,
+        "another seed moved only {differing} slots"
+    );
     Ok(())
 }
