@@ -234,6 +234,7 @@ fn per_packet_cost_by_algorithm() {
     let mut dp = Dataplane::load(&DataplaneOptions {
         ebpf_log_level: log::LevelFilter::Off,
         max_flows: 400_000,
+        max_maglev_entries: 32_768,
         ..DataplaneOptions::default()
     })
     .expect("load (needs root)");
