@@ -18,7 +18,7 @@ use vipr_balancer::{
 };
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, Endpoint, FlowKey, MaglevKey, MemberKey, NatEntry,
-    flow_flags, lb_algorithm, map_names,
+    ServiceKey, ServiceValue, flow_flags, lb_algorithm, map_names,
 };
 
 use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions};
@@ -325,6 +325,26 @@ impl Dataplane {
             }
         }
         Ok(open.values().map(|&n| u64::from(n)).sum())
+    }
+
+    /// The Maglev table the kernel holds for `frontend`, slot by slot
+    /// (empty unless it balances with Maglev). Reads the map, not the
+    /// userspace copy: for diagnostics and tests.
+    pub fn maglev_table(&self, frontend: &crate::Frontend) -> Vec<BackendAddr> {
+        let Some(Ok(services)) = self
+            .ebpf()
+            .map(map_names::SERVICES)
+            .map(BpfHashMap::<_, ServiceKey, ServiceValue>::try_from)
+        else {
+            return Vec::new();
+        };
+        let Ok(service) = services.get(&frontend.key(), 0) else {
+            return Vec::new();
+        };
+        read_maglev(self.ebpf(), service.service_id, service.maglev_size)
+            .iter()
+            .filter_map(|e| BackendAddr::from_endpoint(e.addr, e.port))
+            .collect()
     }
 
     /// The active connection count the data plane holds for `backend`
