@@ -97,6 +97,16 @@ fn distinct(names: &[String]) -> BTreeSet<&str> {
     names.iter().map(String::as_str).collect()
 }
 
+/// Makes netexec pod `pod` answer its readiness probe with `ready`.
+fn set_ready(node: &AgentNode, pod: &str, ready: bool) -> Result<()> {
+    let url = format!("http://127.0.0.1:8080/ready?set={ready}");
+    let (ok, _) = node.exec(pod, &["curl", "-s", "-m", "2", &url])?;
+    if !ok {
+        bail!("setting {pod} ready={ready} failed");
+    }
+    Ok(())
+}
+
 /// Waits until the frontend of `service` has `count` backends.
 fn wait_backends(node: &AgentNode, vip: &str, count: u32) -> Result<()> {
     let pinned = vipr_e2e::maps::PinnedServices::open(&node.pin_dir())?;
@@ -222,33 +232,13 @@ fn client_ip_affinity_sticks_follows_readiness_and_expires() -> Result<()> {
     assert_eq!(distinct(&outside).len(), 1, "from outside: {outside:?}");
 
     // The pod turns unready: the client moves to a ready pod, and stays.
-    let (ok, _) = node.exec(
-        &sticky,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "http://127.0.0.1:8080/ready?set=false",
-        ],
-    )?;
-    assert!(ok);
+    set_ready(&node, &sticky, false)?;
     wait_backends(&node, &vip, 2)?;
     let seen = from_client(&node, &url, 6)?;
     assert_eq!(distinct(&seen).len(), 1, "after unready: {seen:?}");
     assert_ne!(seen[0], sticky, "still sent to the unready pod");
     let moved = seen[0].clone();
-    let (ok, _) = node.exec(
-        &sticky,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "http://127.0.0.1:8080/ready?set=true",
-        ],
-    )?;
-    assert!(ok);
+    set_ready(&node, &sticky, true)?;
     wait_backends(&node, &vip, 3)?;
     assert_eq!(from_client(&node, &url, 3)?, vec![moved.clone(); 3]);
 
