@@ -276,6 +276,22 @@ pub(crate) fn ensure_counters(ebpf: &mut Ebpf, slots: &Slots) -> Result<(), Data
     Ok(())
 }
 
+/// Removes the connection counters of `backends` (no counting frontend
+/// has them any more).
+pub(crate) fn remove_counters(
+    ebpf: &mut Ebpf,
+    backends: &[BackendAddr],
+) -> Result<(), DataplaneError> {
+    if backends.is_empty() {
+        return Ok(());
+    }
+    let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
+    for backend in backends {
+        let _ = counts.remove(&backend.endpoint());
+    }
+    Ok(())
+}
+
 /// Removes every session affinity of `service_id` (its id may be reused).
 pub(crate) fn forget_affinities(ebpf: &mut Ebpf, service_id: u32) -> Result<(), DataplaneError> {
     let mut affinity: BpfHashMap<_, AffinityKey, AffinityValue> = map(ebpf, map_names::AFFINITY)?;

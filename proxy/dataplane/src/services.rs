@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::Ipv4Net;
-use vipr_balancer::Weight;
+use vipr_balancer::{SessionAffinity, Weight};
 use vipr_common::{
     Backend, BackendKey, Endpoint, ServiceKey, ServiceValue, SourceRangeKey, map_names,
     service_flags,
@@ -44,6 +44,19 @@ impl Programmed {
     fn backend_count(&self) -> u32 {
         self.slots.len() as u32
     }
+
+    /// The slots whose flows are counted (`lc`, `sed`, `nq`), if any.
+    fn counted(&self) -> &[BackendAddr] {
+        counted_slots(&self.options, &self.slots)
+    }
+}
+
+fn counted_slots<'a>(options: &FrontendOptions, slots: &'a [BackendAddr]) -> &'a [BackendAddr] {
+    if options.balancing.algorithm.uses_active_connections() {
+        slots
+    } else {
+        &[]
+    }
 }
 
 /// Userspace's copy of which frontend holds which id, backends and options.
@@ -53,6 +66,9 @@ pub(crate) struct ServiceTable {
     free_ids: Vec<u32>,
     next_id: u32,
     backend_slots: u64,
+    /// How many counting frontends have each backend: its connection
+    /// counter goes when none has it any more.
+    counters: HashMap<BackendAddr, u32>,
 }
 
 impl ServiceTable {
@@ -112,7 +128,36 @@ impl ServiceTable {
         }
         let used: HashSet<u32> = table.frontends.values().map(|p| p.id).collect();
         table.free_ids = (0..table.next_id).filter(|id| !used.contains(id)).collect();
+        let counted: Vec<BackendAddr> = table
+            .frontends
+            .values()
+            .flat_map(|p| p.counted().iter().copied())
+            .collect();
+        table.count_backends(&counted, &[]);
         Ok(table)
+    }
+
+    /// Records that counting frontends gained `added` and lost `dropped`
+    /// backends; returns the backends no counting frontend has any more.
+    fn count_backends(
+        &mut self,
+        added: &[BackendAddr],
+        dropped: &[BackendAddr],
+    ) -> Vec<BackendAddr> {
+        for backend in added {
+            *self.counters.entry(*backend).or_default() += 1;
+        }
+        let mut gone = Vec::new();
+        for backend in dropped {
+            if let Some(n) = self.counters.get_mut(backend) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counters.remove(backend);
+                    gone.push(*backend);
+                }
+            }
+        }
+        gone
     }
 
     fn allocate_id(&mut self) -> u32 {
@@ -248,6 +293,11 @@ impl Dataplane {
             tracing::debug!(%frontend, entries = maglev_written, size = maglev.len(), "Maglev table written");
         }
 
+        let dropped = previous.as_ref().map_or(&[][..], Programmed::counted);
+        let gone = self
+            .services
+            .count_backends(counted_slots(options, &new_slots), dropped);
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
         self.services.frontends.insert(
@@ -283,11 +333,15 @@ impl Dataplane {
         }
         balance::remove_members(ebpf, programmed.id, &programmed.slots, &[])?;
         balance::trim_maglev(ebpf, programmed.id, 0, programmed.maglev.len())?;
-        balance::forget_affinities(ebpf, programmed.id)?;
+        if programmed.options.balancing.affinity != SessionAffinity::None {
+            balance::forget_affinities(ebpf, programmed.id)?;
+        }
         write_source_ranges(ebpf, programmed.id, &[], &programmed.options.source_ranges)?;
         if frontend.protocol == Protocol::Udp {
             flows::clear_udp_flows(ebpf, frontend, &[])?;
         }
+        let gone = self.services.count_backends(&[], programmed.counted());
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots -= u64::from(programmed.backend_count());
         self.services.free_ids.push(programmed.id);
         Ok(true)
