@@ -333,8 +333,8 @@ pub mod flow_flags {
     /// The entry is the flow's reply direction (backend to client), so one
     /// lookup serves both directions and still tells them apart.
     pub const REPLY: u8 = 1 << 2;
-    /// A packet after the first was translated with this entry; on the
-    /// reply entry it means the backend answered (the flow is established).
+    /// A packet was translated with this entry after the flow opened: on
+    /// the reply entry, the backend answered (the flow is established).
     pub const SEEN: u8 = 1 << 3;
     /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
     /// balances by load): its close takes the count down again.

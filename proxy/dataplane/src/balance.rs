@@ -17,11 +17,11 @@ use vipr_balancer::{
     SessionAffinity, Weight,
 };
 use vipr_common::{
-    AffinityKey, AffinityValue, Backend, Endpoint, FlowKey, MaglevKey, MemberKey, NatEntry,
-    ServiceKey, ServiceValue, flow_flags, lb_algorithm, map_names,
+    AffinityKey, AffinityValue, Backend, Endpoint, MaglevKey, MemberKey, ServiceKey, ServiceValue,
+    flow_flags, lb_algorithm, map_names,
 };
 
-use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions};
+use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions, flows};
 
 /// `BPF_NOEXIST`: insert only if absent.
 const BPF_NOEXIST: u64 = 1;
@@ -316,18 +316,15 @@ impl Dataplane {
     pub fn recount_active_connections(&mut self) -> Result<u64, DataplaneError> {
         let ebpf = self.ebpf_mut();
         let mut open: HashMap<Endpoint, u32> = HashMap::new();
-        {
-            let flows: BpfHashMap<_, FlowKey, NatEntry> = map(ebpf, map_names::CONNTRACK)?;
-            for (_, entry) in flows.iter().filter_map(Result::ok) {
-                // The forward entry's destination is the backend.
-                if entry.flags & flow_flags::COUNTED != 0 && entry.flags & flow_flags::REPLY == 0 {
-                    let backend = Endpoint {
-                        addr: entry.dst_addr,
-                        port: entry.dst_port,
-                        _pad: 0,
-                    };
-                    *open.entry(backend).or_default() += 1;
-                }
+        for (_, entry) in flows::read_conntrack(flows::conntrack_fd(ebpf)?)? {
+            // The forward entry's destination is the backend.
+            if entry.flags & flow_flags::COUNTED != 0 && !flows::is_reply(&entry) {
+                let backend = Endpoint {
+                    addr: entry.dst_addr,
+                    port: entry.dst_port,
+                    _pad: 0,
+                };
+                *open.entry(backend).or_default() += 1;
             }
         }
         let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;

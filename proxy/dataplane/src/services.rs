@@ -314,7 +314,7 @@ impl Dataplane {
             .as_ref()
             .is_some_and(|p| p.backends.iter().any(|b| !backends.contains(b)));
         if frontend.protocol == Protocol::Udp && lost_backend {
-            flows::clear_udp_flows(self.ebpf_mut(), &frontend, backends)?;
+            flows::clear_udp_flows(self.ebpf(), &frontend, backends)?;
         }
         Ok(())
     }
