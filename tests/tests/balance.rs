@@ -327,3 +327,44 @@ fn maglev_tables_agree_across_agents_with_one_seed() -> Result<()> {
     );
     Ok(())
 }
+
+/// `lc` on the socket path: a pod's open connections count for their pod
+/// until the socket is released, so new ones go to the least loaded.
+#[test]
+fn least_connection_counts_a_pods_open_connections() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("lbleast")?;
+    node.apply(&pods())?;
+    node.apply(&service("least", 30094, "vipr.io/lb-algorithm: lc", ""))?;
+    let mut all = WEB.to_vec();
+    all.push("client");
+    node.wait_ready(&all, Duration::from_secs(30))?;
+    let vip = node.cluster_ip("least")?;
+    wait_backends(&node, &vip, 3)?;
+    let url = format!("http://{vip}/hostname");
+
+    // Nothing open: each request's connection is gone before the next one,
+    // so every one goes to the first pod in the slots (ties go first).
+    let idle = from_client(&node, &url, 4)?;
+    assert_eq!(distinct(&idle).len(), 1, "{idle:?}");
+    let first = idle[0].clone();
+
+    // Two connections held open (for 6 s) take the first two pods; new
+    // ones, made while they are open, go to the third, the least loaded.
+    let script = format!(
+        "timeout 6 nc {vip} 80 </dev/null >/dev/null & sleep 0.3; \
+         timeout 6 nc {vip} 80 </dev/null >/dev/null & sleep 0.3; \
+         for i in 1 2 3 4; do curl -s -m 2 {url}; echo; done"
+    );
+    let (ok, out) = node.exec("client", &["sh", "-c", &script])?;
+    assert!(ok, "{out}");
+    let loaded: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(loaded.len(), 4, "{out}");
+    assert_eq!(distinct(&loaded).len(), 1, "{loaded:?}");
+    assert_ne!(loaded[0], first, "the held connections were not counted");
+
+    // Released, they count no more: back to the first pod.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(from_client(&node, &url, 3)?, vec![first; 3]);
+    Ok(())
+}

@@ -38,6 +38,10 @@ pub mod map_names {
     /// Round-robin turn counter (u32) of each service, indexed by service id
     /// (`rr`, `wrr`).
     pub const BALANCE_TURNS: &str = "BALANCE_TURNS";
+    /// Socket-path connections counted in `ACTIVE_CONNECTIONS`: socket
+    /// cookie (u64) -> [`Endpoint`], removed (and uncounted) when the
+    /// socket is released.
+    pub const SOCK_CONNECTIONS: &str = "SOCK_CONNECTIONS";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
@@ -63,6 +67,9 @@ pub mod sock_programs {
     pub const GETPEERNAME4: &str = "vipr_getpeername4";
     /// Every sock_addr program, in attach order.
     pub const ALL: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    /// cgroup `sock_release` (a cgroup sock program, not sock_addr): a TCP
+    /// socket counted for `lc` / `sed` / `nq` at connect is uncounted.
+    pub const SOCK_RELEASE: &str = "vipr_sock_release";
 }
 
 /// Default capacity of the service (frontend) map.

@@ -308,9 +308,10 @@ pub(crate) fn forget_affinities(ebpf: &mut Ebpf, service_id: u32) -> Result<(), 
 
 impl Dataplane {
     /// Sets every backend's active connection count (`lc`, `sed`, `nq`) to
-    /// the number of counted flows conntrack holds for it. The data plane
-    /// counts opens and closes; this forgets the flows that left conntrack
-    /// without a close (expired idle, UDP flows cleared with their backend). A flow opening or closing
+    /// the number of counted flows conntrack holds for it plus the counted
+    /// sockets of node-local clients. The data plane counts opens and
+    /// closes; this forgets the flows that left conntrack without a close
+    /// (expired idle, UDP flows cleared with their backend). A flow opening or closing
     /// during the walk may be missed until the next recount. Returns the
     /// number of counted flows found.
     pub fn recount_active_connections(&mut self) -> Result<u64, DataplaneError> {
@@ -324,6 +325,12 @@ impl Dataplane {
                     port: entry.dst_port,
                     _pad: 0,
                 };
+                *open.entry(backend).or_default() += 1;
+            }
+        }
+        {
+            let sockets: BpfHashMap<_, u64, Endpoint> = map(ebpf, map_names::SOCK_CONNECTIONS)?;
+            for backend in sockets.iter().filter_map(Result::ok).map(|(_, b)| b) {
                 *open.entry(backend).or_default() += 1;
             }
         }
