@@ -153,6 +153,23 @@ pub mod lb_algorithm {
     pub const NEVER_QUEUE: u8 = 7;
     /// jhash of the 5-tuple modulo the table size, looked up in `MAGLEV`.
     pub const MAGLEV: u8 = 8;
+
+    /// The `vipr.io/lb-algorithm` name of a code, for tools decoding the
+    /// maps (`vipr lb list`); `None` for a code this build does not know.
+    pub const fn name(code: u8) -> Option<&'static str> {
+        Some(match code {
+            RANDOM => "random",
+            ROUND_ROBIN => "rr",
+            WEIGHTED_ROUND_ROBIN => "wrr",
+            LEAST_CONNECTION => "lc",
+            SOURCE_HASH => "sh",
+            DESTINATION_HASH => "dh",
+            SHORTEST_EXPECTED_DELAY => "sed",
+            NEVER_QUEUE => "nq",
+            MAGLEV => "maglev",
+            _ => return None,
+        })
+    }
 }
 
 /// What the data plane needs to pick a backend for a frontend.

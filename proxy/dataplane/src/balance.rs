@@ -378,3 +378,18 @@ impl Dataplane {
         Ok(counts.get(&backend.endpoint(), 0).ok())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_codes_round_trip_and_carry_the_annotation_names() {
+        for algorithm in Algorithm::ALL {
+            let code = algorithm_code(algorithm);
+            assert_eq!(lb_algorithm::name(code), Some(algorithm.name()));
+            assert_eq!(balancing_from_map(code, 0, 0).algorithm, algorithm);
+        }
+        assert_eq!(lb_algorithm::name(200), None);
+    }
+}
