@@ -381,15 +381,19 @@ pub struct NatEntry {
     /// [`flow_flags`] bits.
     pub flags: u8,
     pub _pad: u8,
-    pub _pad2: u16,
+    /// Low 16 bits of the kernel's jiffies at the last stamp: the hit path
+    /// reads the (inlined, nearly free) jiffies and calls the clock helper
+    /// for `last_seen` only when the tick moved on.
+    pub stamp_tick: u16,
     /// The rewrite's change to the IPv4 header checksum (addresses), and to
     /// the TCP/UDP checksum (addresses, as part of the pseudo-header, and
     /// ports): folded ones' complement sums, computed once when the flow
     /// opens so a conntrack hit only adds them.
     pub ip_check_delta: u16,
     pub l4_check_delta: u16,
-    /// When a packet last used this entry, in [`FLOW_CLOCK_SHIFT`] ticks:
-    /// userspace removes flows idle for longer than their timeout.
+    /// When a packet last used this entry (to a kernel tick), in
+    /// [`FLOW_CLOCK_SHIFT`] ticks: userspace removes flows idle for longer
+    /// than their timeout.
     pub last_seen: u32,
 }
 

@@ -216,7 +216,7 @@ mod tests {
             dst_port: 4,
             flags,
             _pad: 0,
-            _pad2: 0,
+            stamp_tick: 0,
             ip_check_delta: 0,
             l4_check_delta: 0,
             last_seen: 0,
