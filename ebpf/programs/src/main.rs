@@ -17,12 +17,17 @@
 //! `vipr_getpeername4`) balance them at the socket level from the same maps.
 //!
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
-//! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
+//! `conntrack` (flow lookup, opening and closing), `balance` (the backend
+//! of a new flow: per-service algorithm, session affinity), `reject` (RST / ICMP
 //! replies), `icmp` (errors about translated flows), `sock` (socket-level
 //! translation for node-local clients).
 #![no_std]
 #![no_main]
+// Atomic adds on map values (`balance`): the BPF target has no AtomicU32.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod balance;
 mod checksum;
 mod conntrack;
 mod headers;
@@ -31,15 +36,17 @@ mod reject;
 mod sock;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{cgroup_sock_addr, map, xdp},
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    macros::{cgroup_sock, cgroup_sock_addr, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, XdpContext},
+    programs::{SockAddrContext, SockContext, XdpContext},
 };
 use vipr_common::{
-    Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
-    FlowKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_AFFINITY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, FlowKey,
+    MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -82,6 +89,35 @@ static STATS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter:
 static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
 
+/// Maglev tables: (service id, slot) -> backend. Filled only for maglev
+/// services, so not preallocated.
+#[map(name = "MAGLEV")]
+static MAGLEV: HashMap<MaglevKey, Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAGLEV_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// (service id, backend) -> slot, for every backend slot.
+#[map(name = "MEMBERS")]
+static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// ClientIP session affinity: (service id, client) -> backend, last seen.
+#[map(name = "AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+/// Open counted flows per backend (`lc`, `sed`, `nq`).
+#[map(name = "ACTIVE_CONNECTIONS")]
+static ACTIVE_CONNECTIONS: HashMap<Endpoint, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Socket-path TCP connections of counting services: cookie -> backend.
+#[map(name = "SOCK_CONNECTIONS")]
+static SOCK_CONNECTIONS: HashMap<u64, Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
+
+/// Round-robin turn of each service, by service id.
+#[map(name = "BALANCE_TURNS")]
+static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
@@ -107,6 +143,12 @@ pub fn vipr_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn vipr_sendmsg4(ctx: SockAddrContext) -> i32 {
     sock::translate_destination(&ctx, sock::Hook::Sendmsg)
+}
+
+/// A socket closes: a connection counted at connect() is uncounted.
+#[cgroup_sock(sock_release)]
+pub fn vipr_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// recvmsg() of UDP with a source address asked for: replies show the VIP.

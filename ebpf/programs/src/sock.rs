@@ -5,8 +5,9 @@
 //! own processes send, so for those the translation happens where the
 //! address is chosen: `connect()` (TCP and connected UDP) and `sendmsg()`
 //! (unconnected UDP) swap the frontend in the user's sockaddr for a backend
-//! picked from the same `SERVICES` / `BACKENDS` maps and the same random
-//! slot choice as XDP. No packet is ever rewritten, so no conntrack entry is
+//! picked from the same `SERVICES` / `BACKENDS` maps by the same
+//! `balance::choose` as XDP (the client being the socket's network
+//! namespace: no source address exists yet at `connect()`). No packet is ever rewritten, so no conntrack entry is
 //! needed: the socket simply talks to the backend. What the application must
 //! not notice is undone per socket with `SOCK_REVNAT` (socket cookie +
 //! backend -> frontend): `recvmsg()` gives UDP replies the frontend as
@@ -18,14 +19,19 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+    programs::{SockAddrContext, SockContext},
 };
 use vipr_common::{
     Counter, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, service_flags,
 };
 
-use crate::{SERVICES, SOCK_REVNAT, conntrack::pick_backend, count};
+use crate::{
+    SERVICES, SOCK_CONNECTIONS, SOCK_REVNAT,
+    balance::{self, NewFlow},
+    count,
+};
 
 /// Verdicts of a sock_addr program: let the syscall go on, or fail it (with
 /// EPERM, unless the program set another error with `bpf_set_retval`).
@@ -77,7 +83,9 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let backend = if service.backend_count == 0 {
         None
     } else {
-        pick_backend(&service)
+        // SAFETY: the helper accepts a sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        balance::choose(&service, &NewFlow::of_socket(netns, addr, port as u16, proto as u8))
     };
     let Some(backend) = backend else {
         // No endpoint (or a slot vanishing under an update): refuse now, as
@@ -87,12 +95,24 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         count(Counter::SockRejected, 0);
         return SYS_REJECT;
     };
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A TCP connection of a service balanced by load counts until its
+    // socket is released (`release`). Unconnected UDP has no connection.
+    if hook == Hook::Connect
+        && proto == u32::from(IPPROTO_TCP)
+        && balance::counts_connections(&service)
+        && SOCK_CONNECTIONS
+            .insert(&cookie, &backend, u64::from(BPF_NOEXIST))
+            .is_ok()
+    {
+        balance::connection_opened(&backend);
+    }
     // Record before rewriting: getpeername and recvmsg need the way back.
     // Losing the record (map full is impossible for an LRU) only costs the
     // application seeing the backend's address.
     let rev_key = SockRevNatKey {
-        // SAFETY: the helper accepts a sock_addr context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: 0,
@@ -115,6 +135,21 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         },
         0,
     );
+    SYS_PROCEED
+}
+
+/// sock_release: a socket counted for its backend's load at connect is
+/// uncounted. Must always let the release proceed.
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: the helper accepts a cgroup sock context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data.
+    if let Some(backend) = unsafe { SOCK_CONNECTIONS.get(&cookie) }.copied()
+        && SOCK_CONNECTIONS.remove(&cookie).is_ok()
+    {
+        balance::connection_closed(&backend);
+    }
     SYS_PROCEED
 }
 

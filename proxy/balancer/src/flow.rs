@@ -8,20 +8,16 @@
 //! - an IPv6 address is four such words, most significant first;
 //! - ports are combined as `(src_port << 16) | dst_port`, in host order;
 //! - the protocol is its IP protocol number.
+//!
+//! For IPv4 these are `vipr_common::hash::{flow_hash_v4, source_hash_v4,
+//! destination_hash_v4}`, the very functions the data plane runs.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use crate::hash::jhash_words;
-
-/// Initval of the 5-tuple hash (`maglev`). Fixed so every node hashes a flow
-/// the same way, which is what lets any node pick the same Maglev backend.
-pub const FLOW_HASH_INITVAL: u32 = 0x7669_7072; // "vipr"
-/// Initval of the source-address hash (`sh`).
-pub const SOURCE_HASH_INITVAL: u32 = 0x0000_5348; // "SH"
-/// Initval of the destination-address hash (`dh`).
-pub const DESTINATION_HASH_INITVAL: u32 = 0x0000_4448; // "DH"
+pub use vipr_common::hash::{DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL};
 
 /// A transport protocol a service port can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -170,6 +166,10 @@ mod tests {
         let f = flow("10.0.0.1:1234", "10.96.0.10:80");
         let words = [0x0a00_0001, 0x0a60_000a, (1234 << 16) | 80, 6];
         assert_eq!(f.hash(), jhash_words(&words, FLOW_HASH_INITVAL));
+        assert_eq!(
+            f.hash(),
+            vipr_common::hash::flow_hash_v4(0x0a00_0001, 0x0a60_000a, 1234, 80, 6)
+        );
         assert_eq!(
             f.source_hash(),
             jhash_words(&[0x0a00_0001], SOURCE_HASH_INITVAL)

@@ -64,6 +64,20 @@ pub enum DataplaneError {
         count: usize,
         capacity: u32,
     },
+    #[error(
+        "frontend {frontend}: the backends' vipr.io/weight values add up to {total}, \
+         more than the data plane's 32-bit total"
+    )]
+    WeightsTooLarge { frontend: String, total: u64 },
+    #[error(
+        "frontend {frontend} needs a Maglev table of {size} entries; the Maglev map holds \
+         {capacity} for all services (a smaller vipr.io/maglev-table-size fits more)"
+    )]
+    MaglevFull {
+        frontend: String,
+        size: usize,
+        capacity: u32,
+    },
 }
 
 impl DataplaneError {

@@ -93,7 +93,7 @@ pub(crate) fn clear_udp_flows(
     live: &[BackendAddr],
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
-    let live: Vec<_> = live.iter().map(|b| b.to_map_value()).collect();
+    let live: Vec<_> = live.iter().map(|b| b.endpoint()).collect();
     let doomed: Vec<FlowKey> = forward_entries(ebpf)?
         .into_iter()
         .filter(|(key, entry)| {

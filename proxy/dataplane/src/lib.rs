@@ -7,8 +7,10 @@
 //! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
-//! `services` (frontends, backends, source ranges), `flows` (conntrack
-//! reads and UDP pruning), `expiry` (idle flows out of conntrack), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
+//! `services` (frontends, backends, source ranges), `balance` (what new-flow
+//! balancing reads: weight ranges, Maglev tables, members, connection
+//! counts), `flows` (conntrack reads and UDP pruning), `expiry` (idle flows
+//! out of conntrack), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
 //!
 //! # What the node must provide
@@ -27,6 +29,7 @@
 //! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
 //!   the node from every pod (a link-local address no one owns works).
 
+mod balance;
 mod batch;
 mod cgroup;
 mod error;

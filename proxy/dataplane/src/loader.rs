@@ -16,8 +16,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
+    Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
+    PASS_PROGRAM, XDP_PROGRAM, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -30,7 +31,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 7] = [
+const PERSISTENT_MAPS: [&str; 13] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
@@ -38,6 +39,12 @@ const PERSISTENT_MAPS: [&str; 7] = [
     map_names::CONFIG,
     map_names::STATS,
     map_names::SOCK_REVNAT,
+    map_names::MAGLEV,
+    map_names::MEMBERS,
+    map_names::AFFINITY,
+    map_names::ACTIVE_CONNECTIONS,
+    map_names::BALANCE_TURNS,
+    map_names::SOCK_CONNECTIONS,
 ];
 
 /// SNAT source ports by default: above Linux's default ephemeral range.
@@ -57,6 +64,10 @@ pub struct DataplaneOptions {
     pub max_flows: u32,
     /// Capacity of the loadBalancerSourceRanges trie, all services together.
     pub max_source_ranges: u32,
+    /// Capacity of the Maglev map: the table slots of all maglev services.
+    pub max_maglev_entries: u32,
+    /// Capacity of the session affinity map (LRU: the oldest go first).
+    pub max_affinities: u32,
     /// The node's address: the source given to clients of frontends with
     /// externalTrafficPolicy Cluster. `None`: the frontend's own address
     /// (right for NodePorts on the node address).
@@ -91,6 +102,8 @@ impl Default for DataplaneOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_flows: DEFAULT_MAX_FLOWS,
             max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
+            max_maglev_entries: DEFAULT_MAX_MAGLEV_ENTRIES,
+            max_affinities: DEFAULT_MAX_AFFINITY,
             node_addr: None,
             hairpin_addr: None,
             snat_ports: DEFAULT_SNAT_PORTS,
@@ -117,6 +130,7 @@ pub struct Dataplane {
     pub(crate) services: ServiceTable,
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
+    pub(crate) max_maglev_entries: u32,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -133,7 +147,12 @@ impl Dataplane {
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
             .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
-            .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges);
+            .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
+            .map_max_entries(map_names::MAGLEV, options.max_maglev_entries)
+            .map_max_entries(map_names::MEMBERS, options.max_backends)
+            .map_max_entries(map_names::ACTIVE_CONNECTIONS, options.max_backends)
+            .map_max_entries(map_names::BALANCE_TURNS, options.max_services)
+            .map_max_entries(map_names::AFFINITY, options.max_affinities);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -192,6 +211,7 @@ impl Dataplane {
             services,
             max_services: options.max_services,
             max_backends: options.max_backends,
+            max_maglev_entries: options.max_maglev_entries,
             logger,
         })
     }
@@ -424,8 +444,9 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
 fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
-        Backend, BackendKey, CounterValue, FlowKey, NatEntry, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue, SourceRangeKey,
+        AffinityKey, AffinityValue, Backend, BackendKey, CounterValue, Endpoint, FlowKey,
+        MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+        SourceRangeKey,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -436,6 +457,12 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
         map_names::STATS => (size_of::<u32>(), size_of::<CounterValue>()),
         map_names::SOCK_REVNAT => (size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>()),
+        map_names::MAGLEV => (size_of::<MaglevKey>(), size_of::<Endpoint>()),
+        map_names::MEMBERS => (size_of::<MemberKey>(), size_of::<u32>()),
+        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        map_names::ACTIVE_CONNECTIONS => (size_of::<Endpoint>(), size_of::<u32>()),
+        map_names::BALANCE_TURNS => (size_of::<u32>(), size_of::<u32>()),
+        map_names::SOCK_CONNECTIONS => (size_of::<u64>(), size_of::<Endpoint>()),
         _ => return None,
     })
 }
@@ -448,6 +475,10 @@ fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
         map_names::CONNTRACK => Some(conntrack_entries(options.max_flows)),
         map_names::SOURCE_RANGES => Some(options.max_source_ranges),
         map_names::STATS => Some(Counter::COUNT),
+        map_names::MAGLEV => Some(options.max_maglev_entries),
+        map_names::MEMBERS | map_names::ACTIVE_CONNECTIONS => Some(options.max_backends),
+        map_names::BALANCE_TURNS => Some(options.max_services),
+        map_names::AFFINITY => Some(options.max_affinities),
         _ => None,
     }
 }

@@ -1,9 +1,11 @@
 //! Programming frontends, their backend slots and source ranges into the
 //! maps, and clearing UDP conntrack entries whose backend went away.
 //!
-//! A frontend owns an id and the backend slots `0..count` under that id. An
-//! update writes the new slots before it publishes the new count, and removes
-//! surplus slots only after, so a packet in flight always finds a backend.
+//! A frontend owns an id and the backend slots `0..count` under that id
+//! (its backends with a non-zero weight, see `balance`). An update writes
+//! the new slots, members and Maglev entries before it publishes the new
+//! service value, and removes surplus ones only after, so a packet in
+//! flight always finds a backend.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,10 +17,16 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::Ipv4Net;
-use vipr_common::{Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, map_names};
+use vipr_balancer::{SessionAffinity, Weight};
+use vipr_common::{
+    Backend, BackendKey, Endpoint, ServiceKey, ServiceValue, SourceRangeKey, map_names,
+    service_flags,
+};
 
 use crate::{
-    BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol, flows,
+    BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol,
+    balance::{self, Slots},
+    flows,
 };
 
 #[derive(Clone, Debug)]
@@ -26,11 +34,28 @@ struct Programmed {
     id: u32,
     backends: Vec<BackendAddr>,
     options: FrontendOptions,
+    /// The backends holding slots, in slot order.
+    slots: Vec<BackendAddr>,
+    /// The Maglev table the map holds (empty unless Maglev).
+    maglev: Vec<Endpoint>,
 }
 
 impl Programmed {
     fn backend_count(&self) -> u32 {
-        self.backends.len() as u32
+        self.slots.len() as u32
+    }
+
+    /// The slots whose flows are counted (`lc`, `sed`, `nq`), if any.
+    fn counted(&self) -> &[BackendAddr] {
+        counted_slots(&self.options, &self.slots)
+    }
+}
+
+fn counted_slots<'a>(options: &FrontendOptions, slots: &'a [BackendAddr]) -> &'a [BackendAddr] {
+    if options.balancing.algorithm.uses_active_connections() {
+        slots
+    } else {
+        &[]
     }
 }
 
@@ -41,6 +66,11 @@ pub(crate) struct ServiceTable {
     free_ids: Vec<u32>,
     next_id: u32,
     backend_slots: u64,
+    /// Maglev table entries of all frontends together.
+    maglev_slots: u64,
+    /// How many counting frontends have each backend: its connection
+    /// counter goes when none has it any more.
+    counters: HashMap<BackendAddr, u32>,
 }
 
 impl ServiceTable {
@@ -63,25 +93,74 @@ impl ServiceTable {
             let Some(frontend) = frontend_from_key(&key) else {
                 continue;
             };
-            let backends = (0..value.backend_count)
-                .filter_map(|slot| slots.get(&backend_key(value.service_id, slot), 0).ok())
-                .filter_map(|b| BackendAddr::from_map_value(&b))
-                .collect::<Vec<_>>();
-            let source_ranges = ranges.remove(&value.service_id).unwrap_or_default();
+            let mut options = FrontendOptions::from_flags(
+                value.flags,
+                ranges.remove(&value.service_id).unwrap_or_default(),
+            );
+            options.balancing = balance::balancing_from_map(
+                value.algorithm,
+                value.affinity_timeout,
+                value.maglev_size,
+            );
+            let mut backends = Vec::new();
+            for slot in 0..value.backend_count {
+                let Ok(b) = slots.get(&backend_key(value.service_id, slot), 0) else {
+                    continue;
+                };
+                let Some(addr) = BackendAddr::from_endpoint(b.addr, b.port) else {
+                    continue;
+                };
+                if b.weight != Weight::DEFAULT.get() {
+                    options.weights.insert(addr, Weight::new(b.weight));
+                }
+                backends.push(addr);
+            }
             table.next_id = table.next_id.max(value.service_id + 1);
             table.backend_slots += backends.len() as u64;
+            table.maglev_slots += u64::from(value.maglev_size);
             table.frontends.insert(
                 frontend,
                 Programmed {
                     id: value.service_id,
+                    slots: backends.clone(),
                     backends,
-                    options: FrontendOptions::from_flags(value.flags, source_ranges),
+                    options,
+                    maglev: balance::read_maglev(ebpf, value.service_id, value.maglev_size),
                 },
             );
         }
         let used: HashSet<u32> = table.frontends.values().map(|p| p.id).collect();
         table.free_ids = (0..table.next_id).filter(|id| !used.contains(id)).collect();
+        let counted: Vec<BackendAddr> = table
+            .frontends
+            .values()
+            .flat_map(|p| p.counted().iter().copied())
+            .collect();
+        table.count_backends(&counted, &[]);
         Ok(table)
+    }
+
+    /// Records that counting frontends gained `added` and lost `dropped`
+    /// backends; returns the backends no counting frontend has any more.
+    fn count_backends(
+        &mut self,
+        added: &[BackendAddr],
+        dropped: &[BackendAddr],
+    ) -> Vec<BackendAddr> {
+        for backend in added {
+            *self.counters.entry(*backend).or_default() += 1;
+        }
+        let mut gone = Vec::new();
+        for backend in dropped {
+            if let Some(n) = self.counters.get_mut(backend) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counters.remove(backend);
+                    gone.push(*backend);
+                }
+            }
+        }
+        gone
     }
 
     fn allocate_id(&mut self) -> u32 {
@@ -138,7 +217,8 @@ impl Dataplane {
     }
 
     /// [`Dataplane::program_service`] with per-frontend options: external
-    /// traffic policy (SNAT or client IP kept) and source ranges.
+    /// traffic policy (SNAT or client IP kept), source ranges, balancing
+    /// (algorithm, Maglev table, session affinity) and backend weights.
     pub fn program_service_with(
         &mut self,
         frontend: Frontend,
@@ -147,8 +227,14 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let previous = self.services.frontends.get(&frontend).cloned();
         let old_count = previous.as_ref().map_or(0, Programmed::backend_count);
-        let new_count = u32::try_from(backends.len()).unwrap_or(u32::MAX);
-        self.check_capacity(&frontend, previous.is_none(), old_count, backends.len())?;
+        let plan = Slots::plan(&frontend.to_string(), backends, options)?;
+        let new_count = plan.len();
+        self.check_capacity(
+            &frontend,
+            previous.is_none(),
+            old_count,
+            plan.backends.len(),
+        )?;
         let id = match &previous {
             Some(p) => p.id,
             None => self.services.allocate_id(),
@@ -157,19 +243,45 @@ impl Dataplane {
             .as_ref()
             .map(|p| p.options.source_ranges.clone())
             .unwrap_or_default();
+        let old_maglev = previous
+            .as_ref()
+            .map(|p| p.maglev.clone())
+            .unwrap_or_default();
+        let old_slots = previous
+            .as_ref()
+            .map(|p| p.slots.clone())
+            .unwrap_or_default();
+        let maglev = plan.maglev_table(&options.balancing);
+        self.check_maglev_capacity(&frontend, old_maglev.len(), maglev.len())?;
+        let new_slots: Vec<BackendAddr> = plan.backends.iter().map(|(b, _)| *b).collect();
 
         let ebpf = self.ebpf_mut();
         let mut slots = backend_map(ebpf)?;
-        for (slot, backend) in (0u32..).zip(backends) {
+        for (slot, value) in (0u32..).zip(plan.values()) {
             slots
-                .insert(backend_key(id, slot), backend.to_map_value(), 0)
+                .insert(backend_key(id, slot), value, 0)
                 .map_err(DataplaneError::map(map_names::BACKENDS))?;
         }
+        balance::add_members(ebpf, id, &plan)?;
+        let maglev_written = balance::write_maglev(ebpf, id, &maglev, &old_maglev)?;
+        if options.balancing.algorithm.uses_active_connections() {
+            balance::ensure_counters(ebpf, &plan)?;
+        }
         write_source_ranges(ebpf, id, &options.source_ranges, &old_ranges)?;
+        let mut flags = options.flags();
+        if plan.weighted() {
+            flags |= service_flags::WEIGHTED;
+        }
         let value = ServiceValue {
             service_id: id,
             backend_count: new_count,
-            flags: options.flags(),
+            flags,
+            algorithm: balance::algorithm_code(options.balancing.algorithm),
+            _pad: 0,
+            _pad2: 0,
+            affinity_timeout: balance::affinity_timeout(&options.balancing),
+            total_weight: plan.total_weight,
+            maglev_size: maglev.len() as u32,
         };
         service_map(ebpf)?
             .insert(frontend.key(), value, 0)
@@ -179,15 +291,29 @@ impl Dataplane {
             // Absent already is fine: the goal is that it is gone.
             let _ = slots.remove(&backend_key(id, slot));
         }
+        balance::remove_members(ebpf, id, &old_slots, &new_slots)?;
+        balance::trim_maglev(ebpf, id, maglev.len(), old_maglev.len())?;
+        if maglev_written > 0 {
+            tracing::debug!(%frontend, entries = maglev_written, size = maglev.len(), "Maglev table written");
+        }
 
+        let dropped = previous.as_ref().map_or(&[][..], Programmed::counted);
+        let gone = self
+            .services
+            .count_backends(counted_slots(options, &new_slots), dropped);
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
+        self.services.maglev_slots =
+            self.services.maglev_slots - old_maglev.len() as u64 + maglev.len() as u64;
         self.services.frontends.insert(
             frontend,
             Programmed {
                 id,
                 backends: backends.to_vec(),
                 options: options.clone(),
+                slots: new_slots,
+                maglev,
             },
         );
         let lost_backend = previous
@@ -211,11 +337,19 @@ impl Dataplane {
         for slot in 0..programmed.backend_count() {
             let _ = slots.remove(&backend_key(programmed.id, slot));
         }
+        balance::remove_members(ebpf, programmed.id, &programmed.slots, &[])?;
+        balance::trim_maglev(ebpf, programmed.id, 0, programmed.maglev.len())?;
+        if programmed.options.balancing.affinity != SessionAffinity::None {
+            balance::forget_affinities(ebpf, programmed.id)?;
+        }
         write_source_ranges(ebpf, programmed.id, &[], &programmed.options.source_ranges)?;
         if frontend.protocol == Protocol::Udp {
             flows::clear_udp_flows(ebpf, frontend, &[])?;
         }
+        let gone = self.services.count_backends(&[], programmed.counted());
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots -= u64::from(programmed.backend_count());
+        self.services.maglev_slots -= programmed.maglev.len() as u64;
         self.services.free_ids.push(programmed.id);
         Ok(true)
     }
@@ -238,6 +372,24 @@ impl Dataplane {
             .frontends
             .get(frontend)
             .map(|p| (p.backends.clone(), p.options.clone()))
+    }
+
+    fn check_maglev_capacity(
+        &self,
+        frontend: &Frontend,
+        old_size: usize,
+        new_size: usize,
+    ) -> Result<(), DataplaneError> {
+        let capacity = self.max_maglev_entries;
+        let after = self.services.maglev_slots - old_size as u64 + new_size as u64;
+        if after > u64::from(capacity) {
+            return Err(DataplaneError::MaglevFull {
+                frontend: frontend.to_string(),
+                size: new_size,
+                capacity,
+            });
+        }
+        Ok(())
     }
 
     fn check_capacity(

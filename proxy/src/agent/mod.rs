@@ -145,6 +145,10 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         node: NodeAddresses {
             node_ip: node.node_ip,
             node_name: node.name.clone(),
+            balancing: vipr_balancer::NodeDefaults {
+                algorithm: args.lb_algorithm,
+                maglev_seed: args.maglev_seed,
+            },
         },
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),
@@ -171,6 +175,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         dataplane.clone(),
     ));
     tokio::spawn(export_datapath_counters(dataplane.clone(), metrics.clone()));
+    tokio::spawn(recount_active_connections(dataplane.clone()));
     tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
     if let Some(pool) = args.lb_ip_pool {
         tokio::spawn(lb_ipam::run(store.clone(), pool));
@@ -305,6 +310,21 @@ async fn expire_idle_flows(mut expirer: FlowExpirer, metrics: Arc<Metrics>) {
         match result {
             Ok(expiry) => metrics.set_conntrack(&expiry),
             Err(error) => tracing::warn!(error = %error, "expiring idle flows"),
+        }
+    }
+}
+
+/// How often the active connection counts (`lc`, `sed`, `nq`) are set to
+/// what conntrack holds, forgetting flows that left it without a close.
+const ACTIVE_RECOUNT_PERIOD: Duration = Duration::from_secs(10);
+
+async fn recount_active_connections(dataplane: Arc<Mutex<Dataplane>>) {
+    let mut tick = tokio::time::interval(ACTIVE_RECOUNT_PERIOD);
+    loop {
+        tick.tick().await;
+        let recounted = dataplane.lock().unwrap().recount_active_connections();
+        if let Err(error) = recounted {
+            tracing::warn!(error = %error, "recounting active connections");
         }
     }
 }
