@@ -122,6 +122,20 @@ fn bench_apply(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // Deleting everything: each delete looks up the object's dependents
+    // (the owner index keeps that from walking the namespace per object).
+    group.bench_function("delete_20k_objects", |b| {
+        let keys: Vec<_> = objects.iter().map(|o| o.key()).collect();
+        b.iter_batched(
+            || {
+                let (dir, store) = fresh_store();
+                store.apply(objects.clone()).unwrap();
+                (dir, store)
+            },
+            |(_dir, store)| black_box(store.delete_many(&keys, false).unwrap().len()),
+            BatchSize::PerIteration,
+        )
+    });
     group.bench_function("reopen_20k_objects", |b| {
         let (dir, store) = fresh_store();
         store.apply(objects.clone()).unwrap();

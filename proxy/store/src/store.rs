@@ -6,7 +6,7 @@
 //! stable store and the disk order equals the event order; readers only clone `Arc`s
 //! out of a `BTreeMap`, which keeps `list` of thousands of objects in microseconds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -79,7 +79,7 @@ pub struct Snapshot {
 }
 
 struct State {
-    objects: BTreeMap<ObjectKey, Arc<Object>>,
+    objects: Objects,
     revision: u64,
     alloc: Allocator,
 }
@@ -106,7 +106,7 @@ impl Store {
     pub fn open(config: StoreConfig) -> Result<Store> {
         let (disk, loaded) = Disk::open(&config.state_dir)?;
         let mut alloc = Allocator::new(config.service_network.clone());
-        let mut objects = BTreeMap::new();
+        let mut objects = Objects::default();
         for (key, object) in loaded.objects {
             if let Object::Service(svc) = &object
                 && let Some(spec) = &svc.spec
@@ -187,7 +187,9 @@ impl Store {
     pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Arc<Object>> {
         let state = self.read();
         let namespace = namespace.filter(|_| kind.is_namespaced());
-        range(&state.objects, kind, namespace).cloned().collect()
+        range(&state.objects.by_key, kind, namespace)
+            .cloned()
+            .collect()
     }
 
     /// Every object at one revision.
@@ -195,7 +197,7 @@ impl Store {
         let state = self.read();
         Snapshot {
             revision: state.revision,
-            objects: state.objects.values().cloned().collect(),
+            objects: state.objects.by_key.values().cloned().collect(),
         }
     }
 
@@ -368,7 +370,7 @@ impl Store {
 /// The parts of [`State`] a commit writes, borrowed apart from the allocator (which
 /// the batch's [`AllocTxn`] already borrows).
 struct StagedState<'a> {
-    objects: &'a mut BTreeMap<ObjectKey, Arc<Object>>,
+    objects: &'a mut Objects,
     revision: &'a mut u64,
 }
 
@@ -414,6 +416,66 @@ fn commit_to(
     Ok(())
 }
 
+/// The committed objects by key, with an index of who owns what, so a
+/// cascading delete finds an owner's dependents without walking its
+/// namespace (deleting 100,000 objects would otherwise be quadratic).
+#[derive(Default)]
+struct Objects {
+    by_key: BTreeMap<ObjectKey, Arc<Object>>,
+    /// Owner uid -> keys of the objects whose ownerReferences name it.
+    dependents: HashMap<String, BTreeSet<ObjectKey>>,
+}
+
+impl Objects {
+    fn get(&self, key: &ObjectKey) -> Option<&Arc<Object>> {
+        self.by_key.get(key)
+    }
+
+    fn insert(&mut self, key: ObjectKey, object: Arc<Object>) {
+        self.unindex(&key);
+        for uid in owner_uids(&object) {
+            self.dependents
+                .entry(uid.to_owned())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.by_key.insert(key, object);
+    }
+
+    fn remove(&mut self, key: &ObjectKey) {
+        self.unindex(key);
+        self.by_key.remove(key);
+    }
+
+    fn unindex(&mut self, key: &ObjectKey) {
+        let Some(old) = self.by_key.get(key) else {
+            return;
+        };
+        for uid in owner_uids(old) {
+            if let Some(keys) = self.dependents.get_mut(uid) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.dependents.remove(uid);
+                }
+            }
+        }
+    }
+
+    /// Committed objects whose ownerReferences name `uid`.
+    fn owned_by(&self, uid: &str) -> impl Iterator<Item = &ObjectKey> {
+        self.dependents.get(uid).into_iter().flatten()
+    }
+}
+
+fn owner_uids(object: &Object) -> impl Iterator<Item = &str> {
+    object
+        .metadata()
+        .owner_references
+        .iter()
+        .flatten()
+        .map(|r| r.uid.as_str())
+}
+
 /// Objects of one kind (and namespace), in key order, via a BTreeMap range.
 fn range<'a>(
     objects: &'a BTreeMap<ObjectKey, Arc<Object>>,
@@ -439,23 +501,23 @@ struct Change {
 
 /// A batch being staged: reads see the store plus the batch's own earlier changes.
 struct Batch<'b, 'a> {
-    base: &'b BTreeMap<ObjectKey, Arc<Object>>,
+    base: &'b Objects,
     alloc: AllocTxn<'a>,
     staged: HashMap<ObjectKey, Option<Arc<Object>>>,
+    /// Owner uid -> objects this batch staged with an ownerReference to it
+    /// (the batch's part of [`Objects::dependents`]).
+    staged_dependents: HashMap<String, BTreeSet<ObjectKey>>,
     changes: Vec<Change>,
     revision: u64,
 }
 
 impl<'b, 'a> Batch<'b, 'a> {
-    fn new(
-        base: &'b BTreeMap<ObjectKey, Arc<Object>>,
-        alloc: &'a mut Allocator,
-        revision: u64,
-    ) -> Batch<'b, 'a> {
+    fn new(base: &'b Objects, alloc: &'a mut Allocator, revision: u64) -> Batch<'b, 'a> {
         Batch {
             base,
             alloc: AllocTxn::new(alloc),
             staged: HashMap::new(),
+            staged_dependents: HashMap::new(),
             changes: Vec::new(),
             revision,
         }
@@ -475,6 +537,14 @@ impl<'b, 'a> Batch<'b, 'a> {
     fn stage(&mut self, key: ObjectKey, event_type: EventType, object: Arc<Object>) {
         self.revision += 1;
         let staged = (event_type != EventType::Deleted).then(|| Arc::clone(&object));
+        if staged.is_some() {
+            for uid in owner_uids(&object) {
+                self.staged_dependents
+                    .entry(uid.to_owned())
+                    .or_default()
+                    .insert(key.clone());
+            }
+        }
         self.staged.insert(key.clone(), staged);
         self.changes.push(Change {
             key,
@@ -574,28 +644,32 @@ impl<'b, 'a> Batch<'b, 'a> {
     /// Objects owned by `object` (ownerReferences naming its uid) in its namespace; for
     /// a namespace, everything in it.
     fn dependents(&self, key: &ObjectKey, object: &Object) -> Vec<ObjectKey> {
-        let (namespace, uid) = match key.kind() {
-            Kind::Namespace => (key.name(), None),
-            _ => match (key.namespace(), object.metadata().uid.as_deref()) {
-                (Some(ns), Some(uid)) => (ns, Some(uid)),
-                _ => return Vec::new(),
-            },
+        if key.kind() == Kind::Namespace {
+            let namespace = key.name();
+            return Kind::ALL
+                .iter()
+                .filter(|k| k.is_namespaced())
+                .flat_map(|kind| range(&self.base.by_key, *kind, Some(namespace)))
+                .map(|o| o.key())
+                .filter(|k| self.current(k).is_some())
+                .collect();
+        }
+        let (Some(namespace), Some(uid)) = (key.namespace(), object.metadata().uid.as_deref())
+        else {
+            return Vec::new();
         };
-        Kind::ALL
-            .iter()
-            .filter(|k| k.is_namespaced())
-            .flat_map(|kind| range(self.base, *kind, Some(namespace)))
-            .filter(|o| {
-                uid.is_none_or(|uid| {
-                    o.metadata()
-                        .owner_references
-                        .iter()
-                        .flatten()
-                        .any(|r| r.uid == uid)
-                })
+        // Committed dependents from the index, and any this batch staged.
+        let staged = self.staged_dependents.get(uid).into_iter().flatten();
+        let candidates: BTreeSet<&ObjectKey> = self.base.owned_by(uid).chain(staged).collect();
+        candidates
+            .into_iter()
+            .filter(|k| k.namespace() == Some(namespace))
+            // Still there and still owned, as this batch left it.
+            .filter(|k| {
+                self.current(k)
+                    .is_some_and(|o| owner_uids(o).any(|u| u == uid))
             })
-            .map(|o| o.key())
-            .filter(|k| self.current(k).is_some())
+            .cloned()
             .collect()
     }
 }
