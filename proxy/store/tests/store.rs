@@ -472,6 +472,29 @@ fn deletes_cascade_through_owner_references_and_namespaces() {
 }
 
 #[test]
+fn a_dependent_that_drops_its_owner_reference_survives_the_owner() {
+    let (_d, store) = fresh();
+    let deploy = store.apply_manifest(DEPLOY).unwrap().remove(0).object;
+    let uid = deploy.metadata().uid.clone().unwrap();
+    store.apply_manifest(&pod_yaml("kept", Some(&uid))).unwrap();
+    store
+        .apply_manifest(&pod_yaml("owned", Some(&uid)))
+        .unwrap();
+    // Re-applied without the reference: no longer the Deployment's.
+    store.apply_manifest(&pod_yaml("kept", None)).unwrap();
+    let deleted = store
+        .delete(&ObjectKey::new(Kind::Deployment, None, "web"))
+        .unwrap();
+    let names: Vec<&str> = deleted.iter().map(|k| k.name()).collect();
+    assert_eq!(names, ["web", "owned"]);
+    assert!(
+        store
+            .get(&ObjectKey::new(Kind::Pod, None, "kept"))
+            .is_some()
+    );
+}
+
+#[test]
 fn list_filters_by_kind_and_namespace() {
     let (_d, store) = fresh();
     store
