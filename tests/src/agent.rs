@@ -271,10 +271,19 @@ impl AgentNode {
         ))
     }
 
-    /// `ip -d link show eth0` inside the network namespace of the pod with
-    /// `uid` (entered through a process of its first container, found in its
-    /// cgroup, so it works while no agent runs).
+    /// `ip -d link show eth0` inside the network namespace of the pod with `uid`.
     pub fn pod_eth0(&self, uid: &str) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.pod_netns(uid)?.display()))
+            .args(["ip", "-d", "link", "show", "eth0"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The network namespace file of the pod with `uid`, through a process
+    /// of its first container, found in its cgroup (so it works while no
+    /// agent runs). For [`crate::spawn_in_netns`].
+    pub fn pod_netns(&self, uid: &str) -> Result<PathBuf> {
         let cgroup = std::fs::read_dir(self.cgroup_root.join(format!("pod-{uid}")))?
             .flatten()
             .map(|e| e.path())
@@ -282,11 +291,7 @@ impl AgentNode {
             .context("pod has no container cgroup")?;
         let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
         let pid = procs.lines().next().context("container has no process")?;
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/proc/{pid}/ns/net"))
-            .args(["ip", "-d", "link", "show", "eth0"])
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(PathBuf::from(format!("/proc/{pid}/ns/net")))
     }
 
     /// A service's ClusterIP.

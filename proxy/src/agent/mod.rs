@@ -16,6 +16,7 @@ mod deployments;
 mod dns_snapshot;
 mod frontends;
 mod health_check;
+mod memory;
 mod node;
 mod pods;
 mod reconciler;
@@ -51,6 +52,7 @@ pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node::cleanup(&args, &node, &api_socket)?;
         return Ok(ExitCode::SUCCESS);
     }
+    memory::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

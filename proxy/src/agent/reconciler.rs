@@ -14,10 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use vipr_dataplane::{BackendAddr, Dataplane, Frontend, Port, Protocol};
 use vipr_dns::DnsHandle;
 use vipr_store::{
@@ -29,6 +26,7 @@ use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
     frontends::{FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
+    memory,
     slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
 };
@@ -108,6 +106,9 @@ impl Reconciler {
         }
         self.publish_dns();
         let took = started.elapsed().as_secs_f64();
+        if events.len() >= memory::TRIM_AFTER_OBJECTS {
+            memory::release_freed();
+        }
         self.metrics.sync_duration.observe(took);
         self.metrics.programming_duration.observe(took);
         self.metrics.synced();
@@ -285,6 +286,12 @@ impl DnsPublisher {
                     if let Err(error) = dns.update(&snapshot) {
                         tracing::warn!(error = %error, "DNS snapshot rejected");
                     }
+                    let size = snapshot.services.len() + snapshot.pods.len();
+                    drop(snapshot);
+                    // Each rebuild frees the previous index, as large as this one.
+                    if size >= memory::TRIM_AFTER_OBJECTS {
+                        memory::release_freed();
+                    }
                 }
             })?;
         Ok(DnsPublisher { wake })
@@ -296,29 +303,39 @@ impl DnsPublisher {
     }
 }
 
+/// Reads the store's objects in place (copying 10,000 services and their
+/// slices for each rebuild doubled the agent's peak memory); only the
+/// computed slices, a few per selector service, are copied out of their lock.
 fn dns_snapshot_of(store: &Store, computed: &ComputedSlices) -> vipr_dns::ClusterSnapshot {
     let namespaces = store
         .list(Kind::Namespace, None)
         .iter()
         .map(|o| o.key().name().to_owned())
         .collect();
-    let services: Vec<Service> = store
-        .list(Kind::Service, None)
-        .iter()
-        .filter_map(|o| o.as_service().cloned())
+    let services = store.list(Kind::Service, None);
+    let user_slices = store.list(Kind::EndpointSlice, None);
+    let computed: Vec<EndpointSlice> = computed
+        .read()
+        .unwrap()
+        .values()
+        .flatten()
+        .cloned()
         .collect();
-    let mut slices: Vec<EndpointSlice> = store
-        .list(Kind::EndpointSlice, None)
+    let pods = store.list(Kind::Pod, None);
+    let slices: Vec<&EndpointSlice> = user_slices
         .iter()
-        .filter_map(|o| o.as_endpoint_slice().cloned())
+        .filter_map(|o| o.as_endpoint_slice())
+        .chain(&computed)
         .collect();
-    slices.extend(computed.read().unwrap().values().flatten().cloned());
-    let pods: Vec<Pod> = store
-        .list(Kind::Pod, None)
-        .iter()
-        .filter_map(|o| o.as_pod().cloned())
-        .collect();
-    cluster_snapshot(namespaces, &services, &slices, &pods)
+    cluster_snapshot(
+        namespaces,
+        &services
+            .iter()
+            .filter_map(|o| o.as_service())
+            .collect::<Vec<_>>(),
+        &slices,
+        &pods.iter().filter_map(|o| o.as_pod()).collect::<Vec<_>>(),
+    )
 }
 
 /// Forgets `name`'s health check port; returns whether it had one.

@@ -114,7 +114,7 @@ mod tests {
         });
         Event {
             event_type,
-            object: Arc::new(Object::EndpointSlice(slice)),
+            object: Arc::new(slice.into()),
             revision: 1,
         }
     }

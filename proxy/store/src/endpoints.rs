@@ -505,7 +505,7 @@ mod tests {
         let Object::Service(s) = parse(&yaml).unwrap().remove(0) else {
             panic!()
         };
-        s
+        *s
     }
 
     /// A pod with `ip`, Ready as given, whose `http` port is `http_port`.
@@ -517,7 +517,7 @@ mod tests {
         let Object::Pod(p) = parse(&yaml).unwrap().remove(0) else {
             panic!()
         };
-        p
+        *p
     }
 
     fn terminating(mut p: Pod) -> Pod {
@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(back, groups[0].endpoints);
         // And the slices pass the store's own validation.
         for s in slices {
-            let mut o = Object::EndpointSlice(s);
+            let mut o = Object::from(s);
             crate::validation::default_and_validate(&mut o).unwrap();
         }
     }
