@@ -3,11 +3,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use vipr_dns::{ClusterSnapshot, Endpoint, Protocol, ServiceKind, ServicePort};
+use vipr_store::slice::EndpointSlice;
 
 /// The label EndpointSlices carry naming their service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -14,12 +14,13 @@ use std::{
 };
 
 use anyhow::Result;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use vipr_dataplane::{BackendAddr, Dataplane, Frontend, Port, Protocol};
 use vipr_dns::DnsHandle;
 use vipr_store::{
     Event, Kind, Object, Store,
     endpoints::{self, EndpointGroup},
+    slice::EndpointSlice,
 };
 
 use super::health_check::HealthChecks;

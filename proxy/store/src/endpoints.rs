@@ -17,11 +17,12 @@ use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
-};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::slice::{
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
+};
 
 /// The label tying an EndpointSlice to its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -355,12 +356,14 @@ fn to_slice_endpoint(e: &Endpoint) -> SliceEndpoint {
         }),
         hostname: e.hostname.clone(),
         node_name: e.node_name.clone(),
-        target_ref: e.target.as_ref().map(|t| ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: Some(t.namespace.clone()),
-            name: Some(t.name.clone()),
-            uid: t.uid.clone(),
-            ..Default::default()
+        target_ref: e.target.as_ref().map(|t| {
+            Box::new(ObjectReference {
+                kind: Some("Pod".into()),
+                namespace: Some(t.namespace.clone()),
+                name: Some(t.name.clone()),
+                uid: t.uid.clone(),
+                ..Default::default()
+            })
         }),
         ..Default::default()
     }

@@ -14,8 +14,9 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus, ReplicaSet, Repli
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, NamespaceStatus, Pod, PodStatus, Secret, Service, ServiceStatus,
 };
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::slice::EndpointSlice;
 
 /// Declares the supported kinds once; every per-kind `match` below is generated from it
 /// so adding a kind cannot forget one of them.
