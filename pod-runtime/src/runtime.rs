@@ -34,7 +34,7 @@ use crate::phase::{self, CState, InitProgress, Phase, RestartPolicy};
 use crate::probe::{self, Outcome, ProbeAction, ProbeState, ProbeTiming};
 use crate::shim::{self, CtrRecord, LaunchSpec, Request, Response};
 use crate::spec::{self, ObjectLookup, PodFacts, PreparedVolume, Waiting};
-use crate::util::{k8s_time, now_unix, write_atomic};
+use crate::util::{k8s_time, k8s_time_now, now_unix, write_atomic};
 
 /// Runtime configuration (the agent fills it from its flags).
 #[derive(Debug, Clone)]
@@ -1940,7 +1940,7 @@ impl Supervisor {
                     .find(|p| p.type_ == c.type_);
                 c.last_transition_time = match prev {
                     Some(p) if p.status == c.status => p.last_transition_time.clone(),
-                    Some(_) => Some(k8s_time(now_unix())),
+                    Some(_) => Some(k8s_time_now()),
                     None => c.last_transition_time.clone(),
                 };
             }

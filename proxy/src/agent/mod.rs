@@ -130,6 +130,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         sync: Default::default(),
         health_checks,
         slice_index: Default::default(),
+        last_sync: std::time::SystemTime::now(),
     };
     let controller = pods::PodController::new(store.clone(), pod_runtime.clone());
     controller.adopt_existing();
