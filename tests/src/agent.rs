@@ -305,6 +305,32 @@ impl AgentNode {
     }
 }
 
+/// A pod running `vipr-netexec` (HTTP on port `http` 8080, UDP on port
+/// `udp` 8081) labelled `app: APP`, Ready once `/ready` answers.
+pub fn netexec_pod(name: &str, app: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
+    ports: [{{name: http, containerPort: 8080}}, {{name: udp, containerPort: 8081, protocol: UDP}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+---
+"#
+    )
+}
+
+/// A pod that only sleeps: a client to exec into (or enter the network of).
+pub fn client_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - name: shell\n    image: host\n    command: [sleep, \"3600\"]\n---\n"
+    )
+}
+
 pub fn is_ready(pod: &Value) -> bool {
     pod["status"]["conditions"].as_array().is_some_and(|cs| {
         cs.iter()

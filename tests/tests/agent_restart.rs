@@ -18,40 +18,12 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use serde_json::Value;
-use vipr_e2e::{agent::AgentNode, require_root, spawn_in_netns};
+use vipr_e2e::{
+    agent::{AgentNode, client_pod, netexec_pod},
+    require_root, spawn_in_netns,
+};
 
-const MANIFEST: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec:
-  containers:
-  - name: shell
-    image: host
-    command: [sleep, "3600"]
----
+const SERVICE: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -182,7 +154,15 @@ fn identity(node: &AgentNode, pod: &str) -> Result<Value> {
 fn a_killed_agent_drops_no_packet_and_restarts_no_container() -> Result<()> {
     require_root();
     let mut node = AgentNode::start("rst")?;
-    node.apply(MANIFEST)?;
+    node.apply(
+        &[
+            netexec_pod("web-1", "web"),
+            netexec_pod("web-2", "web"),
+            client_pod("client"),
+            SERVICE.into(),
+        ]
+        .concat(),
+    )?;
     node.wait_ready(&PODS, Duration::from_secs(30))?;
     let vip: std::net::Ipv4Addr = node.cluster_ip("web")?.parse()?;
     let before = PODS
