@@ -34,7 +34,7 @@ use crate::phase::{self, CState, InitProgress, Phase, RestartPolicy};
 use crate::probe::{self, Outcome, ProbeAction, ProbeState, ProbeTiming};
 use crate::shim::{self, CtrRecord, LaunchSpec, Request, Response};
 use crate::spec::{self, ObjectLookup, PodFacts, PreparedVolume, Waiting};
-use crate::util::{k8s_time, now_unix, write_atomic};
+use crate::util::{k8s_time, k8s_time_now, now_unix, write_atomic};
 
 /// Runtime configuration (the agent fills it from its flags).
 #[derive(Debug, Clone)]
@@ -167,6 +167,11 @@ struct CtrPersist {
     /// Every start attempt so far failed before exec (counts as a crash).
     #[serde(default)]
     ever_started: bool,
+    /// The shim instance last known ready (0 = none): an agent restart that
+    /// finds it still running keeps it ready until its next probe says
+    /// otherwise, so its endpoints stay programmed and no traffic is refused.
+    #[serde(default)]
+    ready_instance: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -765,6 +770,24 @@ impl Supervisor {
         self.rec.containers.entry(name.to_string()).or_default()
     }
 
+    /// Records which instance of each container is ready (see
+    /// [`CtrPersist::ready_instance`]).
+    fn remember_readiness(&mut self) {
+        for i in 0..self.ctrs.len() {
+            let c = &self.ctrs[i];
+            if c.probe_instance == 0 {
+                // Not observed running (yet): nothing to learn.
+                continue;
+            }
+            let ready_instance = if c.ready { c.probe_instance } else { 0 };
+            let known = self.rec.containers.get(&c.spec.name);
+            if known.map_or(0, |p| p.ready_instance) != ready_instance {
+                let name = c.spec.name.clone();
+                self.persist(&name).ready_instance = ready_instance;
+            }
+        }
+    }
+
     fn pers(&self, name: &str) -> CtrPersist {
         self.rec.containers.get(name).cloned().unwrap_or_default()
     }
@@ -781,14 +804,15 @@ impl Supervisor {
                 self.terminate_pod();
                 return;
             }
-            if !self.sandbox_ready {
-                if Instant::now() >= self.sandbox_retry_at {
-                    self.ensure_sandbox();
-                }
-            } else {
-                self.step();
+            if !self.sandbox_ready && Instant::now() >= self.sandbox_retry_at {
+                self.ensure_sandbox();
             }
-            if !self.sandbox_ready {
+            // Straight after the sandbox is found (adoption) or made: the
+            // first status published must be the observed one, or an
+            // adopted ready pod would flap unready and leave its endpoints.
+            if self.sandbox_ready {
+                self.step();
+            } else {
                 self.compute_status();
             }
             let wrote = self.dirty;
@@ -1122,8 +1146,11 @@ impl Supervisor {
                     c.startup = mk(c.spec.startup_probe.as_ref());
                     c.liveness = mk(c.spec.liveness_probe.as_ref());
                     c.readiness = mk(c.spec.readiness_probe.as_ref());
-                    c.started = c.startup.is_none();
-                    c.ready = false;
+                    // Found running at adoption and ready before: a ready
+                    // container had passed its startup probe too.
+                    let was_ready = pers.ready_instance == r.instance;
+                    c.started = c.startup.is_none() || was_ready;
+                    c.ready = was_ready;
                     c.kill_deadline = None;
                     c.next_start = None;
                     c.phase = CtrPhase::Running {
@@ -1843,6 +1870,7 @@ impl Supervisor {
     // ---------------------------------------------------------- status
 
     fn compute_status(&mut self) {
+        self.remember_readiness();
         let n_init = self.ctrs.iter().filter(|c| c.init).count();
         let init = if self.init_failed {
             InitProgress::Failed
@@ -1912,7 +1940,7 @@ impl Supervisor {
                     .find(|p| p.type_ == c.type_);
                 c.last_transition_time = match prev {
                     Some(p) if p.status == c.status => p.last_transition_time.clone(),
-                    Some(_) => Some(k8s_time(now_unix())),
+                    Some(_) => Some(k8s_time_now()),
                     None => c.last_transition_time.clone(),
                 };
             }

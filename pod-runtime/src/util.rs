@@ -37,6 +37,17 @@ pub fn short_hash(s: &str) -> u64 {
 }
 
 /// RFC 3339 time for k8s-openapi's `Time`.
+/// Now, to the nanosecond (condition transitions: the agent measures its
+/// network programming latency from a pod's Ready transition).
+pub fn k8s_time_now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    let ts = k8s_openapi::jiff::Timestamp::from_nanosecond(nanos)
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(ts)
+}
+
 pub fn k8s_time(unix: i64) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     let ts = k8s_openapi::jiff::Timestamp::from_second(unix)
         .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);

@@ -285,10 +285,19 @@ impl AgentNode {
         ))
     }
 
-    /// `ip -d link show eth0` inside the network namespace of the pod with
-    /// `uid` (entered through a process of its first container, found in its
-    /// cgroup, so it works while no agent runs).
+    /// `ip -d link show eth0` inside the network namespace of the pod with `uid`.
     pub fn pod_eth0(&self, uid: &str) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.pod_netns(uid)?.display()))
+            .args(["ip", "-d", "link", "show", "eth0"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The network namespace file of the pod with `uid`, through a process
+    /// of its first container, found in its cgroup (so it works while no
+    /// agent runs). For [`crate::spawn_in_netns`].
+    pub fn pod_netns(&self, uid: &str) -> Result<PathBuf> {
         let cgroup = std::fs::read_dir(self.cgroup_root.join(format!("pod-{uid}")))?
             .flatten()
             .map(|e| e.path())
@@ -296,11 +305,7 @@ impl AgentNode {
             .context("pod has no container cgroup")?;
         let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))?;
         let pid = procs.lines().next().context("container has no process")?;
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/proc/{pid}/ns/net"))
-            .args(["ip", "-d", "link", "show", "eth0"])
-            .output()?;
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok(PathBuf::from(format!("/proc/{pid}/ns/net")))
     }
 
     /// A service's ClusterIP.
@@ -312,6 +317,32 @@ impl AgentNode {
             .map(str::to_owned)
             .context("service has no clusterIP")
     }
+}
+
+/// A pod running `vipr-netexec` (HTTP on port `http` 8080, UDP on port
+/// `udp` 8081) labelled `app: APP`, Ready once `/ready` answers.
+pub fn netexec_pod(name: &str, app: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
+    ports: [{{name: http, containerPort: 8080}}, {{name: udp, containerPort: 8081, protocol: UDP}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+---
+"#
+    )
+}
+
+/// A pod that only sleeps: a client to exec into (or enter the network of).
+pub fn client_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers:\n  - name: shell\n    image: host\n    command: [sleep, \"3600\"]\n---\n"
+    )
 }
 
 pub fn is_ready(pod: &Value) -> bool {

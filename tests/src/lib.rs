@@ -123,14 +123,22 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<Result<T>>> {
-        let file = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        Ok(std::thread::spawn(move || -> Result<T> {
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("setns")?;
-            Ok(f())
-        }))
+        spawn_in_netns(std::path::Path::new("/run/netns").join(&self.name), f)
     }
+}
+
+/// Runs `f` on a background thread that has entered the network namespace
+/// at `path` (a `/run/netns/NAME` or `/proc/PID/ns/net` file), e.g. a pod's.
+pub fn spawn_in_netns<T: Send + 'static>(
+    path: impl AsRef<std::path::Path>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<T>>> {
+    let path = path.as_ref();
+    let file = File::open(path).with_context(|| format!("opening netns {}", path.display()))?;
+    Ok(std::thread::spawn(move || -> Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    }))
 }
 
 impl Drop for Netns {

@@ -9,40 +9,23 @@ use std::{
 };
 
 use anyhow::Result;
-use vipr_e2e::{agent::AgentNode, require_root};
+use vipr_e2e::{
+    agent::{AgentNode, client_pod, netexec_pod},
+    require_root,
+};
 
-const MANIFEST: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec:
-  containers:
-  - name: shell
-    image: host
-    command: [sleep, "3600"]
----
+/// Two netexec pods behind three services, and a client pod.
+fn manifest() -> String {
+    [
+        netexec_pod("web-1", "web"),
+        netexec_pod("web-2", "web"),
+        client_pod("client"),
+        SERVICES.into(),
+    ]
+    .concat()
+}
+
+const SERVICES: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -86,7 +69,7 @@ fn answering(node: &AgentNode, url: &str, n: usize) -> Result<BTreeSet<String>> 
 fn pods_behind_a_clusterip_by_address_and_name() -> Result<()> {
     require_root();
     let mut node = AgentNode::start("agt")?;
-    let applied = node.apply(MANIFEST)?;
+    let applied = node.apply(&manifest())?;
     assert!(applied.contains("service/web created"), "{applied}");
     node.wait_ready(&["web-1", "web-2", "client"], Duration::from_secs(30))?;
     let vip = node.cluster_ip("web")?;

@@ -35,23 +35,14 @@ impl Handler for AgentApi {
 
 type Answer = Result<Response, String>;
 
-/// A manifest this large leaves megabytes of parse garbage behind.
+/// A manifest this large leaves megabytes of parse garbage behind (YAML
+/// events and JSON values), which glibc would otherwise keep resident.
 const TRIM_AFTER_MANIFEST_BYTES: usize = 1 << 20;
-
-/// Hands memory freed after a large parse back to the kernel. glibc keeps
-/// freed heap pages otherwise, and the agent's resident size would stay at
-/// the peak of its largest apply (tens of MiB of YAML events and values).
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks and trims malloc's own arenas.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
 
 impl AgentApi {
     fn answer(&self, request: Request) -> Answer {
         match request {
-            Request::Apply { manifests } => self.apply(&manifests),
+            Request::Apply { manifests } => self.apply(manifests),
             Request::DeleteManifests { manifests } => self.delete_manifests(&manifests),
             Request::Delete {
                 kind,
@@ -101,12 +92,18 @@ impl AgentApi {
         }
     }
 
-    fn apply(&self, manifests: &str) -> Answer {
-        let applied = self.store.apply_manifest(manifests);
-        if manifests.len() >= TRIM_AFTER_MANIFEST_BYTES {
-            release_freed_memory();
+    fn apply(&self, manifests: String) -> Answer {
+        let size = manifests.len();
+        let objects = parse_manifests(&manifests).map_err(|e| e.to_string());
+        // The text is not needed once parsed: free it before the objects
+        // are stored, not after.
+        drop(manifests);
+        let applied =
+            objects.and_then(|objects| self.store.apply(objects).map_err(|e| e.to_string()));
+        if size >= TRIM_AFTER_MANIFEST_BYTES {
+            super::memory::release_freed();
         }
-        let applied = applied.map_err(|e| e.to_string())?;
+        let applied = applied?;
         let lines = applied
             .iter()
             .map(|a| format!("{}/{} {}", a.key.kind().singular(), a.key.name(), a.outcome))

@@ -119,7 +119,7 @@ pub fn owned(store: &Store, d: &Deployment) -> (Vec<ReplicaSet>, Vec<Pod>) {
         .iter()
         .filter_map(|o| match o.as_ref() {
             Object::ReplicaSet(rs) if deployment::is_controlled_by(&rs.metadata, uid) => {
-                Some(rs.clone())
+                Some((**rs).clone())
             }
             _ => None,
         })
@@ -136,7 +136,7 @@ pub fn owned(store: &Store, d: &Deployment) -> (Vec<ReplicaSet>, Vec<Pod>) {
                     )
                 }) =>
             {
-                Some(pod.clone())
+                Some((**pod).clone())
             }
             _ => None,
         })
@@ -173,15 +173,15 @@ pub fn sync(store: &Store, key: &ObjectKey) -> Result<Option<Duration>> {
                     return Ok(Some(Duration::ZERO));
                 }
                 tracing::info!(deployment = %key, replicaset = %name, "new revision");
-                store.apply(vec![Object::ReplicaSet(rs)])?;
+                store.apply(vec![rs.into()])?;
             }
             Action::UpdateReplicaSet(rs) => {
-                store.apply(vec![Object::ReplicaSet(rs)])?;
+                store.apply(vec![rs.into()])?;
             }
             Action::DeleteReplicaSet(name) => {
                 store.delete(&rs_key(&name))?;
             }
-            Action::CreatePod(pod) => new_pods.push(Object::Pod(pod)),
+            Action::CreatePod(pod) => new_pods.push(pod.into()),
             Action::DeletePod(name) => {
                 super::pods::terminate(store, &ObjectKey::namespaced(Kind::Pod, namespace, name))?;
             }
@@ -199,7 +199,7 @@ pub fn sync(store: &Store, key: &ObjectKey) -> Result<Option<Duration>> {
                     .get_or_insert_with(Default::default)
                     .insert(deployment::REVISION.into(), revision);
                 edited.status = None;
-                store.apply(vec![Object::Deployment(edited)])?;
+                store.apply(vec![edited.into()])?;
             }
             Action::SetDeploymentStatus(status) => {
                 store.update_status(key, Status::Deployment(status))?;
@@ -235,7 +235,7 @@ pub fn edit(
             .ok_or_else(|| format!("deployments.apps {name:?} not found"))?;
         let done = apply_edit(store, &mut d, &edit).map_err(|e| e.to_string())?;
         d.status = None;
-        match store.apply(vec![Object::Deployment(d)]) {
+        match store.apply(vec![d.into()]) {
             Ok(_) => return Ok(vec![format!("deployment.apps/{name} {done}")]),
             Err(vipr_store::StoreError::Conflict { .. }) if attempt < EDIT_ATTEMPTS => continue,
             Err(error) => return Err(error.to_string()),
@@ -334,7 +334,7 @@ mod tests {
             .list(Kind::ReplicaSet, Some("default"))
             .iter()
             .filter_map(|o| match o.as_ref() {
-                Object::ReplicaSet(rs) => Some(rs.clone()),
+                Object::ReplicaSet(rs) => Some((**rs).clone()),
                 _ => None,
             })
             .collect()

@@ -3,11 +3,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use vipr_dns::{ClusterSnapshot, Endpoint, Protocol, ServiceKind, ServicePort};
+use vipr_store::slice::EndpointSlice;
 
 /// The label EndpointSlices carry naming their service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -15,12 +13,12 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Builds the DNS snapshot from everything the store holds.
 pub fn cluster_snapshot(
     namespaces: Vec<String>,
-    services: &[Service],
-    slices: &[EndpointSlice],
-    pods: &[Pod],
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    pods: &[&Pod],
 ) -> ClusterSnapshot {
     let mut slices_by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-    for slice in slices {
+    for &slice in slices {
         let namespace = slice.metadata.namespace.clone().unwrap_or_default();
         if let Some(service) = slice
             .metadata
@@ -51,7 +49,7 @@ pub fn cluster_snapshot(
     ClusterSnapshot {
         namespaces,
         services,
-        pods: pods.iter().filter_map(dns_pod).collect(),
+        pods: pods.iter().copied().filter_map(dns_pod).collect(),
     }
 }
 
@@ -189,7 +187,12 @@ mod tests {
              "spec": {"containers": []}},
         ]))
         .unwrap();
-        let snapshot = cluster_snapshot(vec!["default".into()], &services, &slices, &pods);
+        let snapshot = cluster_snapshot(
+            vec!["default".into()],
+            &services.iter().collect::<Vec<_>>(),
+            &slices.iter().collect::<Vec<_>>(),
+            &pods.iter().collect::<Vec<_>>(),
+        );
         assert_eq!(snapshot.services.len(), 3);
         let web = &snapshot.services[0];
         assert_eq!(

@@ -240,8 +240,8 @@ fn ipv4_addrs<'a>(addrs: impl Iterator<Item = &'a String>) -> Vec<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::json;
+    use vipr_store::slice::EndpointSlice;
 
     fn service(spec: serde_json::Value) -> Service {
         serde_json::from_value(json!({

@@ -17,6 +17,7 @@ mod dns_snapshot;
 mod frontends;
 mod health_check;
 mod lb_ipam;
+mod memory;
 mod node;
 mod pods;
 mod reconciler;
@@ -53,6 +54,7 @@ pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         node::cleanup(&args, &node, &api_socket)?;
         return Ok(ExitCode::SUCCESS);
     }
+    memory::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -155,6 +157,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         sync: Default::default(),
         health_checks,
         slice_index: Default::default(),
+        last_sync: std::time::SystemTime::now(),
     };
     let controller = pods::PodController::new(store.clone(), pod_runtime.clone());
     controller.adopt_existing();

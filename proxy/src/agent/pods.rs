@@ -23,7 +23,7 @@ impl ObjectLookup for StoreLookup {
     fn config_map(&self, namespace: &str, name: &str) -> Option<ConfigMap> {
         let key = ObjectKey::namespaced(Kind::ConfigMap, namespace, name);
         match self.0.get(&key)?.as_ref() {
-            Object::ConfigMap(cm) => Some(cm.clone()),
+            Object::ConfigMap(cm) => Some((**cm).clone()),
             _ => None,
         }
     }
@@ -31,7 +31,7 @@ impl ObjectLookup for StoreLookup {
     fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
         let key = ObjectKey::namespaced(Kind::Secret, namespace, name);
         match self.0.get(&key)?.as_ref() {
-            Object::Secret(secret) => Some(secret.clone()),
+            Object::Secret(secret) => Some((**secret).clone()),
             _ => None,
         }
     }
@@ -60,7 +60,7 @@ pub fn ensure_dns_service(store: &Store, cluster_dns: std::net::Ipv4Addr) -> Res
             ],
         },
     }))?;
-    store.apply(vec![Object::Service(service)])?;
+    store.apply(vec![service.into()])?;
     Ok(())
 }
 

@@ -10,25 +10,24 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::{Arc, Mutex, RwLock},
-    time::Instant,
+    time::{Instant, SystemTime},
 };
 
 use anyhow::Result;
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Service;
 use vipr_dataplane::{BackendAddr, Dataplane, Frontend, Port, Protocol};
 use vipr_dns::DnsHandle;
 use vipr_store::{
     Event, Kind, Object, Store,
     endpoints::{self, EndpointGroup},
+    slice::EndpointSlice,
 };
 
 use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
     frontends::{FrontendSpec, FrontendTable, NodeAddresses, pod_weights, service_frontends},
+    memory,
     slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
 };
@@ -55,6 +54,8 @@ pub struct Reconciler {
     pub health_checks: tokio::sync::watch::Sender<HealthChecks>,
     /// User EndpointSlices by service (rebuilt by each full sync).
     pub slice_index: SliceIndex,
+    /// When the last sync started: changes dated before it are programmed.
+    pub last_sync: SystemTime,
 }
 
 impl Reconciler {
@@ -62,6 +63,7 @@ impl Reconciler {
     /// pinned maps that no service wants any more.
     pub fn full_sync(&mut self) -> Result<()> {
         let started = Instant::now();
+        self.last_sync = SystemTime::now();
         self.slice_index = SliceIndex::from_store(&self.store);
         let services: Vec<ServiceName> = self
             .store
@@ -93,6 +95,7 @@ impl Reconciler {
     /// Applies one batch of store events.
     pub fn apply_events(&mut self, events: &[Event]) -> Result<()> {
         let started = Instant::now();
+        let previous_sync = std::mem::replace(&mut self.last_sync, SystemTime::now());
         self.metrics.change_pending();
         let mut affected = BTreeSet::new();
         for event in events {
@@ -108,8 +111,18 @@ impl Reconciler {
         }
         self.publish_dns();
         let took = started.elapsed().as_secs_f64();
+        if events.len() >= memory::TRIM_AFTER_OBJECTS {
+            memory::release_freed();
+        }
         self.metrics.sync_duration.observe(took);
-        self.metrics.programming_duration.observe(took);
+        if let Some(triggered) = oldest_change_time(events, previous_sync) {
+            // As kube-proxy: from the change itself (not from when the
+            // agent heard of it) to the data plane serving it.
+            let since = SystemTime::now().duration_since(triggered);
+            self.metrics
+                .programming_duration
+                .observe(since.unwrap_or_default().as_secs_f64());
+        }
         self.metrics.synced();
         tracing::debug!(
             events = events.len(),
@@ -287,6 +300,12 @@ impl DnsPublisher {
                     if let Err(error) = dns.update(&snapshot) {
                         tracing::warn!(error = %error, "DNS snapshot rejected");
                     }
+                    let size = snapshot.services.len() + snapshot.pods.len();
+                    drop(snapshot);
+                    // Each rebuild frees the previous index, as large as this one.
+                    if size >= memory::TRIM_AFTER_OBJECTS {
+                        memory::release_freed();
+                    }
                 }
             })?;
         Ok(DnsPublisher { wake })
@@ -298,29 +317,75 @@ impl DnsPublisher {
     }
 }
 
+/// Reads the store's objects in place (copying 10,000 services and their
+/// slices for each rebuild doubled the agent's peak memory); only the
+/// computed slices, a few per selector service, are copied out of their lock.
 fn dns_snapshot_of(store: &Store, computed: &ComputedSlices) -> vipr_dns::ClusterSnapshot {
     let namespaces = store
         .list(Kind::Namespace, None)
         .iter()
         .map(|o| o.key().name().to_owned())
         .collect();
-    let services: Vec<Service> = store
-        .list(Kind::Service, None)
-        .iter()
-        .filter_map(|o| o.as_service().cloned())
+    let services = store.list(Kind::Service, None);
+    let user_slices = store.list(Kind::EndpointSlice, None);
+    let computed: Vec<EndpointSlice> = computed
+        .read()
+        .unwrap()
+        .values()
+        .flatten()
+        .cloned()
         .collect();
-    let mut slices: Vec<EndpointSlice> = store
-        .list(Kind::EndpointSlice, None)
+    let pods = store.list(Kind::Pod, None);
+    let slices: Vec<&EndpointSlice> = user_slices
         .iter()
-        .filter_map(|o| o.as_endpoint_slice().cloned())
+        .filter_map(|o| o.as_endpoint_slice())
+        .chain(&computed)
         .collect();
-    slices.extend(computed.read().unwrap().values().flatten().cloned());
-    let pods: Vec<Pod> = store
-        .list(Kind::Pod, None)
+    cluster_snapshot(
+        namespaces,
+        &services
+            .iter()
+            .filter_map(|o| o.as_service())
+            .collect::<Vec<_>>(),
+        &slices,
+        &pods.iter().filter_map(|o| o.as_pod()).collect::<Vec<_>>(),
+    )
+}
+
+/// The annotation the EndpointSlice controller dates a slice's change with.
+const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// When the oldest datable change among `events` since `last_sync` happened:
+/// a pod's Ready condition turning (what readiness programming is measured
+/// from), or an EndpointSlice's last-change-trigger-time. Other changes
+/// carry no time, and older times were programmed by an earlier sync (a pod
+/// ready for an hour whose restart count changes is no new readiness).
+fn oldest_change_time(events: &[Event], last_sync: SystemTime) -> Option<SystemTime> {
+    events
         .iter()
-        .filter_map(|o| o.as_pod().cloned())
-        .collect();
-    cluster_snapshot(namespaces, &services, &slices, &pods)
+        .filter_map(|event| match event.object.as_ref() {
+            Object::Pod(pod) => pod
+                .status
+                .as_ref()?
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Ready")?
+                .last_transition_time
+                .as_ref()
+                .map(|t| t.0),
+            Object::EndpointSlice(slice) => slice
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(LAST_CHANGE_TRIGGER_TIME)?
+                .parse()
+                .ok(),
+            _ => None,
+        })
+        .map(SystemTime::from)
+        .filter(|t| *t >= last_sync)
+        .min()
 }
 
 /// Forgets `name`'s health check port; returns whether it had one.
@@ -335,4 +400,58 @@ pub fn service_name(service: &Service) -> ServiceName {
         service.metadata.namespace.clone().unwrap_or_default(),
         service.metadata.name.clone().unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vipr_store::EventType;
+
+    fn event(object: serde_json::Value) -> Event {
+        let objects = vipr_store::parse_manifests(&object.to_string()).unwrap();
+        Event {
+            event_type: EventType::Modified,
+            object: Arc::new(objects.into_iter().next().unwrap()),
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn programming_is_dated_from_readiness_or_the_slice_trigger_time() {
+        let pod = event(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "image": "host"}]},
+            "status": {"conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05.250Z"},
+            ]},
+        }));
+        let slice = event(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "s", "annotations": {LAST_CHANGE_TRIGGER_TIME: "2026-01-01T00:00:03Z"}},
+            "addressType": "IPv4",
+        }));
+        let service = event(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+            "spec": {"ports": [{"port": 80}]},
+        }));
+        let at = |t: &str| {
+            Some(SystemTime::from(
+                t.parse::<k8s_openapi::jiff::Timestamp>().unwrap(),
+            ))
+        };
+        let synced = at("2026-01-01T00:00:01Z").unwrap();
+        assert_eq!(
+            oldest_change_time(std::slice::from_ref(&pod), synced),
+            at("2026-01-01T00:00:05.250Z")
+        );
+        assert_eq!(
+            oldest_change_time(&[pod.clone(), slice], synced),
+            at("2026-01-01T00:00:03Z")
+        );
+        assert_eq!(oldest_change_time(&[service], synced), None);
+        // Ready since before the last sync: already programmed.
+        let later = at("2026-01-01T00:00:06Z").unwrap();
+        assert_eq!(oldest_change_time(&[pod], later), None);
+    }
 }

@@ -5,15 +5,20 @@ use std::collections::{BTreeMap, HashMap};
 
 use vipr_dataplane::{Dataplane, DataplaneError, Frontend};
 
-use super::frontends::FrontendTable;
+use super::frontends::{FrontendSpec, FrontendTable};
 
 /// A service by namespace and name.
 pub type ServiceName = (String, String);
 
+/// One service's programmed frontends, sorted by frontend. Kept for every
+/// service, so as tight as it gets: a `FrontendTable` (a B-tree) allocates
+/// room for eleven entries where a service usually has one or two.
+type Programmed = Box<[(Frontend, FrontendSpec)]>;
+
 /// What has been programmed, per service, so a change is applied as a diff.
 #[derive(Default)]
 pub struct DataplaneSync {
-    programmed: HashMap<ServiceName, FrontendTable>,
+    programmed: HashMap<ServiceName, Programmed>,
     /// Which service owns each frontend, so two services cannot fight over one.
     owners: BTreeMap<Frontend, ServiceName>,
 }
@@ -37,7 +42,17 @@ impl DataplaneSync {
     ) -> Result<SyncStats, DataplaneError> {
         let mut stats = SyncStats::default();
         let previous = self.programmed.remove(service).unwrap_or_default();
-        for frontend in previous.keys().filter(|f| !desired.contains_key(f)) {
+        let previous_spec = |frontend: &Frontend| {
+            previous
+                .binary_search_by_key(frontend, |(f, _)| *f)
+                .ok()
+                .map(|i| &previous[i].1)
+        };
+        for frontend in previous
+            .iter()
+            .map(|(f, _)| f)
+            .filter(|f| !desired.contains_key(f))
+        {
             if self.owners.get(frontend) == Some(service) {
                 dataplane.remove_service(frontend)?;
                 self.owners.remove(frontend);
@@ -57,7 +72,7 @@ impl DataplaneSync {
                 }
                 _ => {}
             }
-            if previous.get(frontend) == Some(spec) {
+            if previous_spec(frontend) == Some(spec) {
                 stats.unchanged += 1;
                 continue;
             }
@@ -66,7 +81,14 @@ impl DataplaneSync {
             stats.programmed += 1;
         }
         if !desired.is_empty() {
-            self.programmed.insert(service.clone(), desired);
+            let programmed = desired
+                .into_iter()
+                .map(|(frontend, mut spec)| {
+                    spec.backends.shrink_to_fit();
+                    (frontend, spec)
+                })
+                .collect();
+            self.programmed.insert(service.clone(), programmed);
         }
         Ok(stats)
     }

@@ -50,7 +50,10 @@ async fn answer<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Result<()> {
             message: format!("request larger than {} MiB", MAX_REQUEST_BYTES >> 20),
         }
     } else {
-        match serde_json::from_str::<Request>(&line) {
+        let request = serde_json::from_str::<Request>(&line);
+        // A big apply's text is in the request now: one copy is enough.
+        drop(line);
+        match request {
             Ok(request) => handler.handle(request).await,
             Err(error) => Response::Error {
                 message: format!("malformed API request: {error}"),

@@ -17,11 +17,12 @@ use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
-};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::slice::{
+    Endpoint as SliceEndpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
+};
 
 /// The label tying an EndpointSlice to its service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -355,12 +356,14 @@ fn to_slice_endpoint(e: &Endpoint) -> SliceEndpoint {
         }),
         hostname: e.hostname.clone(),
         node_name: e.node_name.clone(),
-        target_ref: e.target.as_ref().map(|t| ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: Some(t.namespace.clone()),
-            name: Some(t.name.clone()),
-            uid: t.uid.clone(),
-            ..Default::default()
+        target_ref: e.target.as_ref().map(|t| {
+            Box::new(ObjectReference {
+                kind: Some("Pod".into()),
+                namespace: Some(t.namespace.clone()),
+                name: Some(t.name.clone()),
+                uid: t.uid.clone(),
+                ..Default::default()
+            })
         }),
         ..Default::default()
     }
@@ -505,7 +508,7 @@ mod tests {
         let Object::Service(s) = parse(&yaml).unwrap().remove(0) else {
             panic!()
         };
-        s
+        *s
     }
 
     /// A pod with `ip`, Ready as given, whose `http` port is `http_port`.
@@ -517,7 +520,7 @@ mod tests {
         let Object::Pod(p) = parse(&yaml).unwrap().remove(0) else {
             panic!()
         };
-        p
+        *p
     }
 
     fn terminating(mut p: Pod) -> Pod {
@@ -723,7 +726,7 @@ mod tests {
         assert_eq!(back, groups[0].endpoints);
         // And the slices pass the store's own validation.
         for s in slices {
-            let mut o = Object::EndpointSlice(s);
+            let mut o = Object::from(s);
             crate::validation::default_and_validate(&mut o).unwrap();
         }
     }

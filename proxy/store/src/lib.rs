@@ -8,6 +8,7 @@
 //!   nothing batches, persisted crash-safely by [`persist`] (redb).
 //! - [`feed`]: the change feed ([`Watcher`]) for the reconciler's list-then-watch.
 //! - [`endpoints`]: pure EndpointSlice-controller logic and the data-plane backend rule.
+//! - [`slice`]: the EndpointSlice as stored (compact endpoints, Kubernetes JSON).
 //! - [`names`]: DNS-1123 / DNS-1035 / label / IANA port name rules.
 
 pub mod alloc;
@@ -18,6 +19,7 @@ pub mod manifest;
 pub mod names;
 pub mod object;
 mod persist;
+pub mod slice;
 pub mod store;
 pub mod validation;
 

@@ -14,8 +14,9 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus, ReplicaSet, Repli
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, NamespaceStatus, Pod, PodStatus, Secret, Service, ServiceStatus,
 };
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::slice::EndpointSlice;
 
 /// Declares the supported kinds once; every per-kind `match` below is generated from it
 /// so adding a kind cannot forget one of them.
@@ -74,9 +75,12 @@ macro_rules! kinds {
             }
         }
 
-        /// One object of a supported kind, as k8s-openapi types it.
+        /// One object of a supported kind, as k8s-openapi types it. Boxed: the
+        /// types differ tenfold in size (a Pod's spec and status are kilobytes
+        /// inline, an EndpointSlice's a few hundred bytes), and an unboxed enum
+        /// would give every stored object the largest one's size.
         #[derive(Debug, Clone, PartialEq)]
-        pub enum Object { $($variant($ty)),* }
+        pub enum Object { $($variant(Box<$ty>)),* }
 
         impl Object {
             /// The object's kind.
@@ -104,19 +108,19 @@ macro_rules! kinds {
             }
             /// Decodes JSON bytes of a known kind (the persisted form).
             pub fn from_json_bytes(kind: Kind, bytes: &[u8]) -> Result<Object, serde_json::Error> {
-                Ok(match kind { $(Kind::$variant => Object::$variant(serde_json::from_slice(bytes)?)),* })
+                Ok(match kind { $(Kind::$variant => Object::$variant(Box::new(serde_json::from_slice(bytes)?))),* })
             }
             /// Whether the desired state (everything but metadata and status) equals
             /// `other`'s; a difference bumps `metadata.generation`.
             pub fn spec_eq(&self, other: &Object) -> bool {
                 match (self, other) {
-                    $((Object::$variant(a), Object::$variant(b)) => HasSpec::spec_eq(a, b),)*
+                    $((Object::$variant(a), Object::$variant(b)) => HasSpec::spec_eq(&**a, &**b),)*
                     _ => false,
                 }
             }
             /// Removes and returns the status (the store keeps status apart from spec).
             pub fn take_status(&mut self) -> Option<Status> {
-                match self { $(Object::$variant(o) => HasSpec::take_status(o)),* }
+                match self { $(Object::$variant(o) => HasSpec::take_status(&mut **o)),* }
             }
         }
 
@@ -129,7 +133,7 @@ macro_rules! kinds {
         }
 
         $(impl From<$ty> for Object {
-            fn from(o: $ty) -> Object { Object::$variant(o) }
+            fn from(o: $ty) -> Object { Object::$variant(Box::new(o)) }
         })*
     };
 }

@@ -21,8 +21,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 
 pub(crate) const FILE_NAME: &str = "store.redb";
-/// redb's page cache: enough for the tree's inner pages during a commit.
-const PAGE_CACHE_BYTES: usize = 16 << 20;
+/// redb's page cache: enough for the tree's inner pages during a commit
+/// (which stay resident, up to this size, after a big apply).
+const PAGE_CACHE_BYTES: usize = 4 << 20;
 
 /// One staged write of a batch.
 pub(crate) enum Write<'a> {

@@ -134,7 +134,7 @@ impl Store {
             .iter()
             .filter(|ns| self.get(&ObjectKey::namespace_object(**ns)).is_none())
             .map(|ns| {
-                Object::Namespace(Namespace {
+                Object::from(Namespace {
                     metadata: ObjectMeta {
                         name: Some((*ns).into()),
                         ..Default::default()
