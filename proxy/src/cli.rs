@@ -267,6 +267,12 @@ pub struct AgentArgs {
     /// Backend slots over all frontends.
     #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub max_backends: u32,
+    /// The XDP forwarding fast path: translated packets are routed (the
+    /// kernel's FIB and neighbours) and sent on from XDP, never through the
+    /// kernel's IP forwarding; packets it cannot route still go that way.
+    /// `--xdp-redirect=false` passes every packet to the kernel.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub xdp_redirect: bool,
     /// Remove everything the agent made (programs, maps, links, pods) and exit.
     #[arg(long)]
     pub cleanup: bool,

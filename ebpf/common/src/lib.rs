@@ -18,6 +18,9 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    /// Interfaces the forwarding fast path may redirect translated packets
+    /// to (a device hash map: ifindex -> ifindex).
+    pub const REDIRECT_TARGETS: &str = "REDIRECT_TARGETS";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
@@ -274,7 +277,20 @@ pub struct DataplaneConfig {
     pub snat_port_min: u16,
     /// Number of ports in the SNAT range; zero disables SNAT.
     pub snat_port_count: u16,
+    /// [`config_flags`] bits.
+    pub flags: u32,
 }
+
+/// Bits of [`DataplaneConfig::flags`].
+pub mod config_flags {
+    /// The forwarding fast path: a translated packet whose route the FIB
+    /// resolves to a neighbour on a `REDIRECT_TARGETS` interface leaves
+    /// from XDP (XDP_REDIRECT) instead of through the kernel's forwarding.
+    pub const XDP_REDIRECT: u32 = 1 << 0;
+}
+
+/// Default capacity of `REDIRECT_TARGETS` (the uplink and every pod veth).
+pub const DEFAULT_MAX_REDIRECT_TARGETS: u32 = 4_096;
 
 /// Why a packet got the verdict it got. Indexes the per-CPU `STATS` array.
 /// New counters are appended, so indexes stay stable across versions.
@@ -331,11 +347,15 @@ pub enum Counter {
     /// its conntrack entry is gone (expired while idle, removed with a
     /// vanished backend, or the map was recreated).
     FlowOpenedMidStream = 20,
+    /// A translated packet forwarded from XDP by the fast path (counted
+    /// besides `NewFlow` / `FlowHit` / `ReplyTranslated`): routed with the
+    /// kernel's FIB, TTL decremented, redirected to its egress interface.
+    Redirected = 21,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -360,6 +380,7 @@ impl Counter {
         Counter::SockReverseTranslated,
         Counter::SockRejected,
         Counter::FlowOpenedMidStream,
+        Counter::Redirected,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -386,6 +407,7 @@ impl Counter {
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::SockRejected => "sock_rejected",
             Counter::FlowOpenedMidStream => "flow_opened_mid_stream",
+            Counter::Redirected => "redirected",
         }
     }
 
@@ -446,7 +468,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
-        assert_eq!(size_of::<DataplaneConfig>(), 20);
+        assert_eq!(size_of::<DataplaneConfig>(), 24);
         assert_eq!(size_of::<CounterValue>(), 16);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 8);

@@ -18,13 +18,15 @@
 //!
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
 //! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
-//! replies), `icmp` (errors about translated flows), `sock` (socket-level
-//! translation for node-local clients).
+//! replies), `icmp` (errors about translated flows), `forward` (the fast
+//! path: translated packets routed and redirected from XDP), `sock`
+//! (socket-level translation for node-local clients).
 #![no_std]
 #![no_main]
 
 mod checksum;
 mod conntrack;
+mod forward;
 mod headers;
 mod icmp;
 mod reject;
@@ -33,13 +35,14 @@ mod sock;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{cgroup_sock_addr, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, XdpContext},
 };
 use vipr_common::{
     Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
-    FlowKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    DEFAULT_MAX_REDIRECT_TARGETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
+    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, FlowKey, NatEntry, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -82,12 +85,17 @@ static STATS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter:
 static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
 
+/// Interfaces the forwarding fast path may redirect to (ifindex ->
+/// ifindex): those userspace knows take XDP frames. See `forward`.
+#[map(name = "REDIRECT_TARGETS")]
+static REDIRECT_TARGETS: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_REDIRECT_TARGETS, 0);
+
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
     let (counter, action) = translate(&ctx);
     count(counter, bytes);
-    action
+    forward::fast_path(&ctx, counter, action)
 }
 
 /// Passes every packet. The benchmark floor, and what a veth peer runs so

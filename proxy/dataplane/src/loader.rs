@@ -17,7 +17,7 @@ use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
     Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
+    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, config_flags, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -77,6 +77,11 @@ pub struct DataplaneOptions {
     /// pinned attachment over. Needs `pin_dir`; [`Dataplane::detach`]
     /// removes a pinned attachment for good.
     pub pin_links: bool,
+    /// The forwarding fast path: translated packets whose route the FIB
+    /// resolves to an interface given to [`Dataplane::allow_redirect`] leave
+    /// from XDP (routed, TTL decremented, XDP_REDIRECT) instead of through
+    /// the kernel's IP forwarding. Off: every translated packet is passed.
+    pub xdp_redirect: bool,
     /// Most verbose eBPF log level that is emitted at all; anything above it
     /// costs one comparison in the kernel.
     pub ebpf_log_level: log::LevelFilter,
@@ -95,6 +100,7 @@ impl Default for DataplaneOptions {
             hairpin_addr: None,
             snat_ports: DEFAULT_SNAT_PORTS,
             pin_links: false,
+            xdp_redirect: true,
             ebpf_log_level: log::max_level(),
         }
     }
@@ -117,6 +123,7 @@ pub struct Dataplane {
     pub(crate) services: ServiceTable,
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
+    xdp_redirect: bool,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -192,6 +199,7 @@ impl Dataplane {
             services,
             max_services: options.max_services,
             max_backends: options.max_backends,
+            xdp_redirect: options.xdp_redirect,
             logger,
         })
     }
@@ -275,6 +283,11 @@ impl Dataplane {
             attachment,
             interface,
         )
+    }
+
+    /// Whether the forwarding fast path is on ([`DataplaneOptions::xdp_redirect`]).
+    pub fn xdp_redirect(&self) -> bool {
+        self.xdp_redirect
     }
 
     /// Interfaces the program is attached to, sorted.
@@ -417,6 +430,11 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
         hairpin_addr: be(options.hairpin_addr),
         snat_port_min: port_min,
         snat_port_count: if ports.is_empty() { 0 } else { port_count },
+        flags: if options.xdp_redirect {
+            config_flags::XDP_REDIRECT
+        } else {
+            0
+        },
     }
 }
 
