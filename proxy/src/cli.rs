@@ -188,6 +188,10 @@ pub struct BenchArgs {
     /// New connections timed per mode and round.
     #[arg(long)]
     pub connections: Option<usize>,
+    /// The agent's XDP forwarding fast path (`vipr agent --xdp-redirect`);
+    /// `--xdp-redirect=false` measures vipr with the kernel forwarding.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub xdp_redirect: bool,
     /// Modes to leave out, e.g. --skip iptables-nft.
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,

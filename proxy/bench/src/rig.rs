@@ -31,9 +31,15 @@ pub struct Rig {
 }
 
 impl Rig {
-    pub fn build(pods: usize) -> Result<Rig> {
+    /// `xdp_redirect`: the agent's forwarding fast path (`--xdp-redirect`).
+    pub fn build(pods: usize, xdp_redirect: bool) -> Result<Rig> {
+        let flags: &[&str] = if xdp_redirect {
+            &[]
+        } else {
+            &["--xdp-redirect=false"]
+        };
         // At `info`, as on a production node: no per-flow debug log is measured.
-        let node = AgentNode::start_logging("bench", &[], "info")
+        let node = AgentNode::start_logging("bench", flags, "info")
             .context("starting the node and its agent")?;
         let manifest: String = (0..pods).map(pod_manifest).collect();
         node.apply(&manifest)?;
