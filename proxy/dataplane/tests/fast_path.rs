@@ -7,10 +7,12 @@
 //! unshares a fresh namespace and builds the routes and neighbours there;
 //! the namespace vanishes with the thread, also when the test fails.
 
+mod netns;
 mod packet;
 
-use std::{net::Ipv4Addr, process::Command};
+use std::net::Ipv4Addr;
 
+use netns::{enable_forwarding, in_fresh_netns, ip, mac, routed_host, veth};
 use packet::{Ipv4Packet, verify_checksums};
 use vipr_dataplane::{BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend, Port, Protocol};
 
@@ -40,57 +42,18 @@ fn port(p: u16) -> Port {
     Port::new(p).unwrap()
 }
 
-/// Runs `test` on a thread of its own in a fresh network namespace.
-fn in_fresh_netns(test: impl FnOnce() + Send) {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: unshare of the calling thread's network namespace only.
-                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
-                test();
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-    });
-}
-
-/// Runs `ip` in the calling thread's namespace (a child forked from this
-/// thread shares it).
-fn ip(args: &str) {
-    let out = Command::new("ip")
-        .args(args.split_whitespace())
-        .output()
-        .expect("running ip");
-    assert!(
-        out.status.success(),
-        "ip {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn mac(bytes: [u8; 6]) -> String {
-    bytes.map(|b| format!("{b:02x}")).join(":")
-}
-
 /// A node: a routed pod veth (`pods`), an uplink (`uplink`), an interface not
 /// listed for redirects (`other`), one with a small MTU (`small`): veths
 /// whose peers stay in the namespace (test runs transmit nothing).
 fn build_node() {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
-    ip("link set lo up");
-    for (name, addr) in [
+    enable_forwarding();
+    for (name, address) in [
         ("uplink", UPLINK_MAC),
         ("pods", POD_VETH_MAC),
         ("other", [2, 0, 0, 0, 0x0a, 0x09]),
         ("small", [2, 0, 0, 0, 0x0a, 0x0b]),
     ] {
-        ip(&format!(
-            "link add {name} address {} type veth peer name {name}-peer",
-            mac(addr)
-        ));
-        ip(&format!("link set {name}-peer up"));
-        ip(&format!("link set {name} up"));
+        veth(name, address);
     }
     ip("link set small mtu 576");
     ip("addr add 192.0.2.2/24 dev uplink");
@@ -99,21 +62,10 @@ fn build_node() {
         mac(OUTSIDE_MAC)
     ));
     ip(&format!("addr add {NODE_LOCAL}/32 dev pods"));
-    for pod in [POD, POD_UNRESOLVED] {
-        ip(&format!("route add {pod}/32 dev pods"));
-    }
-    ip(&format!(
-        "neigh add {POD} lladdr {} dev pods nud permanent",
-        mac(POD_MAC)
-    ));
-    ip(&format!("route add {POD_UNLISTED}/32 dev other"));
-    ip(&format!(
-        "neigh add {POD_UNLISTED} lladdr 02:00:00:00:0c:09 dev other nud permanent"
-    ));
-    ip(&format!("route add {POD_SMALL_MTU}/32 dev small"));
-    ip(&format!(
-        "neigh add {POD_SMALL_MTU} lladdr 02:00:00:00:0c:0b dev small nud permanent"
-    ));
+    routed_host(POD, "pods", Some(POD_MAC));
+    routed_host(POD_UNRESOLVED, "pods", None);
+    routed_host(POD_UNLISTED, "other", Some([2, 0, 0, 0, 0x0c, 0x09]));
+    routed_host(POD_SMALL_MTU, "small", Some([2, 0, 0, 0, 0x0c, 0x0b]));
 }
 
 /// Services VIP:<port>/TCP -> <backend>:8080, one per backend, the uplink
