@@ -209,8 +209,10 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
 
     let before = rig.delivered_to_pods()?;
     let target = mode.udp_target(rig);
+    let link = rig.flood_link()?;
     rig.node.outside.enter(|| {
         client::udp_flood(
+            &link,
             vipr_e2e::agent::OUTSIDE_IP,
             target,
             options.udp_flows,
