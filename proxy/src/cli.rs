@@ -188,6 +188,10 @@ pub struct BenchArgs {
     /// New connections timed per mode and round.
     #[arg(long)]
     pub connections: Option<usize>,
+    /// The agent's XDP forwarding fast path (`vipr agent --xdp-redirect`);
+    /// `--xdp-redirect=false` measures vipr with the kernel forwarding.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub xdp_redirect: bool,
     /// Modes to leave out, e.g. --skip iptables-nft.
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
@@ -275,6 +279,12 @@ pub struct AgentArgs {
     /// Backend slots over all frontends.
     #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub max_backends: u32,
+    /// The XDP forwarding fast path: translated packets are routed (the
+    /// kernel's FIB and neighbours) and sent on from XDP, never through the
+    /// kernel's IP forwarding; packets it cannot route still go that way.
+    /// `--xdp-redirect=false` passes every packet to the kernel.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub xdp_redirect: bool,
     /// Remove everything the agent made (programs, maps, links, pods) and exit.
     #[arg(long)]
     pub cleanup: bool,

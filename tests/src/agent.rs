@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
 
 use crate::{Netns, VethEnd, unique_prefix, veth_pair};
 
@@ -56,6 +57,12 @@ pub struct AgentNode {
     pub socket: PathBuf,
     pub cgroup_root: PathBuf,
     pub uplink: String,
+    /// `vipr_pass` on the outside end of the uplink: like a NIC that
+    /// transmits XDP frames, the uplink veth then takes the frames the
+    /// agent's XDP sends out of it (replies redirected by the fast path,
+    /// refusals sent with XDP_TX); and like a client on a wire, the outside
+    /// sends complete checksums. Dropped (detached) before the namespaces.
+    _outside_xdp: Dataplane,
     pub outside: Netns,
     pub node: Netns,
 }
@@ -94,6 +101,7 @@ impl AgentNode {
                 prefix_len: 24,
             },
         )?;
+        let outside_xdp = outside_pass(&outside, &format!("{prefix}o"))?;
         let state_dir = std::env::temp_dir().join(format!("vipr-e2e-{prefix}"));
         std::fs::create_dir_all(&state_dir)?;
         let mut node = AgentNode {
@@ -105,6 +113,7 @@ impl AgentNode {
             state_dir,
             uplink,
             prefix,
+            _outside_xdp: outside_xdp,
             outside,
             node,
         };
@@ -350,6 +359,27 @@ pub fn is_ready(pod: &Value) -> bool {
         cs.iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
     })
+}
+
+/// A data plane with `vipr_pass` attached to `interface` in `ns` (transmit
+/// checksum offload off there); its maps sized to nothing, since only the
+/// pass program runs.
+fn outside_pass(ns: &Netns, interface: &str) -> Result<Dataplane> {
+    let mut dataplane = Dataplane::load(&DataplaneOptions {
+        max_services: 1,
+        max_backends: 1,
+        max_flows: 1,
+        max_source_ranges: 1,
+        ..DataplaneOptions::default()
+    })
+    .context("loading the pass program for the outside end")?;
+    ns.enter(|| dataplane.attach_pass(interface, XdpMode::Default))?
+        .with_context(|| format!("attaching vipr_pass to {interface}"))?;
+    // A client on a wire sends complete checksums; a local stack on a veth
+    // leaves them to offload, which frames redirected by the node's fast
+    // path cannot carry.
+    ns.enter(|| vipr_dataplane::disable_tx_checksum_offload(interface))??;
+    Ok(dataplane)
 }
 
 impl Drop for AgentNode {

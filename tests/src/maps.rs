@@ -1,6 +1,6 @@
 //! Reads a node's pinned maps: what the kernel holds, so a test or
 //! benchmark can tell when a change is programmed (not just stored), and
-//! what the data plane counted.
+//! what the data plane counted (STATS, without waiting for a metrics export).
 
 use std::{net::Ipv4Addr, path::Path};
 

@@ -18,9 +18,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
+use vipr_common::Counter;
 use vipr_e2e::{
     agent::{AgentNode, NODE_IP, OUTSIDE_IP},
+    maps::pinned_counter,
     require_root,
 };
 
@@ -226,12 +227,8 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
 
     // No endpoint: refused at once (a RST), not a timeout. The RST leaves
     // the uplink with XDP_TX; a veth drops such frames unless its peer runs
-    // an XDP program (a physical uplink needs none), so the outside end gets
-    // the pass program for this part.
-    let mut peer = Dataplane::load(&DataplaneOptions::default())?;
-    let outside_end = format!("{}o", node.prefix);
-    node.outside
-        .enter(|| peer.attach_pass(&outside_end, XdpMode::Default))??;
+    // an XDP program (a physical uplink needs none): the harness gives the
+    // outside end the pass program.
     let started = Instant::now();
     let out = node
         .outside
@@ -513,5 +510,67 @@ fn a_full_conntrack_refuses_new_flows_and_says_so() -> Result<()> {
         }
     };
     assert_eq!(next.ask("hostname")?, "web-1");
+    Ok(())
+}
+
+/// Datagrams the node's kernel forwarded (`ForwDatagrams` of /proc/net/snmp).
+fn kernel_forwarded(node: &AgentNode) -> Result<u64> {
+    let out = node.node.command("cat").arg("/proc/net/snmp").output()?;
+    let snmp = String::from_utf8_lossy(&out.stdout);
+    let mut ip_lines = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip_lines.next(), ip_lines.next());
+    let (Some(names), Some(values)) = (names, values) else {
+        bail!("no Ip: lines in /proc/net/snmp");
+    };
+    let column = names
+        .split_whitespace()
+        .position(|n| n == "ForwDatagrams")
+        .context("no ForwDatagrams column")?;
+    Ok(values
+        .split_whitespace()
+        .nth(column)
+        .context("short Ip: line")?
+        .parse()?)
+}
+
+#[test]
+fn nodeport_flows_are_forwarded_from_xdp_unless_switched_off() -> Result<()> {
+    require_root();
+    const ROUND_TRIPS: u64 = 200;
+    for (tag, flags, fast_path) in [
+        ("afp", &[][..], true),
+        ("afo", &["--xdp-redirect=false"][..], false),
+    ] {
+        let node = node_with_flags(tag, &["web-1"], flags)?;
+        let mut flow = LineFlow::open(&node, SocketAddr::from((NODE_IP, LINES_NODEPORT)))?;
+        // The first packets teach the node its neighbours (the kernel's
+        // forwarding resolves them; the fast path only uses them).
+        assert_eq!(flow.ask("hostname")?, "web-1");
+        let forwarded_before = kernel_forwarded(&node)?;
+        let redirected_before = pinned_counter(&node.pin_dir(), Counter::Redirected)?;
+        for _ in 0..ROUND_TRIPS {
+            assert_eq!(flow.ask("hostname")?, "web-1");
+        }
+        let forwarded = kernel_forwarded(&node)? - forwarded_before;
+        let redirected = pinned_counter(&node.pin_dir(), Counter::Redirected)? - redirected_before;
+        if fast_path {
+            // Each round trip is a request in and an answer out, both ways
+            // redirected (to the pod's veth and out of the uplink).
+            assert!(
+                redirected >= 2 * ROUND_TRIPS,
+                "{redirected} redirects for {ROUND_TRIPS} round trips"
+            );
+            assert!(
+                forwarded < ROUND_TRIPS / 10,
+                "the kernel still forwarded {forwarded} packets"
+            );
+        } else {
+            assert_eq!(redirected, 0, "redirects with --xdp-redirect=false");
+            assert!(
+                forwarded >= 2 * ROUND_TRIPS,
+                "the kernel forwarded only {forwarded} packets"
+            );
+        }
+    }
     Ok(())
 }

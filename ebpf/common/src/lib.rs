@@ -42,6 +42,9 @@ pub mod map_names {
     /// cookie (u64) -> [`Endpoint`], removed (and uncounted) when the
     /// socket is released.
     pub const SOCK_CONNECTIONS: &str = "SOCK_CONNECTIONS";
+    /// Interfaces the forwarding fast path may redirect translated packets
+    /// to (a device hash map: ifindex -> ifindex).
+    pub const REDIRECT_TARGETS: &str = "REDIRECT_TARGETS";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
@@ -444,7 +447,20 @@ pub struct DataplaneConfig {
     pub snat_port_min: u16,
     /// Number of ports in the SNAT range; zero disables SNAT.
     pub snat_port_count: u16,
+    /// [`config_flags`] bits.
+    pub flags: u32,
 }
+
+/// Bits of [`DataplaneConfig::flags`].
+pub mod config_flags {
+    /// The forwarding fast path: a translated packet whose route the FIB
+    /// resolves to a neighbour on a `REDIRECT_TARGETS` interface leaves
+    /// from XDP (XDP_REDIRECT) instead of through the kernel's forwarding.
+    pub const XDP_REDIRECT: u32 = 1 << 0;
+}
+
+/// Default capacity of `REDIRECT_TARGETS` (the uplink and every pod veth).
+pub const DEFAULT_MAX_REDIRECT_TARGETS: u32 = 4_096;
 
 /// Why a packet got the verdict it got. Indexes the per-CPU `STATS` array.
 /// New counters are appended, so indexes stay stable across versions.
@@ -504,11 +520,15 @@ pub enum Counter {
     /// A new flow went to the backend its client's session affinity
     /// (ClientIP) remembered (counted besides `NewFlow` / `Sock*`).
     AffinityHit = 21,
+    /// A translated packet forwarded from XDP by the fast path (counted
+    /// besides `NewFlow` / `FlowHit` / `ReplyTranslated`): routed with the
+    /// kernel's FIB, TTL decremented, redirected to its egress interface.
+    Redirected = 22,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -534,6 +554,7 @@ impl Counter {
         Counter::SockRejected,
         Counter::FlowOpenedMidStream,
         Counter::AffinityHit,
+        Counter::Redirected,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -561,6 +582,7 @@ impl Counter {
             Counter::SockRejected => "sock_rejected",
             Counter::FlowOpenedMidStream => "flow_opened_mid_stream",
             Counter::AffinityHit => "affinity_hit",
+            Counter::Redirected => "redirected",
         }
     }
 
@@ -631,7 +653,7 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
-        assert_eq!(size_of::<DataplaneConfig>(), 20);
+        assert_eq!(size_of::<DataplaneConfig>(), 24);
         assert_eq!(size_of::<CounterValue>(), 16);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 8);

@@ -19,8 +19,9 @@
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
 //! `conntrack` (flow lookup, opening and closing), `balance` (the backend
 //! of a new flow: per-service algorithm, session affinity), `reject` (RST / ICMP
-//! replies), `icmp` (errors about translated flows), `sock` (socket-level
-//! translation for node-local clients).
+//! replies), `icmp` (errors about translated flows), `forward` (the fast
+//! path: translated packets routed and redirected from XDP), `sock`
+//! (socket-level translation for node-local clients).
 #![no_std]
 #![no_main]
 // Atomic adds on map values (`balance`): the BPF target has no AtomicU32.
@@ -30,6 +31,7 @@
 mod balance;
 mod checksum;
 mod conntrack;
+mod forward;
 mod headers;
 mod icmp;
 mod reject;
@@ -38,15 +40,15 @@ mod sock;
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{cgroup_sock, cgroup_sock_addr, map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_AFFINITY,
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, FlowKey,
-    MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
-    SourceRangeKey,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES,
+    DEFAULT_MAX_REDIRECT_TARGETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
+    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, FlowKey, MaglevKey, MemberKey, NatEntry,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -118,12 +120,17 @@ static SOCK_CONNECTIONS: HashMap<u64, Endpoint> =
 #[map(name = "BALANCE_TURNS")]
 static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
+/// Interfaces the forwarding fast path may redirect to (ifindex ->
+/// ifindex): those userspace knows take XDP frames. See `forward`.
+#[map(name = "REDIRECT_TARGETS")]
+static REDIRECT_TARGETS: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_REDIRECT_TARGETS, 0);
+
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
     let (counter, action) = translate(&ctx);
     count(counter, bytes);
-    action
+    forward::fast_path(&ctx, counter, action)
 }
 
 /// Passes every packet. The benchmark floor, and what a veth peer runs so

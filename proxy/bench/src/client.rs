@@ -88,32 +88,66 @@ fn reset_on_close(stream: &TcpStream) {
     }
 }
 
+/// Where a flood leaves: the client's end of the node's uplink, and the
+/// Ethernet addresses its frames carry (the client's, the node's uplink's).
+pub struct FloodLink {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
 /// Sends small UDP datagrams to `target` for `duration` from `flows`
 /// distinct source ports (each its own flow, cycled through in turn) of
-/// `source`, through a raw socket: one socket, and no local port binding
-/// limits how many flows there are. Returns how many were sent.
+/// `source`. Frames go straight to the device (a packet socket, qdisc
+/// bypassed), so the client's own IP stack (routing, neighbour lookup per
+/// datagram) never limits the rate the node is offered; one socket, and no
+/// local port binding limits how many flows there are. Returns how many
+/// were sent.
 pub fn udp_flood(
+    link: &FloodLink,
     source: Ipv4Addr,
     target: (Ipv4Addr, u16),
     flows: u16,
     duration: Duration,
 ) -> Result<u64> {
-    // SAFETY: plain socket creation; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
+    // SAFETY: plain socket creation; the fd is owned below. Protocol 0:
+    // the socket sends only, it receives nothing.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        bail!("raw socket: {}", std::io::Error::last_os_error());
+        bail!("packet socket: {}", std::io::Error::last_os_error());
     }
     // SAFETY: a fresh fd nothing else owns.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let destination = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(target.0).to_be(),
-        },
-        sin_zero: [0; 8],
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let bypass: libc::c_int = 1;
+    // SAFETY: valid fd and option value for the call's duration.
+    let rc = unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&raw const bypass).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
     };
-    let mut packet = udp_packet(source, target);
+    if rc < 0 {
+        bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
+    let mut device: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    device.sll_family = libc::AF_PACKET as u16;
+    device.sll_protocol = eth_p_ip;
+    device.sll_ifindex = link.ifindex as i32;
+    device.sll_halen = 6;
+    device.sll_addr[..6].copy_from_slice(&link.dst_mac);
+
+    let mut frame = Vec::with_capacity(14 + 46);
+    frame.extend(link.dst_mac);
+    frame.extend(link.src_mac);
+    frame.extend(eth_p_ip.to_ne_bytes());
+    frame.extend(with_ip_checksum(udp_packet(source, target)));
+    const SRC_PORT: usize = 14 + 20;
     let mut sent = 0u64;
     let deadline = Instant::now() + duration;
     let first_port: u16 = 1024;
@@ -123,16 +157,16 @@ pub fn udp_flood(
         for _ in 0..64 {
             let port = first_port + flow;
             flow = (flow + 1) % flows.max(1);
-            packet[20..22].copy_from_slice(&port.to_be_bytes());
+            frame[SRC_PORT..SRC_PORT + 2].copy_from_slice(&port.to_be_bytes());
             // SAFETY: valid fd, buffer and address for the call's duration.
             let n = unsafe {
                 libc::sendto(
-                    std::os::fd::AsRawFd::as_raw_fd(&socket),
-                    packet.as_ptr().cast(),
-                    packet.len(),
+                    raw,
+                    frame.as_ptr().cast(),
+                    frame.len(),
                     0,
-                    (&raw const destination).cast(),
-                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    (&raw const device).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
                 )
             };
             if n > 0 {
@@ -143,8 +177,23 @@ pub fn udp_flood(
     Ok(sent)
 }
 
-/// An IPv4 + UDP datagram with an 18-byte payload; the kernel fills in the
-/// IP checksum, id and length (IP_HDRINCL); UDP checksum 0 means none.
+/// `packet` with its total length and header checksum filled in (what the
+/// kernel does for a raw IP socket; a packet socket sends bytes as given).
+fn with_ip_checksum(mut packet: Vec<u8>) -> Vec<u8> {
+    let total = packet.len() as u16;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    let sum: u32 = packet[..20]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let folded = (folded & 0xffff) + (folded >> 16);
+    packet[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
+    packet
+}
+
+/// An IPv4 + UDP datagram with an 18-byte payload, without its total
+/// length and header checksum; UDP checksum 0 means none.
 fn udp_packet(source: Ipv4Addr, (addr, port): (Ipv4Addr, u16)) -> Vec<u8> {
     const PAYLOAD: usize = 18;
     let mut p = vec![0u8; 28 + PAYLOAD];

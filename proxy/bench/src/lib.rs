@@ -44,6 +44,8 @@ pub struct BenchOptions {
     pub output: PathBuf,
     /// Modes to leave out (by name), e.g. the slow iptables-nft at 50,000.
     pub skip: Vec<String>,
+    /// The agent's XDP forwarding fast path (`--xdp-redirect`).
+    pub xdp_redirect: bool,
 }
 
 impl BenchOptions {
@@ -58,6 +60,7 @@ impl BenchOptions {
             udp_duration: Duration::from_secs(1),
             output,
             skip: Vec::new(),
+            xdp_redirect: true,
         }
     }
 
@@ -71,6 +74,7 @@ impl BenchOptions {
             udp_duration: Duration::from_secs(2),
             output,
             skip: Vec::new(),
+            xdp_redirect: true,
         }
     }
 }
@@ -127,7 +131,7 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
             .progress_chars("=> "),
     );
     progress.set_message("building the rig (agent, backend pods)");
-    let rig = Rig::build(options.endpoints.max(2))?;
+    let rig = Rig::build(options.endpoints.max(2), options.xdp_redirect)?;
     progress.inc(1);
 
     let mut runs = Vec::new();
@@ -175,6 +179,7 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
             options.connections,
             options.udp_flows,
             options.udp_duration.as_secs_f64(),
+            options.xdp_redirect,
         ),
         runs,
     };
@@ -204,8 +209,10 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
 
     let before = rig.delivered_to_pods()?;
     let target = mode.udp_target(rig);
+    let link = rig.flood_link()?;
     rig.node.outside.enter(|| {
         client::udp_flood(
+            &link,
             vipr_e2e::agent::OUTSIDE_IP,
             target,
             options.udp_flows,

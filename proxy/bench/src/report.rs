@@ -25,10 +25,18 @@ pub struct Machine {
     pub connections_per_round: usize,
     pub udp_flows: u16,
     pub udp_seconds: f64,
+    /// Whether vipr ran with its XDP forwarding fast path.
+    pub xdp_redirect: bool,
 }
 
 impl Machine {
-    pub fn describe(rounds: usize, connections: usize, flows: u16, udp_seconds: f64) -> Self {
+    pub fn describe(
+        rounds: usize,
+        connections: usize,
+        flows: u16,
+        udp_seconds: f64,
+        xdp_redirect: bool,
+    ) -> Self {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
@@ -49,6 +57,7 @@ impl Machine {
             connections_per_round: connections,
             udp_flows: flows,
             udp_seconds,
+            xdp_redirect,
         }
     }
 }

@@ -31,9 +31,15 @@ pub struct Rig {
 }
 
 impl Rig {
-    pub fn build(pods: usize) -> Result<Rig> {
+    /// `xdp_redirect`: the agent's forwarding fast path (`--xdp-redirect`).
+    pub fn build(pods: usize, xdp_redirect: bool) -> Result<Rig> {
+        let flags: &[&str] = if xdp_redirect {
+            &[]
+        } else {
+            &["--xdp-redirect=false"]
+        };
         // At `info`, as on a production node: no per-flow debug log is measured.
-        let node = AgentNode::start_logging("bench", &[], "info")
+        let node = AgentNode::start_logging("bench", flags, "info")
             .context("starting the node and its agent")?;
         let manifest: String = (0..pods).map(pod_manifest).collect();
         node.apply(&manifest)?;
@@ -68,6 +74,18 @@ impl Rig {
             .with_context(|| format!("no {SYNC_SECONDS_SUM} in the agent's metrics"))
     }
 
+    /// The client's end of the uplink, for the UDP flood.
+    pub fn flood_link(&self) -> Result<crate::client::FloodLink> {
+        let outside_end = format!("{}o", self.node.prefix);
+        let (ifindex, src_mac) = link_of(&self.node.outside, &outside_end)?;
+        let (_, dst_mac) = link_of(&self.node.node, &self.node.uplink)?;
+        Ok(crate::client::FloodLink {
+            ifindex,
+            src_mac,
+            dst_mac,
+        })
+    }
+
     /// Packets the node has handed to its pods so far (the node-side veths'
     /// transmit counters): what arrived at the backends.
     pub fn delivered_to_pods(&self) -> Result<u64> {
@@ -85,6 +103,28 @@ impl Rig {
             .filter_map(|l| l["stats64"]["tx"]["packets"].as_u64())
             .sum())
     }
+}
+
+/// The index and MAC address of interface `name` in `ns`.
+fn link_of(ns: &vipr_e2e::Netns, name: &str) -> Result<(u32, [u8; 6])> {
+    let out = ns.ip(&["-j", "link", "show", "dev", name])?;
+    let links: Value = serde_json::from_slice(&out.stdout)?;
+    let link = &links[0];
+    let ifindex = link["ifindex"]
+        .as_u64()
+        .with_context(|| format!("no ifindex for {name}"))?;
+    let address = link["address"]
+        .as_str()
+        .with_context(|| format!("no address for {name}"))?;
+    let mut mac = [0u8; 6];
+    let octets: Vec<u8> = address
+        .split(':')
+        .map(|o| u8::from_str_radix(o, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("MAC address {address:?} of {name}"))?;
+    anyhow::ensure!(octets.len() == 6, "MAC address {address:?} of {name}");
+    mac.copy_from_slice(&octets);
+    Ok((ifindex as u32, mac))
 }
 
 /// The agent's default `--metrics-addr`, inside the node namespace.

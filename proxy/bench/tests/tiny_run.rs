@@ -20,6 +20,7 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
         udp_duration: Duration::from_millis(300),
         output: output.clone(),
         skip: Vec::new(),
+        xdp_redirect: true,
     };
     vipr_bench::run(&options).expect("bench run");
 

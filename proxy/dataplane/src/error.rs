@@ -56,6 +56,20 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    #[error("interface {0} does not exist")]
+    NoSuchInterface(String),
+    #[error("listing interface {interface} for the XDP fast path")]
+    RedirectTarget {
+        interface: String,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("turning off transmit checksum offload on {interface}")]
+    ChecksumOffload {
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("service map is full ({capacity} frontends): cannot add {frontend}")]
     ServicesFull { frontend: String, capacity: u32 },
     #[error("frontend {frontend} has {count} backends; the backend map allows {capacity} in all")]

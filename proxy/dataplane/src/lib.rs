@@ -7,6 +7,7 @@
 //! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
+//! `redirect` (the interfaces the XDP forwarding fast path may send to),
 //! `services` (frontends, backends, source ranges), `balance` (what new-flow
 //! balancing reads: weight ranges, Maglev tables, members, connection
 //! counts), `flows` (conntrack reads and UDP pruning), `expiry` (idle flows
@@ -22,6 +23,15 @@
 //!   frontends without endpoints go back with XDP_TX, and a native-mode
 //!   veth drops XDP_TX frames unless its peer runs XDP too (measured on
 //!   6.18; enabling GRO on the peer did not help).
+//! - For the XDP forwarding fast path ([`DataplaneOptions::xdp_redirect`],
+//!   on by default): egress interfaces listed with
+//!   [`Dataplane::allow_redirect`] must take XDP frames; for a veth, its
+//!   peer must run an XDP program (the pass program does), or redirected
+//!   frames are dropped. Unlisted interfaces get the kernel's forwarding.
+//!   Local stacks sending into the node over veths (pods' `eth0`, a veth
+//!   uplink's peer) must checksum in software
+//!   ([`disable_tx_checksum_offload`]): a redirected frame with a
+//!   checksum left to offload arrives corrupt.
 //! - For the node's own clients (XDP never sees what the node sends): a
 //!   cgroup v2 folder holding the node's processes, given to
 //!   [`Dataplane::attach_cgroup`]; sockets there are balanced at connect /
@@ -37,6 +47,7 @@ mod expiry;
 mod flows;
 mod links;
 mod loader;
+mod redirect;
 mod services;
 mod stats;
 mod types;
@@ -45,6 +56,7 @@ pub use error::DataplaneError;
 pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
 pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
+pub use redirect::disable_tx_checksum_offload;
 pub use stats::Counters;
 pub use types::{
     BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, InvalidPort, Port, Protocol,

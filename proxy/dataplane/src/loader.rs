@@ -18,7 +18,7 @@ use ipnet::Ipv4Net;
 use vipr_common::{
     Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
     DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
-    PASS_PROGRAM, XDP_PROGRAM, map_names,
+    PASS_PROGRAM, XDP_PROGRAM, config_flags, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -88,6 +88,11 @@ pub struct DataplaneOptions {
     /// pinned attachment over. Needs `pin_dir`; [`Dataplane::detach`]
     /// removes a pinned attachment for good.
     pub pin_links: bool,
+    /// The forwarding fast path: translated packets whose route the FIB
+    /// resolves to an interface given to [`Dataplane::allow_redirect`] leave
+    /// from XDP (routed, TTL decremented, XDP_REDIRECT) instead of through
+    /// the kernel's IP forwarding. Off: every translated packet is passed.
+    pub xdp_redirect: bool,
     /// Most verbose eBPF log level that is emitted at all; anything above it
     /// costs one comparison in the kernel.
     pub ebpf_log_level: log::LevelFilter,
@@ -108,6 +113,7 @@ impl Default for DataplaneOptions {
             hairpin_addr: None,
             snat_ports: DEFAULT_SNAT_PORTS,
             pin_links: false,
+            xdp_redirect: true,
             ebpf_log_level: log::max_level(),
         }
     }
@@ -131,6 +137,7 @@ pub struct Dataplane {
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
     pub(crate) max_maglev_entries: u32,
+    xdp_redirect: bool,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -212,6 +219,7 @@ impl Dataplane {
             max_services: options.max_services,
             max_backends: options.max_backends,
             max_maglev_entries: options.max_maglev_entries,
+            xdp_redirect: options.xdp_redirect,
             logger,
         })
     }
@@ -295,6 +303,11 @@ impl Dataplane {
             attachment,
             interface,
         )
+    }
+
+    /// Whether the forwarding fast path is on ([`DataplaneOptions::xdp_redirect`]).
+    pub fn xdp_redirect(&self) -> bool {
+        self.xdp_redirect
     }
 
     /// Interfaces the program is attached to, sorted.
@@ -437,6 +450,11 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
         hairpin_addr: be(options.hairpin_addr),
         snat_port_min: port_min,
         snat_port_count: if ports.is_empty() { 0 } else { port_count },
+        flags: if options.xdp_redirect {
+            config_flags::XDP_REDIRECT
+        } else {
+            0
+        },
     }
 }
 

@@ -8,8 +8,10 @@
 //! endpoints); `fixtures/conntrack.rs` (flow lifetime); `fixtures/external.rs`
 //! (NodePort / external IPs, SNAT, source ranges, hairpin);
 //! `fixtures/balance.rs` (algorithms, weights, session affinity);
-//! `fixtures/icmp.rs` (ICMP errors about translated flows).
+//! `fixtures/icmp.rs` (ICMP errors about translated flows);
+//! `fixtures/fast_path.rs` (translated packets forwarded from XDP).
 
+mod netns;
 mod packet;
 
 #[path = "fixtures/balance.rs"]
@@ -18,6 +20,8 @@ mod balance;
 mod conntrack;
 #[path = "fixtures/external.rs"]
 mod external;
+#[path = "fixtures/fast_path.rs"]
+mod fast_path;
 #[path = "fixtures/icmp.rs"]
 mod icmp;
 #[path = "fixtures/reject.rs"]
@@ -31,6 +35,7 @@ use vipr_dataplane::{BackendAddr, Counter, Dataplane, DataplaneOptions, Frontend
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -102,6 +107,8 @@ enum Expect {
     Pass(Vec<u8>),
     /// Sent back out the interface it came in on, as exactly these bytes.
     Tx(Vec<u8>),
+    /// Forwarded from XDP (the fast path) as exactly these bytes.
+    Redirect(Vec<u8>),
     Drop,
 }
 
@@ -121,6 +128,10 @@ fn check(dp: &mut Dataplane, case: &Case) {
         }
         Expect::Tx(expected) => {
             assert_eq!(verdict, XDP_TX, "{}: verdict", case.name);
+            assert_eq!(&out, expected, "{}: output packet", case.name);
+        }
+        Expect::Redirect(expected) => {
+            assert_eq!(verdict, XDP_REDIRECT, "{}: verdict", case.name);
             assert_eq!(&out, expected, "{}: output packet", case.name);
         }
     }

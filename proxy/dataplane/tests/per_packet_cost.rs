@@ -17,7 +17,12 @@
 //!   averaged): each call starts from the caller's buffer, so a real DNAT
 //!   hit (to another backend, bytes changed) and fresh new flows can be
 //!   measured; the per-call figure carries more timer noise.
+//!
+//! `fast_path_cost` measures a conntrack hit with the forwarding fast path
+//! (FIB lookup, MAC and TTL rewrite, redirect) against the same hit passed
+//! to the kernel, in a namespace of its own with the route and neighbour.
 
+mod netns;
 mod packet;
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -33,9 +38,17 @@ const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const IDEMPOTENT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const TCP_ACK: u8 = 0x10;
 
+/// The translation alone: with the fast path on, every hit here would also
+/// pay a FIB lookup in the test's namespace (the host's routes); that cost
+/// is measured on its own, with a real route, by `fast_path_cost`.
 fn dataplane() -> Dataplane {
+    dataplane_with(false)
+}
+
+fn dataplane_with(xdp_redirect: bool) -> Dataplane {
     let mut dp = Dataplane::load(&DataplaneOptions {
         ebpf_log_level: log::LevelFilter::Off,
+        xdp_redirect,
         ..DataplaneOptions::default()
     })
     .expect("load (needs root)");
@@ -352,4 +365,40 @@ fn per_packet_cost_by_algorithm() {
             cost - floor
         );
     }
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, ideally --release on an idle machine"]
+fn fast_path_cost() {
+    const XDP_PASS: u32 = 2;
+    const XDP_REDIRECT: u32 = 4;
+    netns::in_fresh_netns(|| {
+        netns::enable_forwarding();
+        netns::veth("pods", [2, 0, 0, 0, 0x0a, 5]);
+        netns::routed_host(BACKEND, "pods", Some([2, 0, 0, 0, 0x0c, 5]));
+        let flow = Ipv4Packet::tcp((CLIENT, 42000), (VIP, 80));
+        let hits = vec![flow.clone().with_tcp(TCP_ACK, 2, 2).build(); usize::from(SINGLE_RUNS)];
+        let mut out = vec![0u8; 256];
+        let mut figures = Vec::new();
+        for (xdp_redirect, verdict) in [(true, XDP_REDIRECT), (false, XDP_PASS)] {
+            let mut dp = dataplane_with(xdp_redirect);
+            dp.allow_redirect("pods").unwrap();
+            dp.test_run(&flow.build(), &mut out, 1).unwrap();
+            let result = dp.test_run(&hits[0], &mut out, 1).unwrap();
+            assert_eq!(result.return_value, verdict, "fast path {xdp_redirect}");
+            let (cost, n) = counted(&mut dp, Counter::FlowHit, |dp| single(dp, false, &hits));
+            assert_eq!(n, u64::from(SINGLE_RUNS), "every run was a hit");
+            let floor = single(&mut dp, true, &hits);
+            figures.push((xdp_redirect, cost, floor));
+        }
+        println!("conntrack hit with and without the fast path, ns (single runs)");
+        for (xdp_redirect, cost, floor) in figures {
+            let case = if xdp_redirect {
+                "hit + FIB lookup + redirect"
+            } else {
+                "hit, passed to the kernel"
+            };
+            println!("{case:<40} {cost:>8.1}   (vipr_pass floor {floor:.1})");
+        }
+    });
 }

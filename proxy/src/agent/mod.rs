@@ -94,6 +94,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         max_flows: args.max_flows,
         max_services: args.max_services,
         max_backends: args.max_backends,
+        xdp_redirect: args.xdp_redirect,
         // The program stays attached while the agent restarts.
         pin_links: true,
         ..DataplaneOptions::default()
@@ -111,6 +112,13 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         dataplane
             .attach(uplink, XdpMode::Default)
             .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
+        // Replies to outside clients leave from XDP too: a NIC transmits
+        // redirected frames itself; a veth uplink's peer needs an XDP program.
+        if args.xdp_redirect {
+            dataplane
+                .allow_redirect(uplink)
+                .with_context(|| format!("listing the uplink {uplink} for the XDP fast path"))?;
+        }
     }
     let expirer = dataplane
         .flow_expirer()

@@ -250,11 +250,26 @@ fn attach(dataplane: &Mutex<Dataplane>, attached: &mut BTreeSet<String>, info: &
     }
     let key = pass_key(&info.key);
     let dataplane = &mut *dataplane;
+    let fast_path = dataplane.xdp_redirect();
     let in_pod = in_netns(shim_pid, || {
-        dataplane.attach_pass_as(&key, "eth0", XdpMode::Default)
+        dataplane.attach_pass_as(&key, "eth0", XdpMode::Default)?;
+        // Packets the fast path redirects must carry complete checksums.
+        if fast_path {
+            vipr_dataplane::disable_tx_checksum_offload("eth0")?;
+        }
+        Ok::<_, vipr_dataplane::DataplaneError>(())
     });
     match in_pod {
-        Ok(Ok(())) => tracing::debug!(pod = %info.key, "XDP attached"),
+        Ok(Ok(())) => {
+            // Its eth0 runs XDP now, so frames redirected to the veth arrive.
+            if fast_path
+                && let Some(ifindex) = info.host_ifindex
+                && let Err(error) = dataplane.allow_redirect_ifindex(&info.host_ifname, ifindex)
+            {
+                tracing::warn!(pod = %info.key, error = %error, "listing the veth for the XDP fast path");
+            }
+            tracing::debug!(pod = %info.key, "XDP attached")
+        }
         Ok(Err(error)) => {
             tracing::warn!(pod = %info.key, error = %error, "attaching XDP in the pod")
         }

@@ -24,6 +24,7 @@ pub fn bench(args: BenchArgs) -> Result<ExitCode> {
         options.connections = connections;
     }
     options.skip = args.skip;
+    options.xdp_redirect = args.xdp_redirect;
     let results = vipr_bench::run(&options)?;
     print!("{}", results.table());
     println!(
