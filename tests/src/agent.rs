@@ -134,6 +134,8 @@ impl AgentNode {
             self.cgroup_root.display().to_string(),
             "--api-socket".into(),
             self.socket.display().to_string(),
+            // The outside end runs vipr_pass with complete checksums.
+            "--xdp-redirect-uplink=true".into(),
         ];
         args.extend(self.extra_args.iter().cloned());
         args

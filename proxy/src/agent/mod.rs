@@ -112,9 +112,13 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         dataplane
             .attach(uplink, XdpMode::Default)
             .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
-        // Replies to outside clients leave from XDP too: a NIC transmits
-        // redirected frames itself; a veth uplink's peer needs an XDP program.
-        if args.xdp_redirect {
+        // Replies to outside clients leave from XDP too where that is safe:
+        // a NIC transmits redirected frames itself; a veth uplink's peer
+        // drops them unless it runs XDP (see --xdp-redirect-uplink).
+        let redirect_uplink = args
+            .xdp_redirect_uplink
+            .unwrap_or_else(|| node::is_physical(uplink));
+        if args.xdp_redirect && redirect_uplink {
             dataplane
                 .allow_redirect(uplink)
                 .with_context(|| format!("listing the uplink {uplink} for the XDP fast path"))?;

@@ -162,3 +162,10 @@ pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Resu
     eprintln!("vipr: removed pods, pinned maps and the cluster DNS address {dns}");
     Ok(())
 }
+
+/// Whether `interface` (in this network namespace) is a physical NIC, whose
+/// driver transmits XDP frames itself; virtual ones (veth, bridge, ...) have
+/// no parent device.
+pub fn is_physical(interface: &str) -> bool {
+    std::path::Path::new(&format!("/sys/class/net/{interface}/device")).exists()
+}
