@@ -86,6 +86,10 @@ step "UDP through the same service"
 printf '$ echo hostname | nc -u -w1 %s 81  ->  ' "$vip"
 vipr exec client -- sh -c "echo hostname | nc -u -w1 $vip 81"; echo
 
+step "from outside the node, through the NodePort (externalTrafficPolicy Cluster: the pod sees the node's address)"
+printf '$ curl -s http://172.31.255.2:30080/clientip  (from the outside namespace)  ->  '
+ip netns exec "$id-out" curl -s -m 2 http://172.31.255.2:30080/clientip; echo
+
 if [[ "${KEEP:-}" == 1 ]]; then
   step "the node keeps running: VIPR_SOCKET=$VIPR_SOCKET $bin/vipr get pods; Ctrl-C removes it"
   trap 'exit 0' INT

@@ -285,11 +285,13 @@ pub struct AgentArgs {
     /// `--xdp-redirect=false` passes every packet to the kernel.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub xdp_redirect: bool,
-    /// Whether the fast path may also send replies out of the uplink from
-    /// XDP. Default: yes for a physical NIC (its driver transmits XDP
-    /// frames), no for a virtual uplink such as a veth, whose peer drops them
-    /// unless it runs an XDP program itself and sends complete checksums;
-    /// say `true` when it does.
+    /// Whether the fast path also runs for the uplink: packets in from it
+    /// forwarded from XDP, replies sent out of it from XDP. Default: yes
+    /// for a physical NIC (its driver transmits XDP frames; frames off a
+    /// wire carry complete checksums), no for a virtual uplink such as a
+    /// veth, whose peer drops XDP frames unless it runs an XDP program and
+    /// whose frames may carry partial checksums; say `true` when its peer
+    /// runs XDP and sends complete checksums.
     #[arg(long, action = clap::ArgAction::Set)]
     pub xdp_redirect_uplink: Option<bool>,
     /// Remove everything the agent made (programs, maps, links, pods) and exit.

@@ -4,8 +4,9 @@
 //! The route comes from the kernel itself (`bpf_fib_lookup` in the node's
 //! namespace, as if the packet were forwarded from its ingress interface):
 //! only a unicast route with a resolved neighbour and an MTU the packet
-//! fits, through an interface listed in `REDIRECT_TARGETS` (userspace lists
-//! the interfaces that can take XDP frames), is taken. The packet then
+//! fits, from and to interfaces listed in `REDIRECT_TARGETS` (userspace
+//! lists the interfaces that take XDP frames and send complete checksums),
+//! is taken. The packet then
 //! gets the egress interface's and the neighbour's MAC addresses and its TTL
 //! decremented (checksum fixed), as a router does, and is redirected.
 //! Anything else (no neighbour yet, fragmentation needed, local delivery,
@@ -47,6 +48,15 @@ pub fn fast_path(ctx: &XdpContext, counter: Counter, action: u32) -> u32 {
         Counter::NewFlow | Counter::FlowHit | Counter::ReplyTranslated
     );
     if !translated || action != xdp_action::XDP_PASS || !enabled() {
+        return action;
+    }
+    // Only between listed interfaces: a frame that came in on an unlisted
+    // one (a veth whose peer leaves checksums to offload, say) may carry a
+    // partial checksum, which only the kernel's own path knows to finish.
+    if REDIRECT_TARGETS
+        .get_ifindex(ctx.ingress_ifindex() as u32)
+        .is_none()
+    {
         return action;
     }
     let start = ctx.data();

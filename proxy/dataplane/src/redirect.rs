@@ -22,10 +22,12 @@ use vipr_common::map_names;
 use crate::{Dataplane, DataplaneError};
 
 impl Dataplane {
-    /// Lets the fast path redirect to `interface` (in the calling thread's
-    /// network namespace). Vouch only for interfaces that take XDP frames:
-    /// a physical NIC whose driver transmits them, or a veth whose peer runs
-    /// an XDP program (e.g. [`Dataplane::attach_pass`]).
+    /// Lets the fast path run between `interface` (in the calling thread's
+    /// network namespace) and the other listed ones: packets in from it are
+    /// forwarded from XDP, packets out to it redirected. Vouch only for
+    /// interfaces that take XDP frames and send complete checksums: a
+    /// physical NIC, or a veth whose peer runs an XDP program (e.g.
+    /// [`Dataplane::attach_pass`]) with transmit checksum offload off.
     pub fn allow_redirect(&mut self, interface: &str) -> Result<(), DataplaneError> {
         let ifindex = ifindex(interface)?;
         self.allow_redirect_ifindex(interface, ifindex)
@@ -43,6 +45,15 @@ impl Dataplane {
                 interface: name.to_owned(),
                 source,
             })
+    }
+
+    /// Takes `interface` off the fast path's list.
+    pub fn forbid_redirect(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        let ifindex = ifindex(interface)?;
+        match self.redirect_targets()?.remove(ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::map(map_names::REDIRECT_TARGETS)(source)),
+        }
     }
 
     /// Interface indexes the fast path may redirect to, sorted.

@@ -382,6 +382,9 @@ fn fast_path_cost() {
         let mut figures = Vec::new();
         for (xdp_redirect, verdict) in [(true, XDP_REDIRECT), (false, XDP_PASS)] {
             let mut dp = dataplane_with(xdp_redirect);
+            // The test runs' ingress (loopback) and the egress, as the
+            // agent lists a pod veth and a NIC uplink.
+            dp.allow_redirect("lo").unwrap();
             dp.allow_redirect("pods").unwrap();
             dp.test_run(&flow.build(), &mut out, 1).unwrap();
             let result = dp.test_run(&hits[0], &mut out, 1).unwrap();
