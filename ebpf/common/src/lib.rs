@@ -18,6 +18,13 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
+    /// The data section holding the monitor's flags (`MONITOR_WANTED`),
+    /// which aya loads as a one-value array map of that name.
+    pub const MONITOR: &str = ".data.vipr_monitor";
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
+    pub const MONITOR_LOST: &str = "MONITOR_LOST";
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -26,6 +33,9 @@ pub const XDP_PROGRAM: &str = "vipr_xdp";
 /// floor for benchmarks, and the program a veth peer needs so that XDP_TX
 /// (and XDP_REDIRECT) frames sent towards it are received in native mode.
 pub const PASS_PROGRAM: &str = "vipr_pass";
+/// The translation with the monitor's event code compiled out: loaded only
+/// by benchmarks, to measure what the (idle) event code costs.
+pub const XDP_PROGRAM_WITHOUT_EVENTS: &str = "vipr_xdp_no_events";
 
 /// Names of the cgroup sock_addr programs that balance the node's own
 /// clients at the socket level (attached together to one cgroup v2 folder).
@@ -52,6 +62,13 @@ pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 131_072;
+
+/// Default capacity of the per-(frontend, backend) counters array.
+pub const DEFAULT_MAX_BACKEND_STATS: u32 = 65_536;
+/// Default capacity of the per-service drop counters (LRU, per CPU).
+pub const DEFAULT_MAX_SERVICE_DROPS: u32 = 16_384;
+/// Size of the monitor's event ring buffer, bytes (a power of two pages).
+pub const MONITOR_RING_BYTES: u32 = 1 << 20;
 
 /// IP protocol numbers the data plane looks at.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -113,6 +130,10 @@ pub struct Backend {
     /// Port, network byte order.
     pub port: u16,
     pub _pad: u16,
+    /// Index into `BACKEND_STATS` of this (frontend, backend) pair's
+    /// counters, given by userspace; 0 counts nowhere (slot 0 is never
+    /// handed out). Copied into the flow's conntrack entries.
+    pub stats_id: u32,
 }
 
 /// Key of `SOCK_REVNAT`: one backend a socket was sent to by the socket-level
@@ -197,6 +218,11 @@ pub struct NatEntry {
     pub flags: u8,
     pub _pad: u8,
     pub _pad2: u16,
+    /// The (frontend, backend) counters this flow's packets count in, both
+    /// directions (see [`Backend::stats_id`]).
+    pub stats_id: u32,
+    /// When the flow opened: CLOCK_MONOTONIC seconds (`bpf_ktime_get_ns`).
+    pub opened_s: u32,
 }
 
 impl NatEntry {
@@ -246,6 +272,57 @@ pub struct DataplaneConfig {
     pub snat_port_min: u16,
     /// Number of ports in the SNAT range; zero disables SNAT.
     pub snat_port_count: u16,
+}
+
+/// Per-CPU traffic of one (frontend, backend) pair, both directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets: u64,
+    /// IP bytes plus the Ethernet header.
+    pub bytes: u64,
+    /// Flows opened to this backend through this frontend.
+    pub new_flows: u64,
+}
+
+/// Key of `SERVICE_DROPS`: a frontend's service id and the counter
+/// (a drop or refusal reason) a packet to it was counted under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceDropKey {
+    pub service_id: u32,
+    /// A [`Counter`] index.
+    pub reason: u32,
+}
+
+/// Bits of the monitor flags ([`map_names::MONITOR`]): which events the
+/// data plane emits into `MONITOR_EVENTS`. Zero (no monitor attached) costs
+/// one load and a branch.
+pub mod monitor_flags {
+    /// New flows translated to a backend.
+    pub const TRANSLATE: u32 = 1 << 0;
+    /// Drops and refusals, with their reason.
+    pub const DROP: u32 = 1 << 1;
+    /// Replies given their service address back (many: only on demand).
+    pub const REPLY: u32 = 1 << 2;
+}
+
+/// One event of `vipr monitor`, as the data plane writes it to the ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub timestamp_ns: u64,
+    /// Interface the packet arrived on; 0 for the socket-level translation
+    /// (cgroup hooks: no packet yet, and the client's address may still be
+    /// unbound, in which case `before`'s source is zero).
+    pub ifindex: u32,
+    /// The [`Counter`] the packet was counted under (the outcome).
+    pub counter: u32,
+    /// The packet's tuple as it arrived (ports 0 when unknown).
+    pub before: FlowKey,
+    /// Its tuple as it left (translations); equal to `before` otherwise.
+    pub after: FlowKey,
 }
 
 /// Why a packet got the verdict it got. Indexes the per-CPU `STATS` array.
@@ -361,6 +438,24 @@ impl Counter {
         }
     }
 
+    /// The counter at `index`, if there is one.
+    pub const fn from_index(index: u32) -> Option<Counter> {
+        if index < Self::COUNT {
+            Some(Self::ALL[index as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Whether the packet was refused at once (TCP RST, ICMP unreachable):
+    /// not forwarded, like a drop, but answered.
+    pub const fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Counter::RejectTcp | Counter::RejectUdp | Counter::SockRejected
+        )
+    }
+
     /// Whether the packet counted here was dropped.
     pub const fn is_drop(self) -> bool {
         matches!(
@@ -402,6 +497,9 @@ mod user {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for ServiceDropKey {}
+    unsafe impl aya::Pod for MonitorEvent {}
 }
 
 #[cfg(test)]
@@ -414,9 +512,12 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 12);
         assert_eq!(size_of::<BackendKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 8);
+        assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 16);
+        assert_eq!(size_of::<NatEntry>(), 24);
+        assert_eq!(size_of::<FlowStats>(), 24);
+        assert_eq!(size_of::<ServiceDropKey>(), 8);
+        assert_eq!(size_of::<MonitorEvent>(), 48);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 20);
         assert_eq!(size_of::<CounterValue>(), 16);

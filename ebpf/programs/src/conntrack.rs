@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::bpf_get_prandom_u32,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     programs::XdpContext,
 };
@@ -22,7 +22,7 @@ use vipr_common::{
 use crate::{
     BACKENDS, CONFIG, FLOWS, REVERSE_FLOWS, SOURCE_RANGES, count,
     headers::{Packet, tcp_flags},
-    reject,
+    reject, stats,
 };
 
 type FlowMap = LruHashMap<FlowKey, NatEntry>;
@@ -58,6 +58,7 @@ fn track(
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(tuple, &entry);
+    stats::count_flow_packet(entry.stats_id, packet);
     let flags = packet.tcp_flags();
     // The common case costs one test: no FIN or RST now or before.
     if flags & (tcp_flags::FIN | tcp_flags::RST) == 0 && entry.flags & flow_flags::FIN == 0 {
@@ -109,6 +110,8 @@ pub fn open(
         return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
     };
     let config = CONFIG.get(0).copied().unwrap_or_default();
+    // SAFETY: a plain helper call.
+    let opened_s = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
 
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
@@ -118,6 +121,8 @@ pub fn open(
         flags: 0,
         _pad: 0,
         _pad2: 0,
+        stats_id: backend.stats_id,
+        opened_s,
     };
     let mut reverse = NatEntry {
         src_addr: tuple.dst_addr,
@@ -127,6 +132,8 @@ pub fn open(
         flags: 0,
         _pad: 0,
         _pad2: 0,
+        stats_id: backend.stats_id,
+        opened_s,
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
@@ -161,6 +168,7 @@ pub fn open(
     if tuple.proto == IPPROTO_TCP && packet.tcp_flags() & tcp_flags::SYN == 0 {
         count(Counter::FlowOpenedMidStream, 0);
     }
+    stats::count_new_flow(backend.stats_id, packet);
     packet.rewrite(tuple, &forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
 }

@@ -19,7 +19,8 @@
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
 //! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
 //! replies), `icmp` (errors about translated flows), `sock` (socket-level
-//! translation for node-local clients).
+//! translation for node-local clients), `stats` (per-service and
+//! per-backend counters), `monitor` (events for `vipr monitor`).
 #![no_std]
 #![no_main]
 
@@ -27,8 +28,10 @@ mod checksum;
 mod conntrack;
 mod headers;
 mod icmp;
+mod monitor;
 mod reject;
 mod sock;
+mod stats;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -80,6 +83,33 @@ static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
+    // Kept on the stack, not in a register across `translate`: only the
+    // rare event path below needs the context again, and a register held
+    // for it would be missed in the translation's hot path.
+    let mut saved = core::ptr::null_mut();
+    // SAFETY: a store to a local.
+    unsafe { core::ptr::write_volatile(&mut saved, ctx.ctx) };
+    let bytes = ctx.data_end() - ctx.data();
+    let (counter, action) = translate(&ctx);
+    count(counter, bytes);
+    // A conntrack hit never makes an event: it pays one comparison of a
+    // value already in a register. Every other outcome reads the monitor
+    // flags (one load), and only with a monitor attached goes further.
+    if counter != Counter::FlowHit {
+        let wanted = monitor::wanted();
+        if wanted != 0 {
+            // SAFETY: the context pointer stored above, valid for this run.
+            let ctx = XdpContext::new(unsafe { core::ptr::read_volatile(&saved) });
+            monitor::emit(&ctx, wanted, counter);
+        }
+    }
+    action
+}
+
+/// `vipr_xdp` without the monitor's event code, for benchmarks only: the
+/// difference between the two is what the idle event check costs.
+#[xdp]
+pub fn vipr_xdp_no_events(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
     let (counter, action) = translate(&ctx);
     count(counter, bytes);
@@ -156,7 +186,10 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
     match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
             let service = *service;
-            conntrack::open(ctx, &packet, &tuple, &service)
+            let bytes = stats::packet_bytes(&packet);
+            let verdict = conntrack::open(ctx, &packet, &tuple, &service);
+            stats::count_service_outcome(service.service_id, verdict.0, bytes);
+            verdict
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),
     }

@@ -22,10 +22,11 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use vipr_common::{
-    Counter, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, service_flags,
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue,
+    service_flags,
 };
 
-use crate::{SERVICES, SOCK_REVNAT, conntrack::pick_backend, count};
+use crate::{SERVICES, SOCK_REVNAT, conntrack::pick_backend, count, monitor, stats};
 
 /// Verdicts of a sock_addr program: let the syscall go on, or fail it (with
 /// EPERM, unless the program set another error with `bpf_set_retval`).
@@ -79,12 +80,24 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
     } else {
         pick_backend(&service)
     };
+    // What the monitor shows: the socket's source is not known yet.
+    let before = FlowKey {
+        src_addr: 0,
+        dst_addr: addr,
+        src_port: 0,
+        dst_port: port as u16,
+        proto: proto as u8,
+        _pad: 0,
+        _pad2: 0,
+    };
     let Some(backend) = backend else {
         // No endpoint (or a slot vanishing under an update): refuse now, as
         // the XDP path answers a remote client with RST / port unreachable.
         // SAFETY: plain helper call; a negative errno is what it takes.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(Counter::SockRejected, 0);
+        stats::count_service_outcome(service.service_id, Counter::SockRejected, 0);
+        monitor::emit_socket(Counter::SockRejected, &before, &before);
         return SYS_REJECT;
     };
     // Record before rewriting: getpeername and recvmsg need the way back.
@@ -108,13 +121,18 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         (*sa).user_ip4 = backend.addr;
         (*sa).user_port = u32::from(backend.port);
     }
-    count(
-        match hook {
-            Hook::Connect => Counter::SockConnectTranslated,
-            Hook::Sendmsg => Counter::SockSendmsgTranslated,
-        },
-        0,
-    );
+    let counter = match hook {
+        Hook::Connect => Counter::SockConnectTranslated,
+        Hook::Sendmsg => Counter::SockSendmsgTranslated,
+    };
+    count(counter, 0);
+    stats::count_socket_flow(backend.stats_id);
+    let after = FlowKey {
+        dst_addr: backend.addr,
+        dst_port: backend.port,
+        ..before
+    };
+    monitor::emit_socket(counter, &before, &after);
     SYS_PROCEED
 }
 

@@ -68,7 +68,7 @@ pub(crate) fn clear_udp_flows(
     live: &[BackendAddr],
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
-    let live: Vec<_> = live.iter().map(|b| b.to_map_value()).collect();
+    let live: Vec<_> = live.iter().map(|b| b.to_map_value(0)).collect();
     let doomed: Vec<(FlowKey, FlowKey)> = entries(ebpf, map_names::FLOWS)?
         .into_iter()
         .filter(|(key, entry)| {

@@ -16,8 +16,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES,
-    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, map_names,
+    Counter, DEFAULT_MAX_BACKEND_STATS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
+    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM,
+    XDP_PROGRAM_WITHOUT_EVENTS, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -30,7 +31,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 8] = [
+const PERSISTENT_MAPS: [&str; 10] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::FLOWS,
@@ -39,6 +40,8 @@ const PERSISTENT_MAPS: [&str; 8] = [
     map_names::CONFIG,
     map_names::STATS,
     map_names::SOCK_REVNAT,
+    map_names::BACKEND_STATS,
+    map_names::SERVICE_DROPS,
 ];
 
 /// SNAT source ports by default: above Linux's default ephemeral range.
@@ -58,6 +61,9 @@ pub struct DataplaneOptions {
     pub max_flows: u32,
     /// Capacity of the loadBalancerSourceRanges trie, all services together.
     pub max_source_ranges: u32,
+    /// (frontend, backend) pairs with counters of their own; pairs beyond
+    /// it are counted only in the node-wide totals.
+    pub max_backend_stats: u32,
     /// The node's address: the source given to clients of frontends with
     /// externalTrafficPolicy Cluster. `None`: the frontend's own address
     /// (right for NodePorts on the node address).
@@ -92,6 +98,7 @@ impl Default for DataplaneOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_flows: DEFAULT_MAX_FLOWS,
             max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
+            max_backend_stats: DEFAULT_MAX_BACKEND_STATS,
             node_addr: None,
             hairpin_addr: None,
             snat_ports: DEFAULT_SNAT_PORTS,
@@ -127,7 +134,7 @@ impl Dataplane {
     pub fn load(options: &DataplaneOptions) -> Result<Self, DataplaneError> {
         let log_level = options.ebpf_log_level as u8;
         let pin_paths = pin_paths(options.pin_dir.as_deref())?;
-        discard_incompatible_pins(&pin_paths);
+        discard_incompatible_pins(&pin_paths, options);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &log_level, true)
@@ -135,7 +142,8 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS, options.max_backends)
             .map_max_entries(map_names::FLOWS, options.max_flows)
             .map_max_entries(map_names::REVERSE_FLOWS, options.max_flows)
-            .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges);
+            .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
+            .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -154,7 +162,7 @@ impl Dataplane {
         cgroup::load_programs(&mut ebpf)?;
 
         write_config(&mut ebpf, options)?;
-        let services = ServiceTable::adopt(&ebpf)?;
+        let services = ServiceTable::adopt(&ebpf, options.max_backend_stats)?;
         let link_dir = options
             .pin_dir
             .as_ref()
@@ -308,6 +316,24 @@ impl Dataplane {
         self.run_program(PASS_PROGRAM, packet, out, repeat)
     }
 
+    /// [`Dataplane::test_run`] for the translation built without the
+    /// monitor's event code (loaded on first use): what the idle event check
+    /// costs is the difference.
+    pub fn test_run_without_events(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DataplaneError> {
+        let name = XDP_PROGRAM_WITHOUT_EVENTS;
+        let bare = program(&mut self.ebpf, name)?;
+        if bare.fd().is_err() {
+            bare.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        self.run_program(name, packet, out, repeat)
+    }
+
     fn run_program(
         &mut self,
         name: &'static str,
@@ -418,8 +444,8 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
 fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
-        Backend, BackendKey, CounterValue, FlowKey, NatEntry, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue, SourceRangeKey,
+        Backend, BackendKey, CounterValue, FlowKey, FlowStats, NatEntry, ServiceDropKey,
+        ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -432,6 +458,8 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
         map_names::STATS => (size_of::<u32>(), size_of::<CounterValue>()),
         map_names::SOCK_REVNAT => (size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>()),
+        map_names::BACKEND_STATS => (size_of::<u32>(), size_of::<FlowStats>()),
+        map_names::SERVICE_DROPS => (size_of::<ServiceDropKey>(), size_of::<CounterValue>()),
         _ => return None,
     })
 }
@@ -439,7 +467,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
 /// Removes pinned maps left by a build with another layout. aya would
 /// reuse them blindly, and the program would then fail to load (or read
 /// garbage); losing the state of an incompatible version is the lesser harm.
-fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
+fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)], options: &DataplaneOptions) {
     for (name, path) in pin_paths {
         let Ok(info) = aya::maps::MapInfo::from_pin(path) else {
             continue;
@@ -450,7 +478,9 @@ fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)]) {
         // STATS is per-CPU: the kernel reports the per-CPU value size. Its
         // length grows when counters are appended; a shorter pinned array
         // would fail the reads of the new counters.
-        let short_stats = *name == map_names::STATS && info.max_entries() != Counter::COUNT;
+        let short_stats = (*name == map_names::STATS && info.max_entries() != Counter::COUNT)
+            || (*name == map_names::BACKEND_STATS
+                && info.max_entries() != options.max_backend_stats);
         if info.key_size() as usize != key || info.value_size() as usize != value || short_stats {
             tracing::warn!(
                 map = name,

@@ -19,13 +19,14 @@ use vipr_common::{Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey,
 
 use crate::{
     BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol, flows,
+    service_stats::{self, StatsIds},
 };
 
 #[derive(Clone, Debug)]
-struct Programmed {
-    id: u32,
-    backends: Vec<BackendAddr>,
-    options: FrontendOptions,
+pub(crate) struct Programmed {
+    pub(crate) id: u32,
+    pub(crate) backends: Vec<BackendAddr>,
+    pub(crate) options: FrontendOptions,
 }
 
 impl Programmed {
@@ -41,11 +42,14 @@ pub(crate) struct ServiceTable {
     free_ids: Vec<u32>,
     next_id: u32,
     backend_slots: u64,
+    /// Counter slots of (frontend, backend) pairs.
+    pub(crate) stats: StatsIds,
 }
 
 impl ServiceTable {
-    /// Rebuilds the table from (possibly pinned, already filled) maps.
-    pub(crate) fn adopt(ebpf: &Ebpf) -> Result<Self, DataplaneError> {
+    /// Rebuilds the table from (possibly pinned, already filled) maps;
+    /// `stats_capacity` is the size of the per-backend counters array.
+    pub(crate) fn adopt(ebpf: &Ebpf, stats_capacity: u32) -> Result<Self, DataplaneError> {
         let services: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
             ebpf.map(map_names::SERVICES)
                 .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?,
@@ -57,16 +61,25 @@ impl ServiceTable {
         )
         .map_err(DataplaneError::map(map_names::BACKENDS))?;
         let mut ranges = adopt_source_ranges(ebpf)?;
-        let mut table = ServiceTable::default();
+        let mut table = ServiceTable {
+            stats: StatsIds::new(stats_capacity),
+            ..ServiceTable::default()
+        };
         for entry in services.iter() {
             let (key, value) = entry.map_err(DataplaneError::map(map_names::SERVICES))?;
             let Some(frontend) = frontend_from_key(&key) else {
                 continue;
             };
-            let backends = (0..value.backend_count)
-                .filter_map(|slot| slots.get(&backend_key(value.service_id, slot), 0).ok())
-                .filter_map(|b| BackendAddr::from_map_value(&b))
-                .collect::<Vec<_>>();
+            let mut backends = Vec::new();
+            for slot in 0..value.backend_count {
+                let Ok(raw) = slots.get(&backend_key(value.service_id, slot), 0) else {
+                    continue;
+                };
+                if let Some(backend) = BackendAddr::from_map_value(&raw) {
+                    table.stats.adopt(frontend, backend, raw.stats_id);
+                    backends.push(backend);
+                }
+            }
             let source_ranges = ranges.remove(&value.service_id).unwrap_or_default();
             table.next_id = table.next_id.max(value.service_id + 1);
             table.backend_slots += backends.len() as u64;
@@ -81,7 +94,13 @@ impl ServiceTable {
         }
         let used: HashSet<u32> = table.frontends.values().map(|p| p.id).collect();
         table.free_ids = (0..table.next_id).filter(|id| !used.contains(id)).collect();
+        table.stats.finish_adopting();
         Ok(table)
+    }
+
+    /// Every programmed frontend with what it holds.
+    pub(crate) fn programmed(&self) -> impl Iterator<Item = (Frontend, &Programmed)> {
+        self.frontends.iter().map(|(f, p)| (*f, p))
     }
 
     fn allocate_id(&mut self) -> u32 {
@@ -158,11 +177,19 @@ impl Dataplane {
             .map(|p| p.options.source_ranges.clone())
             .unwrap_or_default();
 
+        let mut stats_ids = Vec::with_capacity(backends.len());
+        for backend in backends {
+            let (stats_id, fresh) = self.services.stats.get_or_allocate(frontend, *backend);
+            if fresh {
+                service_stats::reset_slot(self.ebpf_mut(), stats_id)?;
+            }
+            stats_ids.push(stats_id);
+        }
         let ebpf = self.ebpf_mut();
         let mut slots = backend_map(ebpf)?;
-        for (slot, backend) in (0u32..).zip(backends) {
+        for ((slot, backend), stats_id) in (0u32..).zip(backends).zip(stats_ids) {
             slots
-                .insert(backend_key(id, slot), backend.to_map_value(), 0)
+                .insert(backend_key(id, slot), backend.to_map_value(stats_id), 0)
                 .map_err(DataplaneError::map(map_names::BACKENDS))?;
         }
         write_source_ranges(ebpf, id, &options.source_ranges, &old_ranges)?;
@@ -182,6 +209,7 @@ impl Dataplane {
 
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
+        self.services.stats.release_except(&frontend, backends);
         self.services.frontends.insert(
             frontend,
             Programmed {
@@ -217,6 +245,7 @@ impl Dataplane {
         }
         self.services.backend_slots -= u64::from(programmed.backend_count());
         self.services.free_ids.push(programmed.id);
+        self.services.stats.release_except(frontend, &[]);
         Ok(true)
     }
 

@@ -125,11 +125,13 @@ impl BackendAddr {
         })
     }
 
-    pub(crate) fn to_map_value(self) -> Backend {
+    /// The map value of this backend counting in slot `stats_id`.
+    pub(crate) fn to_map_value(self, stats_id: u32) -> Backend {
         Backend {
             addr: u32::from(self.addr).to_be(),
             port: self.port.get().to_be(),
             _pad: 0,
+            stats_id,
         }
     }
 }
@@ -173,7 +175,8 @@ impl FrontendOptions {
         }
     }
 
-    pub(crate) fn flags(&self) -> u32 {
+    /// The `service_flags` bits these options program.
+    pub fn flags(&self) -> u32 {
         let mut flags = match self.external_traffic_policy {
             None => 0,
             Some(ExternalTrafficPolicy::Cluster) => service_flags::SNAT,

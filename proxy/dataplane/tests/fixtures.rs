@@ -7,7 +7,8 @@
 //! checksums, balancing); `fixtures/reject.rs` (frontends without
 //! endpoints); `fixtures/conntrack.rs` (flow lifetime); `fixtures/external.rs`
 //! (NodePort / external IPs, SNAT, source ranges, hairpin);
-//! `fixtures/icmp.rs` (ICMP errors about translated flows).
+//! `fixtures/icmp.rs` (ICMP errors about translated flows);
+//! `fixtures/observe.rs` (counters per frontend and backend, monitor events).
 
 mod packet;
 
@@ -17,6 +18,8 @@ mod conntrack;
 mod external;
 #[path = "fixtures/icmp.rs"]
 mod icmp;
+#[path = "fixtures/observe.rs"]
+mod observe;
 #[path = "fixtures/reject.rs"]
 mod reject;
 

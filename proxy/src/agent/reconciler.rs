@@ -28,7 +28,7 @@ use vipr_store::{
 use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
-    frontends::{FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
+    frontends::{FrontendKind, FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
     slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
 };
@@ -237,6 +237,7 @@ impl Reconciler {
                 .as_deref()
                 .unwrap_or("TCP")
                 .parse::<Protocol>();
+            let port_name = port.name.clone().unwrap_or_default();
             let port = u16::try_from(port.port).ok().and_then(Port::new);
             if let (Ok(protocol), Some(port)) = (protocol, port) {
                 let backend = BackendAddr {
@@ -252,6 +253,8 @@ impl Reconciler {
                     FrontendSpec {
                         backends: vec![backend],
                         options: Default::default(),
+                        kind: FrontendKind::ClusterIp,
+                        port_name,
                     },
                 );
             }

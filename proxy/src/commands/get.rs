@@ -102,7 +102,7 @@ pub fn describe(
     Ok(ExitCode::SUCCESS)
 }
 
-type Rows = Vec<Vec<String>>;
+pub(super) type Rows = Vec<Vec<String>>;
 
 fn table(kind: Kind, items: &[Value], wide: bool, all_namespaces: bool) -> Result<Rows> {
     let mut rows = match kind {
@@ -385,7 +385,7 @@ fn age(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Str
 }
 
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
-fn print_table(rows: &Rows) {
+pub(super) fn print_table(rows: &Rows) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {

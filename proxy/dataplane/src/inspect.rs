@@ -1,0 +1,221 @@
+//! The maps as the kernel holds them, for `vipr lb list` (everything,
+//! decoded or as raw bytes) and `vipr trace` (point lookups of the keys
+//! the XDP program would look up for one packet).
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf, Pod,
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
+};
+use ipnet::Ipv4Net;
+use vipr_common::{
+    Backend, BackendKey, DataplaneConfig, FlowKey, NatEntry, ServiceKey, ServiceValue,
+    SourceRangeKey, map_names,
+};
+
+use crate::{Dataplane, DataplaneError, Frontend};
+
+/// One entry of a map, its key and value as bytes (as bpftool shows them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEntry {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// A decoded entry with its raw bytes.
+#[derive(Clone, Debug)]
+pub struct MapEntry<K, V> {
+    pub key: K,
+    pub value: V,
+}
+
+impl<K: Pod, V: Pod> MapEntry<K, V> {
+    pub fn raw(&self) -> RawEntry {
+        RawEntry {
+            key: bytes_of(&self.key).to_vec(),
+            value: bytes_of(&self.value).to_vec(),
+        }
+    }
+}
+
+/// The bytes of a map key or value type.
+pub fn bytes_of<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: Pod types are plain data without padding.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// Every entry of the translation maps, as read now (entries may change
+/// while they are walked; each is consistent on its own).
+#[derive(Clone, Debug, Default)]
+pub struct MapDump {
+    pub config: DataplaneConfig,
+    pub services: Vec<MapEntry<ServiceKey, ServiceValue>>,
+    pub backends: Vec<MapEntry<BackendKey, Backend>>,
+    pub flows: Vec<MapEntry<FlowKey, NatEntry>>,
+    pub reverse_flows: Vec<MapEntry<FlowKey, NatEntry>>,
+    /// Service id and client range.
+    pub source_ranges: Vec<(u32, Ipv4Net)>,
+    /// CLOCK_MONOTONIC seconds when read, to age flows (`NatEntry::opened_s`).
+    pub now_s: u64,
+}
+
+fn hash_entries<K: Pod, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<Vec<MapEntry<K, V>>, DataplaneError> {
+    let map: BpfHashMap<&MapData, K, V> =
+        BpfHashMap::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
+            .map_err(DataplaneError::map(name))?;
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, value)| MapEntry { key, value })
+        .collect())
+}
+
+fn config_of(ebpf: &Ebpf) -> Result<DataplaneConfig, DataplaneError> {
+    let array: Array<&MapData, DataplaneConfig> = Array::try_from(
+        ebpf.map(map_names::CONFIG)
+            .ok_or(DataplaneError::MissingMap(map_names::CONFIG))?,
+    )
+    .map_err(DataplaneError::map(map_names::CONFIG))?;
+    array
+        .get(&0, 0)
+        .map_err(DataplaneError::map(map_names::CONFIG))
+}
+
+fn source_range_trie(
+    ebpf: &Ebpf,
+) -> Result<LpmTrie<&MapData, SourceRangeKey, u32>, DataplaneError> {
+    LpmTrie::try_from(
+        ebpf.map(map_names::SOURCE_RANGES)
+            .ok_or(DataplaneError::MissingMap(map_names::SOURCE_RANGES))?,
+    )
+    .map_err(DataplaneError::map(map_names::SOURCE_RANGES))
+}
+
+/// CLOCK_MONOTONIC in seconds, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_seconds() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+impl Dataplane {
+    /// Reads every translation map whole. Walks conntrack: for the CLI.
+    pub fn dump_maps(&self) -> Result<MapDump, DataplaneError> {
+        let ebpf = self.ebpf();
+        let trie = source_range_trie(ebpf)?;
+        let source_ranges = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| {
+                let data = key.data();
+                let prefix = key.prefix_len().saturating_sub(32).min(32) as u8;
+                let net = Ipv4Net::new(Ipv4Addr::from(u32::from_be(data.addr)), prefix).ok()?;
+                Some((u32::from_be(data.service_id), net))
+            })
+            .collect();
+        Ok(MapDump {
+            config: config_of(ebpf)?,
+            services: hash_entries(ebpf, map_names::SERVICES)?,
+            backends: hash_entries(ebpf, map_names::BACKENDS)?,
+            flows: hash_entries(ebpf, map_names::FLOWS)?,
+            reverse_flows: hash_entries(ebpf, map_names::REVERSE_FLOWS)?,
+            source_ranges,
+            now_s: monotonic_seconds(),
+        })
+    }
+
+    /// The node-wide settings the program reads.
+    pub fn config(&self) -> Result<DataplaneConfig, DataplaneError> {
+        config_of(self.ebpf())
+    }
+
+    /// The SERVICES entry of `frontend`, as the program would find it.
+    pub fn lookup_service(
+        &self,
+        frontend: &Frontend,
+    ) -> Result<Option<ServiceValue>, DataplaneError> {
+        let map: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+            self.ebpf()
+                .map(map_names::SERVICES)
+                .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?,
+        )
+        .map_err(DataplaneError::map(map_names::SERVICES))?;
+        Ok(map.get(&frontend.key(), 0).ok())
+    }
+
+    /// The backend in slot `slot` of service `service_id`.
+    pub fn lookup_backend(
+        &self,
+        service_id: u32,
+        slot: u32,
+    ) -> Result<Option<Backend>, DataplaneError> {
+        let map: BpfHashMap<&MapData, BackendKey, Backend> = BpfHashMap::try_from(
+            self.ebpf()
+                .map(map_names::BACKENDS)
+                .ok_or(DataplaneError::MissingMap(map_names::BACKENDS))?,
+        )
+        .map_err(DataplaneError::map(map_names::BACKENDS))?;
+        Ok(map.get(&BackendKey { service_id, slot }, 0).ok())
+    }
+
+    /// The conntrack entry of `key` in FLOWS (`reverse`: REVERSE_FLOWS).
+    pub fn lookup_flow(
+        &self,
+        key: &FlowKey,
+        reverse: bool,
+    ) -> Result<Option<NatEntry>, DataplaneError> {
+        let name = if reverse {
+            map_names::REVERSE_FLOWS
+        } else {
+            map_names::FLOWS
+        };
+        let map: BpfHashMap<&MapData, FlowKey, NatEntry> = BpfHashMap::try_from(
+            self.ebpf()
+                .map(name)
+                .ok_or(DataplaneError::MissingMap(name))?,
+        )
+        .map_err(DataplaneError::map(name))?;
+        Ok(map.get(key, 0).ok())
+    }
+
+    /// The source range of service `service_id` that admits `client`, if any.
+    pub fn matching_source_range(
+        &self,
+        service_id: u32,
+        client: Ipv4Addr,
+    ) -> Result<Option<Ipv4Net>, DataplaneError> {
+        let trie = source_range_trie(self.ebpf())?;
+        let key = Key::new(
+            64,
+            SourceRangeKey {
+                service_id: service_id.to_be(),
+                addr: u32::from(client).to_be(),
+            },
+        );
+        if trie.get(&key, 0).is_err() {
+            return Ok(None);
+        }
+        // The trie says yes; name the range from the userspace copy.
+        Ok(self
+            .services
+            .programmed()
+            .find(|(_, p)| p.id == service_id)
+            .and_then(|(_, p)| {
+                p.options
+                    .source_ranges
+                    .iter()
+                    .filter(|net| net.contains(&client))
+                    .max_by_key(|net| net.prefix_len())
+                    .copied()
+            })
+            .or(Some(Ipv4Net::from(client))))
+    }
+}

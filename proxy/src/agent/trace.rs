@@ -1,0 +1,412 @@
+//! `vipr trace`: walks the decision the XDP program makes for one packet,
+//! in its order, reading the same maps it reads, and explains each step:
+//! conntrack (an existing flow or a reply of one), the frontend lookup (or
+//! what happens to a packet that matches none), source ranges, endpoints,
+//! traffic policy, the balancing algorithm and its pick, the NAT applied
+//! and the route to the backend.
+//!
+//! The data plane balances new flows with `random` (one draw per flow,
+//! uniform over the backend slots), so for a new flow the trace lists the
+//! candidates and their odds; an existing flow's backend is certain.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde_json::{Value, json};
+use vipr_balancer::{Backend as BalancerBackend, random_candidates};
+use vipr_dataplane::{
+    Dataplane, Frontend, Port, Protocol,
+    vipr_common::{DataplaneConfig, FlowKey, NatEntry, ServiceValue, flow_flags, service_flags},
+};
+use vipr_pod_runtime::PodInfo;
+
+use super::sync::Programmed;
+
+/// The packet to trace.
+#[derive(Clone, Copy, Debug)]
+pub struct TracedPacket {
+    pub src: Ipv4Addr,
+    /// `None`: any client port (no conntrack entry can be looked up).
+    pub src_port: Option<u16>,
+    pub dst: SocketAddrV4,
+    pub protocol: Protocol,
+}
+
+impl TracedPacket {
+    /// Parses `--src IP[:PORT] --dst IP:PORT [--proto tcp|udp]`.
+    pub fn parse(src: &str, dst: &str, protocol: Option<&str>) -> Result<Self, String> {
+        let (src, src_port) = match src.parse::<SocketAddrV4>() {
+            Ok(sock) => (*sock.ip(), Some(sock.port())),
+            Err(_) => (
+                src.parse::<Ipv4Addr>()
+                    .map_err(|_| format!("--src {src:?}: expected IP or IP:PORT"))?,
+                None,
+            ),
+        };
+        let dst = dst
+            .parse::<SocketAddrV4>()
+            .map_err(|_| format!("--dst {dst:?}: expected IP:PORT"))?;
+        let protocol = protocol
+            .unwrap_or("tcp")
+            .parse::<Protocol>()
+            .map_err(|e| format!("--proto: {e}"))?;
+        Ok(TracedPacket {
+            src,
+            src_port,
+            dst,
+            protocol,
+        })
+    }
+
+    fn key(&self, src_port: u16) -> FlowKey {
+        FlowKey {
+            src_addr: u32::from(self.src).to_be(),
+            dst_addr: u32::from(*self.dst.ip()).to_be(),
+            src_port: src_port.to_be(),
+            dst_port: self.dst.port().to_be(),
+            proto: self.protocol.ip_proto(),
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+}
+
+fn sock(addr: u32, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
+}
+
+fn ip(addr: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(addr))
+}
+
+/// The explanation being built: steps, then the verdict.
+#[derive(Default)]
+struct Trace {
+    steps: Vec<Value>,
+}
+
+impl Trace {
+    fn step(&mut self, step: &str, detail: impl Into<String>) {
+        self.steps
+            .push(json!({"step": step, "detail": detail.into()}));
+    }
+
+    fn finish(self, verdict: &str, backend: Option<SocketAddrV4>, candidates: Value) -> Value {
+        json!({
+            "steps": self.steps,
+            "verdict": verdict,
+            "backend": backend.map(|b| b.to_string()),
+            "candidates": candidates,
+        })
+    }
+}
+
+/// What the agent knows besides the maps: who owns the frontends and
+/// where pods live.
+pub struct TraceContext<'a> {
+    pub intent: &'a Programmed,
+    pub pods: &'a [PodInfo],
+}
+
+/// Traces `packet` through `dataplane`'s maps.
+pub fn trace(
+    dataplane: &Dataplane,
+    context: &TraceContext<'_>,
+    packet: &TracedPacket,
+) -> Result<Value, String> {
+    let mut t = Trace::default();
+    let err = |e: vipr_dataplane::DataplaneError| e.to_string();
+    t.step(
+        "packet",
+        format!(
+            "{} {}:{} -> {}",
+            packet.protocol,
+            packet.src,
+            packet.src_port.map_or("*".into(), |p| p.to_string()),
+            packet.dst
+        ),
+    );
+    if let Some(pod) = context.pods.iter().find(|p| p.ip == Some(packet.src)) {
+        t.step(
+            "socket",
+            format!(
+                "the client is pod {} of this node: its connect()/sendmsg() to a frontend is \
+                 translated by the cgroup socket hooks, before any packet, from the same maps \
+                 and the same pick as below; such sockets make no conntrack entry",
+                pod.key
+            ),
+        );
+    }
+    if let Some(src_port) = packet.src_port {
+        let key = packet.key(src_port);
+        if let Some(entry) = dataplane.lookup_flow(&key, false).map_err(err)? {
+            return Ok(existing_flow(t, context, &entry));
+        }
+        if let Some(entry) = dataplane.lookup_flow(&key, true).map_err(err)? {
+            t.step(
+                "conntrack",
+                format!(
+                    "a reply of a translated flow (REVERSE_FLOWS): rewritten to {} -> {}",
+                    sock(entry.src_addr, entry.src_port),
+                    sock(entry.dst_addr, entry.dst_port)
+                ),
+            );
+            return Ok(t.finish("reverse-translated", None, Value::Null));
+        }
+        t.step(
+            "conntrack",
+            "no entry in FLOWS or REVERSE_FLOWS: a new flow",
+        );
+    } else {
+        t.step(
+            "conntrack",
+            "no client port given: conntrack not consulted, traced as a new flow",
+        );
+    }
+
+    let frontend = Port::new(packet.dst.port()).map(|port| Frontend {
+        addr: *packet.dst.ip(),
+        port,
+        protocol: packet.protocol,
+    });
+    let service = match frontend {
+        Some(f) => dataplane.lookup_service(&f).map_err(err)?,
+        None => None,
+    };
+    let config = dataplane.config().map_err(err)?;
+    let (Some(frontend), Some(service)) = (frontend, service) else {
+        return Ok(no_frontend(t, &config, packet));
+    };
+    let owner = context
+        .intent
+        .owners
+        .get(&frontend)
+        .map_or("no service (a stray entry)".to_owned(), |o| {
+            format!("service {}/{}", o.0, o.1)
+        });
+    t.step(
+        "frontend",
+        format!(
+            "{frontend} found in SERVICES: {owner}, service id {}, {} backend slot(s)",
+            service.service_id, service.backend_count
+        ),
+    );
+    if service.flags & service_flags::SOURCE_RANGES != 0 {
+        match dataplane
+            .matching_source_range(service.service_id, packet.src)
+            .map_err(err)?
+        {
+            Some(range) => t.step(
+                "source ranges",
+                format!("{} is inside {range}: admitted", packet.src),
+            ),
+            None => {
+                t.step(
+                    "source ranges",
+                    format!(
+                        "{} is outside every loadBalancerSourceRange: dropped (drop_source_range)",
+                        packet.src
+                    ),
+                );
+                return Ok(t.finish("dropped: source range", None, Value::Null));
+            }
+        }
+    } else {
+        t.step("source ranges", "none set: every client admitted");
+    }
+    t.step("traffic policy", policy_text(&service));
+    if service.backend_count == 0 {
+        return Ok(no_endpoints(t, &service, packet.protocol));
+    }
+    new_flow(t, dataplane, context, &config, packet, &service)
+}
+
+fn existing_flow(mut t: Trace, context: &TraceContext<'_>, entry: &NatEntry) -> Value {
+    let backend = sock(entry.dst_addr, entry.dst_port);
+    let age = vipr_dataplane::monotonic_seconds().saturating_sub(u64::from(entry.opened_s));
+    t.step(
+        "conntrack",
+        format!(
+            "existing flow (FLOWS), opened {age}s ago: every packet goes to {backend}, whatever the balancing{}",
+            if entry.flags & flow_flags::FIN != 0 {
+                "; the client has sent FIN"
+            } else {
+                ""
+            }
+        ),
+    );
+    let source = sock(entry.src_addr, entry.src_port);
+    t.step(
+        "nat",
+        format!(
+            "DNAT to {backend}; source seen by the backend {source}{}",
+            if entry.flags & flow_flags::SNAT != 0 {
+                " (SNAT)"
+            } else {
+                ""
+            }
+        ),
+    );
+    t.step("route", route_text(context, *backend.ip()));
+    t.finish("forwarded", Some(backend), Value::Null)
+}
+
+fn no_frontend(mut t: Trace, config: &DataplaneConfig, packet: &TracedPacket) -> Value {
+    let dst = u32::from(*packet.dst.ip()).to_be();
+    let mask = config.service_cidr_mask;
+    if mask != 0 && dst & mask == config.service_cidr_addr {
+        let cidr = format!(
+            "{}/{}",
+            ip(config.service_cidr_addr),
+            u32::from_be(mask).count_ones()
+        );
+        t.step(
+            "frontend",
+            format!(
+                "{} {} matches no frontend but lies in the service CIDR {cidr}: dropped, never routed (drop_unknown_vip)",
+                packet.dst, packet.protocol
+            ),
+        );
+        return t.finish(
+            "dropped: unknown VIP in the service CIDR",
+            None,
+            Value::Null,
+        );
+    }
+    t.step(
+        "frontend",
+        format!(
+            "{} {} is no service address: passed untouched to the kernel's routing",
+            packet.dst, packet.protocol
+        ),
+    );
+    t.finish("passed", None, Value::Null)
+}
+
+fn policy_text(service: &ServiceValue) -> String {
+    if service.flags & service_flags::SNAT != 0 {
+        "externalTrafficPolicy Cluster: any backend; the client is SNATed to the node address"
+            .into()
+    } else if service.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+        "externalTrafficPolicy Local: only this node's endpoints; the client address is kept".into()
+    } else {
+        "in-cluster frontend: any ready endpoint; the client address is kept".into()
+    }
+}
+
+fn no_endpoints(mut t: Trace, service: &ServiceValue, protocol: Protocol) -> Value {
+    if service.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+        t.step(
+            "endpoints",
+            "no local endpoint (externalTrafficPolicy Local): dropped silently (drop_no_endpoints)",
+        );
+        return t.finish("dropped: no endpoints", None, Value::Null);
+    }
+    let answer = match protocol {
+        Protocol::Tcp => "answered with a TCP RST (reject_tcp)",
+        Protocol::Udp => "answered with ICMP port unreachable (reject_udp)",
+    };
+    t.step(
+        "endpoints",
+        format!("no ready endpoint: {answer}, like kube-proxy's REJECT"),
+    );
+    t.finish("refused: no endpoints", None, Value::Null)
+}
+
+fn new_flow(
+    mut t: Trace,
+    dataplane: &Dataplane,
+    context: &TraceContext<'_>,
+    config: &DataplaneConfig,
+    packet: &TracedPacket,
+    service: &ServiceValue,
+) -> Result<Value, String> {
+    let mut backends = Vec::new();
+    for slot in 0..service.backend_count {
+        match dataplane
+            .lookup_backend(service.service_id, slot)
+            .map_err(|e| e.to_string())?
+        {
+            Some(b) => backends.push(sock(b.addr, b.port)),
+            None => {
+                t.step(
+                    "backends",
+                    format!("slot {slot} is missing from BACKENDS: a draw landing there drops the packet (drop_backend_missing)"),
+                );
+            }
+        }
+    }
+    let candidates: Vec<BalancerBackend> = backends
+        .iter()
+        .map(|b| BalancerBackend::new(std::net::SocketAddr::V4(*b)))
+        .collect();
+    let odds = random_candidates(&candidates);
+    let listed: Vec<String> = odds
+        .iter()
+        .map(|c| format!("{} {:.1}%", c.addr, c.probability * 100.0))
+        .collect();
+    t.step(
+        "algorithm",
+        format!(
+            "random: one draw per new flow, uniform over {} backend slot(s): {}",
+            service.backend_count,
+            listed.join(", ")
+        ),
+    );
+    let chosen = (backends.len() == 1).then(|| backends[0]);
+    let snat = if service.flags & service_flags::SNAT != 0 {
+        let addr = if config.node_addr != 0 {
+            ip(config.node_addr)
+        } else {
+            *packet.dst.ip()
+        };
+        Some(format!(
+            "SNAT to {addr}:<a free port in {}-{}> so replies return through this node",
+            config.snat_port_min,
+            u32::from(config.snat_port_min) + u32::from(config.snat_port_count).saturating_sub(1)
+        ))
+    } else {
+        None
+    };
+    let hairpin = config.hairpin_addr != 0 && backends.iter().any(|b| *b.ip() == packet.src);
+    let mut nat = format!("DNAT {} -> the chosen backend", packet.dst);
+    if let Some(snat) = snat {
+        nat.push_str("; ");
+        nat.push_str(&snat);
+    }
+    if hairpin {
+        nat.push_str(&format!(
+            "; if the client itself is picked (hairpin), its source becomes {}",
+            ip(config.hairpin_addr)
+        ));
+    }
+    t.step("nat", nat);
+    for backend in &backends {
+        t.step(
+            "route",
+            format!("{backend}: {}", route_text(context, *backend.ip())),
+        );
+    }
+    let candidates = odds
+        .iter()
+        .map(|c| json!({"backend": c.addr.to_string(), "probability": c.probability}))
+        .collect();
+    let verdict = if chosen.is_some() {
+        "forwarded"
+    } else {
+        "forwarded to one of the candidates"
+    };
+    Ok(t.finish(verdict, chosen, candidates))
+}
+
+fn route_text(context: &TraceContext<'_>, addr: Ipv4Addr) -> String {
+    match context.pods.iter().find(|p| p.ip == Some(addr)) {
+        Some(pod) if !pod.host_ifname.is_empty() => format!(
+            "pod {} on this node, through its veth {} (ifindex {})",
+            pod.key,
+            pod.host_ifname,
+            pod.host_ifindex.map_or("?".into(), |i| i.to_string())
+        ),
+        Some(pod) => format!("pod {} (host network): delivered locally", pod.key),
+        None => "not a pod of this node: routed by the kernel's table".into(),
+    }
+}
