@@ -248,6 +248,17 @@ pub struct AgentArgs {
     /// Where services come from.
     #[arg(long, value_enum, default_value_t = Source::Local)]
     pub source: Source,
+    /// Flows conntrack holds (two map entries each); when full, new flows
+    /// are dropped and counted (drop_flow_map_full), live ones are never
+    /// evicted. Changing it discards the pinned conntrack (open flows reopen).
+    #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    pub max_flows: u32,
+    /// Service frontends (VIP, port, protocol) the data plane holds.
+    #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    pub max_services: u32,
+    /// Backend slots over all frontends.
+    #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub max_backends: u32,
     /// Remove everything the agent made (programs, maps, links, pods) and exit.
     #[arg(long)]
     pub cleanup: bool,

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -29,6 +30,9 @@ pub struct Metrics {
     datapath_packets: IntCounterVec,
     datapath_bytes: IntCounterVec,
     services: Arc<ServiceCollector>,
+    conntrack_flows: IntGauge,
+    conntrack_capacity: IntGauge,
+    conntrack_expired: IntCounter,
     health: Mutex<Health>,
 }
 
@@ -208,6 +212,18 @@ impl Metrics {
         )?;
         let services = Arc::new(ServiceCollector::new()?);
         registry.register(Box::new(SharedCollector(services.clone())))?;
+        let conntrack_flows = IntGauge::new(
+            "vipr_conntrack_flows",
+            "Flows in conntrack at the last expiry pass",
+        )?;
+        let conntrack_capacity = IntGauge::new(
+            "vipr_conntrack_capacity_flows",
+            "Flows conntrack holds at most (--max-flows); when full, new flows are dropped as drop_flow_map_full",
+        )?;
+        let conntrack_expired = IntCounter::new(
+            "vipr_conntrack_expired_flows_total",
+            "Idle flows removed from conntrack",
+        )?;
         for collector in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(programming_duration.clone()),
@@ -215,6 +231,9 @@ impl Metrics {
             Box::new(endpoint_changes.clone()),
             Box::new(datapath_packets.clone()),
             Box::new(datapath_bytes.clone()),
+            Box::new(conntrack_flows.clone()),
+            Box::new(conntrack_capacity.clone()),
+            Box::new(conntrack_expired.clone()),
         ] {
             registry.register(collector)?;
         }
@@ -227,6 +246,9 @@ impl Metrics {
             datapath_packets,
             datapath_bytes,
             services,
+            conntrack_flows,
+            conntrack_capacity,
+            conntrack_expired,
             health: Mutex::new(Health::default()),
         }))
     }
@@ -255,6 +277,13 @@ impl Metrics {
     /// Replaces the per-service counters with a fresh reading.
     pub fn set_frontends(&self, samples: Vec<FrontendSample>) {
         *self.services.snapshot.lock().unwrap() = samples;
+    }
+
+    /// Records one conntrack expiry pass.
+    pub fn set_conntrack(&self, expiry: &vipr_dataplane::Expiry) {
+        self.conntrack_flows.set(expiry.flows as i64);
+        self.conntrack_capacity.set(i64::from(expiry.capacity));
+        self.conntrack_expired.inc_by(expiry.expired as u64);
     }
 
     fn healthz(&self) -> (u16, String) {

@@ -12,8 +12,8 @@
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
     pub const BACKENDS: &str = "BACKENDS";
-    pub const FLOWS: &str = "FLOWS";
-    pub const REVERSE_FLOWS: &str = "REVERSE_FLOWS";
+    /// Conntrack: both directions of every translated flow in one map.
+    pub const CONNTRACK: &str = "CONNTRACK";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
@@ -25,6 +25,9 @@ pub mod map_names {
     pub const MONITOR: &str = ".data.vipr_monitor";
     pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
     pub const MONITOR_LOST: &str = "MONITOR_LOST";
+    /// Maps of earlier builds, removed from the pin folder at load: the
+    /// forward and reply conntrack maps that `CONNTRACK` replaced.
+    pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -56,8 +59,14 @@ pub mod sock_programs {
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Default capacity of each conntrack map (LRU).
+/// Default number of flows conntrack holds; each flow takes two entries of
+/// the `CONNTRACK` map, one per direction.
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+
+/// Conntrack's clock: `bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`
+/// (CLOCK_MONOTONIC_COARSE in ticks of 2^24 ns, about 16.8 ms), kept in
+/// [`NatEntry::last_seen`]; a u32 of these wraps after about 2.3 years.
+pub const FLOW_CLOCK_SHIFT: u32 = 24;
 /// Default capacity of the loadBalancerSourceRanges trie (all services).
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
@@ -201,6 +210,12 @@ pub mod flow_flags {
     /// The flow's source is rewritten (SNAT or hairpin): the reverse entry
     /// restores the client as destination.
     pub const SNAT: u8 = 1 << 1;
+    /// The entry is the flow's reply direction (backend to client), so one
+    /// lookup serves both directions and still tells them apart.
+    pub const REPLY: u8 = 1 << 2;
+    /// A packet after the first was translated with this entry; on the
+    /// reply entry it means the backend answered (the flow is established).
+    pub const SEEN: u8 = 1 << 3;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -216,16 +231,39 @@ pub struct NatEntry {
     pub dst_port: u16,
     /// [`flow_flags`] bits.
     pub flags: u8,
-    pub _pad: u8,
-    pub _pad2: u16,
     /// The (frontend, backend) counters this flow's packets count in, both
-    /// directions (see [`Backend::stats_id`]).
-    pub stats_id: u32,
-    /// When the flow opened: CLOCK_MONOTONIC seconds (`bpf_ktime_get_ns`).
-    pub opened_s: u32,
+    /// directions (see [`Backend::stats_id`]): 24 bits, high byte first, in
+    /// what was padding (a wider entry made LLVM merge stores the verifier
+    /// rejects as misaligned on the stack). See [`NatEntry::stats_id`].
+    pub stats_hi: u8,
+    pub stats_lo: u16,
+    /// The rewrite's change to the IPv4 header checksum (addresses), and to
+    /// the TCP/UDP checksum (addresses, as part of the pseudo-header, and
+    /// ports): folded ones' complement sums, computed once when the flow
+    /// opens so a conntrack hit only adds them.
+    pub ip_check_delta: u16,
+    pub l4_check_delta: u16,
+    /// When a packet last used this entry, in [`FLOW_CLOCK_SHIFT`] ticks:
+    /// userspace removes flows idle for longer than their timeout.
+    pub last_seen: u32,
 }
 
+/// Stats ids fit in the 24 bits a conntrack entry has for them.
+pub const MAX_STATS_ID: u32 = (1 << 24) - 1;
+
 impl NatEntry {
+    /// The `BACKEND_STATS` slot of this flow.
+    #[inline(always)]
+    pub const fn stats_id(&self) -> u32 {
+        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
+    }
+
+    /// Splits a stats id (at most [`MAX_STATS_ID`]) into its two fields.
+    #[inline(always)]
+    pub const fn stats_fields(stats_id: u32) -> (u8, u16) {
+        ((stats_id >> 16) as u8, stats_id as u16)
+    }
+
     /// The rewritten tuple as a flow key of protocol `proto`.
     #[inline(always)]
     pub const fn tuple(&self, proto: u8) -> FlowKey {
@@ -347,7 +385,8 @@ pub enum Counter {
     DropMalformed = 6,
     /// Dropped: an IP fragment addressed to a service (ports unknown).
     DropFragment = 7,
-    /// Dropped: conntrack could not record the flow (map full).
+    /// Dropped: conntrack could not record the flow: the map is full (of
+    /// live flows; idle ones are expired by userspace, never evicted).
     DropFlowMapFull = 8,
     /// Dropped: backend slot missing although the service counts it.
     DropBackendMissing = 9,
@@ -376,9 +415,8 @@ pub enum Counter {
     /// endpoints refused with ECONNREFUSED.
     SockRejected = 19,
     /// A TCP packet without SYN opened a flow (counted besides `NewFlow`):
-    /// its conntrack entry is gone, evicted from a full flow map or lost.
-    /// The LRU flow map makes room by evicting its oldest entry rather than
-    /// refusing a new flow; this is where that becomes visible.
+    /// its conntrack entry is gone (expired while idle, removed with a
+    /// vanished backend, or the map was recreated).
     FlowOpenedMidStream = 20,
 }
 

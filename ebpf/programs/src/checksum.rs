@@ -40,8 +40,20 @@ impl Delta {
     /// `check` after the changes.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {
-        !fold(u32::from(!check) + u32::from(fold(self.0)))
+        apply_folded(self.folded(), check)
     }
+
+    /// The changes as one 16-bit word, to store and apply later.
+    #[inline(always)]
+    pub fn folded(self) -> u16 {
+        fold(self.0)
+    }
+}
+
+/// `check` after changes whose sum was folded (`Delta::folded`) earlier.
+#[inline(always)]
+pub fn apply_folded(delta: u16, check: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(delta))
 }
 
 /// The ones' complement sum (not yet inverted) of a 32-bit value's halves.

@@ -1,64 +1,86 @@
-//! Conntrack: the two LRU maps that remember each translated flow, one entry
-//! per direction, each holding the full tuple its packets leave with.
+//! Conntrack: the hash map that remembers each translated flow, one entry
+//! per direction, each holding the full tuple its packets leave with. Both
+//! directions live in one map so a packet costs one lookup either way; the
+//! reply entry carries `flow_flags::REPLY`.
 //!
-//! Opening a flow picks a backend, optionally an SNAT source (port claimed
-//! atomically by inserting the reply entry with BPF_NOEXIST), and records
-//! both directions. TCP flows leave on RST at once, and after FINs both ways
-//! on the last ACK; UDP flows are removed by userspace when their backend
-//! goes (see the control library's `services` module).
+//! Opening a flow (`open`) picks a backend, optionally an SNAT source (port
+//! claimed atomically by inserting the reply entry with BPF_NOEXIST), and
+//! records both directions; `close` removes both. TCP flows leave on RST at
+//! once, and after FINs both ways on the last ACK. Userspace removes the UDP
+//! flows of a backend that goes (the control library's `services` module)
+//! and expires idle flows by their `last_seen` stamp (its `flows` module);
+//! a full map refuses new flows, counted, and never evicts a live one.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    maps::{LpmTrie, LruHashMap, lpm_trie::Key},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    maps::{LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use vipr_common::{
-    Backend, BackendKey, Counter, DataplaneConfig, FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry,
-    ServiceValue, SourceRangeKey, flow_flags, service_flags,
+    Backend, BackendKey, Counter, DataplaneConfig, FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, NatEntry, ServiceValue, SourceRangeKey, flow_flags, service_flags,
 };
 
 use crate::{
-    BACKENDS, CONFIG, FLOWS, REVERSE_FLOWS, SOURCE_RANGES, count,
-    headers::{Packet, tcp_flags},
+    BACKENDS, CONFIG, CONNTRACK, SOURCE_RANGES, count,
+    headers::{Packet, sealed, tcp_flags},
     reject, stats,
 };
-
-type FlowMap = LruHashMap<FlowKey, NatEntry>;
 
 /// Random SNAT ports tried before a new flow is refused.
 const SNAT_ATTEMPTS: u32 = 8;
 /// LPM prefix length of a full source-range lookup (service id + address).
 const SOURCE_RANGE_FULL_PREFIX: u32 = 64;
+/// What a map update returns when a hash map is full.
+const E2BIG: i32 = 7;
 
-/// Translates a packet of a known flow; `None` when the flow is unknown.
+/// Conntrack's clock (see `FLOW_CLOCK_SHIFT`).
 #[inline(always)]
-pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
-    if let Some(entry) = FLOWS.get_ptr_mut(tuple) {
-        track(packet, tuple, entry, &FLOWS, &REVERSE_FLOWS);
-        return Some((Counter::FlowHit, xdp_action::XDP_PASS));
-    }
-    if let Some(entry) = REVERSE_FLOWS.get_ptr_mut(tuple) {
-        track(packet, tuple, entry, &REVERSE_FLOWS, &FLOWS);
-        return Some((Counter::ReplyTranslated, xdp_action::XDP_PASS));
-    }
-    None
+fn now() -> u32 {
+    // SAFETY: a plain helper call with no arguments.
+    (unsafe { bpf_ktime_get_coarse_ns() } >> FLOW_CLOCK_SHIFT) as u32
 }
 
-/// Rewrites the packet per its flow entry and follows TCP closing.
+/// Translates a packet of a known flow, either direction; `None` when the
+/// flow is unknown.
 #[inline(always)]
-fn track(
-    packet: &Packet,
-    tuple: &FlowKey,
-    entry_ptr: *mut NatEntry,
-    own: &FlowMap,
-    other: &FlowMap,
-) {
+pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
+    let entry_ptr = CONNTRACK.get_ptr_mut(tuple)?;
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
-    packet.rewrite(tuple, &entry);
-    stats::count_flow_packet(entry.stats_id, packet);
+    packet.rewrite(&entry);
+    stats::count_flow_packet(entry.stats_id(), packet);
+    stamp(entry_ptr, &entry);
+    track_close(packet, tuple, entry_ptr, &entry);
+    let counter = if entry.flags & flow_flags::REPLY != 0 {
+        Counter::ReplyTranslated
+    } else {
+        Counter::FlowHit
+    };
+    Some((counter, xdp_action::XDP_PASS))
+}
+
+/// Records that the entry was used now. Writes only when the tick changed
+/// (every ~17 ms at most), so a busy flow's entry is rarely dirtied.
+#[inline(always)]
+fn stamp(entry_ptr: *mut NatEntry, entry: &NatEntry) {
+    let now = now();
+    if entry.last_seen != now {
+        // SAFETY: live map value; a racing writer stores the same tick.
+        unsafe { (*entry_ptr).last_seen = now };
+    }
+    if entry.flags & flow_flags::SEEN == 0 {
+        // SAFETY: as above; set once per entry.
+        unsafe { (*entry_ptr).flags |= flow_flags::SEEN };
+    }
+}
+
+/// Follows TCP closing: a flow leaves on RST, or on the last ACK after FINs
+/// both ways.
+#[inline(always)]
+fn track_close(packet: &Packet, tuple: &FlowKey, entry_ptr: *mut NatEntry, entry: &NatEntry) {
     let flags = packet.tcp_flags();
     // The common case costs one test: no FIN or RST now or before.
     if flags & (tcp_flags::FIN | tcp_flags::RST) == 0 && entry.flags & flow_flags::FIN == 0 {
@@ -66,7 +88,7 @@ fn track(
     }
     let other_key = entry.tuple(tuple.proto).reversed();
     if flags & tcp_flags::RST != 0 {
-        close(own, tuple, other, &other_key);
+        close(tuple, &other_key);
     } else if flags & tcp_flags::FIN != 0 {
         // SAFETY: as above; a racing writer can only set the same bit.
         unsafe { (*entry_ptr).flags |= flow_flags::FIN };
@@ -75,17 +97,18 @@ fn track(
         // last packet of the flow.
         // SAFETY: plain data read.
         let other_closed =
-            unsafe { other.get(other_key) }.is_some_and(|e| e.flags & flow_flags::FIN != 0);
+            unsafe { CONNTRACK.get(other_key) }.is_some_and(|e| e.flags & flow_flags::FIN != 0);
         if other_closed {
-            close(own, tuple, other, &other_key);
+            close(tuple, &other_key);
         }
     }
 }
 
+/// Removes both directions of a flow.
 #[inline(always)]
-fn close(own: &FlowMap, key: &FlowKey, other: &FlowMap, other_key: &FlowKey) {
-    let _ = own.remove(key);
-    let _ = other.remove(other_key);
+pub(crate) fn close(key: &FlowKey, other_key: &FlowKey) {
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK.remove(other_key);
     count(Counter::FlowClosed, 0);
 }
 
@@ -110,49 +133,51 @@ pub fn open(
         return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
     };
     let config = CONFIG.get(0).copied().unwrap_or_default();
-    // SAFETY: a plain helper call.
-    let opened_s = (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32;
 
+    let (stats_hi, stats_lo) = NatEntry::stats_fields(backend.stats_id);
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,
         src_port: tuple.src_port,
         dst_port: backend.port,
         flags: 0,
-        _pad: 0,
-        _pad2: 0,
-        stats_id: backend.stats_id,
-        opened_s,
+        stats_hi,
+        stats_lo,
+        ip_check_delta: 0,
+        l4_check_delta: 0,
+        last_seen: now(),
     };
     let mut reverse = NatEntry {
         src_addr: tuple.dst_addr,
         dst_addr: tuple.src_addr,
         src_port: tuple.dst_port,
         dst_port: tuple.src_port,
-        flags: 0,
-        _pad: 0,
-        _pad2: 0,
-        stats_id: backend.stats_id,
-        opened_s,
+        flags: flow_flags::REPLY,
+        stats_hi,
+        stats_lo,
+        ip_check_delta: 0,
+        l4_check_delta: 0,
+        last_seen: forward.last_seen,
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
             forward.src_addr = addr;
             forward.flags = flow_flags::SNAT;
-            reverse.flags = flow_flags::SNAT;
-            if !claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
-                return (Counter::DropSnatPortsExhausted, xdp_action::XDP_DROP);
+            reverse.flags |= flow_flags::SNAT;
+            if let Err(refused) = claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
+                return (refused, xdp_action::XDP_DROP);
             }
         }
         None => {
             let reply_key = forward.tuple(tuple.proto).reversed();
-            if REVERSE_FLOWS.insert(reply_key, reverse, 0).is_err() {
+            if CONNTRACK.insert(reply_key, sealed(&reply_key, reverse), 0).is_err() {
                 return (Counter::DropFlowMapFull, xdp_action::XDP_DROP);
             }
         }
     }
-    if FLOWS.insert(tuple, forward, 0).is_err() {
-        let _ = REVERSE_FLOWS.remove(forward.tuple(tuple.proto).reversed());
+    let forward = sealed(tuple, forward);
+    if CONNTRACK.insert(tuple, forward, 0).is_err() {
+        let _ = CONNTRACK.remove(forward.tuple(tuple.proto).reversed());
         return (Counter::DropFlowMapFull, xdp_action::XDP_DROP);
     }
     debug!(
@@ -169,7 +194,7 @@ pub fn open(
         count(Counter::FlowOpenedMidStream, 0);
     }
     stats::count_new_flow(backend.stats_id, packet);
-    packet.rewrite(tuple, &forward);
+    packet.rewrite(&forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
 }
 
@@ -223,31 +248,31 @@ fn snat_source(
 }
 
 /// Finds a source port for `forward`'s SNAT address whose reply tuple is
-/// free, and claims it by inserting the reply entry.
+/// free, and claims it by inserting the reply entry; the drop reason when
+/// none is (or conntrack is full).
 #[inline(always)]
 fn claim_snat_port(
     forward: &mut NatEntry,
     reverse: &NatEntry,
     config: &DataplaneConfig,
     proto: u8,
-) -> bool {
+) -> Result<(), Counter> {
     let range = u32::from(config.snat_port_count);
     if range == 0 {
-        return false;
+        return Err(Counter::DropSnatPortsExhausted);
     }
     for _ in 0..SNAT_ATTEMPTS {
         // SAFETY: a plain helper call with no arguments.
         let offset = unsafe { bpf_get_prandom_u32() } % range;
         forward.src_port = (config.snat_port_min.wrapping_add(offset as u16)).to_be();
         let reply_key = forward.tuple(proto).reversed();
-        if REVERSE_FLOWS
-            .insert(reply_key, reverse, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return true;
+        match CONNTRACK.insert(reply_key, sealed(&reply_key, *reverse), u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(()),
+            Err(error) if error == -E2BIG => return Err(Counter::DropFlowMapFull),
+            Err(_) => {}
         }
     }
-    false
+    Err(Counter::DropSnatPortsExhausted)
 }
 
 /// A frontend without endpoints: refuse at once (or drop, when asked).

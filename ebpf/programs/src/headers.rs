@@ -9,7 +9,7 @@ use core::ptr::{addr_of, addr_of_mut, read_unaligned, write_unaligned};
 use aya_ebpf::programs::XdpContext;
 use vipr_common::{FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
 
-use crate::checksum::Delta;
+use crate::checksum::{Delta, apply_folded};
 
 pub const ETH_HDR_LEN: usize = 14;
 /// 0x0800 as it reads from network-order memory on a little-endian host.
@@ -163,35 +163,49 @@ impl Packet {
     }
 
     /// Gives the packet the addresses and ports of `to` (DNAT, reverse NAT
-    /// and SNAT alike), fixing the IP and L4 checksums incrementally.
+    /// and SNAT alike), fixing the IP and L4 checksums incrementally with the
+    /// deltas `to` carries (see [`sealed`]: they assume the packet's tuple is
+    /// the one the entry was sealed for, i.e. its conntrack key).
     #[inline(always)]
-    pub fn rewrite(&self, from: &FlowKey, to: &NatEntry) {
+    pub fn rewrite(&self, to: &NatEntry) {
         // SAFETY: pointers were bounds-checked in `parse`.
         unsafe {
             write_unaligned(addr_of_mut!((*self.ip).saddr), to.src_addr);
             write_unaligned(addr_of_mut!((*self.ip).daddr), to.dst_addr);
             write_unaligned(self.l4 as *mut [u16; 2], [to.src_port, to.dst_port]);
 
-            let addrs = Delta::default()
-                .u32(from.src_addr, to.src_addr)
-                .u32(from.dst_addr, to.dst_addr);
             let ip_check = addr_of_mut!((*self.ip).check);
-            write_unaligned(ip_check, addrs.apply(read_unaligned(ip_check)));
+            write_unaligned(
+                ip_check,
+                apply_folded(to.ip_check_delta, read_unaligned(ip_check)),
+            );
 
             let l4_check = read_unaligned(self.l4_check);
             // A zero UDP checksum means "none computed": leave it so.
             if self.proto == IPPROTO_UDP && l4_check == 0 {
                 return;
             }
-            // The addresses are part of the L4 pseudo-header, so they enter the L4 sum too.
-            let all = addrs
-                .u16(from.src_port, to.src_port)
-                .u16(from.dst_port, to.dst_port);
-            let mut check = all.apply(l4_check);
+            let mut check = apply_folded(to.l4_check_delta, l4_check);
             if self.proto == IPPROTO_UDP && check == 0 {
                 check = 0xffff;
             }
             write_unaligned(self.l4_check, check);
         }
     }
+}
+
+/// `to` with the checksum deltas of rewriting a packet of tuple `from` into
+/// it, ready to be stored as `from`'s conntrack entry.
+#[inline(always)]
+pub fn sealed(from: &FlowKey, mut to: NatEntry) -> NatEntry {
+    let addrs = Delta::default()
+        .u32(from.src_addr, to.src_addr)
+        .u32(from.dst_addr, to.dst_addr);
+    // The addresses are part of the L4 pseudo-header, so they enter the L4 sum too.
+    let all = addrs
+        .u16(from.src_port, to.src_port)
+        .u16(from.dst_port, to.dst_port);
+    to.ip_check_delta = addrs.folded();
+    to.l4_check_delta = all.folded();
+    to
 }

@@ -13,7 +13,7 @@ use aya_ebpf::programs::XdpContext;
 use vipr_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
 
 use crate::{
-    FLOWS, REVERSE_FLOWS,
+    CONNTRACK,
     checksum::Delta,
     headers::{IPV4_MIN_HDR_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, UDP_HDR_LEN, ipv4},
 };
@@ -96,10 +96,8 @@ fn try_translate(ctx: &XdpContext) -> Option<()> {
     // The quoted packet travelled one way; the flow entry for the other way
     // says what that packet looked like before translation (reversed).
     let key = quoted.reversed();
-    let entry: NatEntry = match unsafe { FLOWS.get(key) } {
-        Some(e) => *e,
-        None => *unsafe { REVERSE_FLOWS.get(key) }?,
-    };
+    // SAFETY: plain data read.
+    let entry: NatEntry = *unsafe { CONNTRACK.get(key) }?;
     let restored = entry.tuple(inner_proto).reversed();
 
     // Inner IP header.

@@ -2,7 +2,7 @@
 //!
 //! Attached to each pod's node-side veth and to the node's uplink, it sees
 //! every packet entering the node's network namespace. For a packet to a
-//! service frontend it picks a backend once per flow (conntrack in an LRU
+//! service frontend it picks a backend once per flow (conntrack in a hash
 //! map), rewrites the destination (DNAT, plus SNAT for externally reached
 //! frontends with externalTrafficPolicy Cluster and for hairpin flows) and
 //! records the reverse mapping so the backend's replies get the service
@@ -54,15 +54,19 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Forward direction: client 5-tuple (to the frontend) -> the tuple it leaves with.
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, NatEntry> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
-
-/// Reply direction: backend -> client (or SNAT address) 5-tuple -> the tuple
-/// it leaves with (from the frontend, to the client).
-#[map(name = "REVERSE_FLOWS")]
-static REVERSE_FLOWS: LruHashMap<FlowKey, NatEntry> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+/// Conntrack, both directions of each flow in one map: a client's tuple (to
+/// the frontend) and the backend's reply tuple, each mapped to the tuple its
+/// packets leave with; reply entries carry `flow_flags::REPLY`. One map means
+/// one lookup per packet whichever way it travels. Sized by userspace to two
+/// entries per flow.
+///
+/// A plain hash map, not an LRU one: an LRU map makes room by silently
+/// evicting its least recently used entry, which can be a live idle flow
+/// (it would come back with another backend, or its replies untranslated).
+/// Here a full map refuses the new flow, counted (`DropFlowMapFull`), and
+/// userspace expires idle flows by `NatEntry::last_seen`.
+#[map(name = "CONNTRACK")]
+static CONNTRACK: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
 
 /// loadBalancerSourceRanges of every service that has them, keyed by service id.
 #[map(name = "SOURCE_RANGES")]

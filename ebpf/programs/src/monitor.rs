@@ -20,7 +20,7 @@ use vipr_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MONITOR_RING_BYTES, MonitorEvent, monitor_flags,
 };
 
-use crate::{FLOWS, REVERSE_FLOWS, headers::ipv4};
+use crate::{CONNTRACK, headers::ipv4};
 
 /// The [`monitor_flags`] the agent sets while monitors listen: a global in
 /// a data section of its own (a one-value array map userspace writes), so
@@ -108,12 +108,12 @@ pub fn emit(ctx: &XdpContext, wanted: u32, counter: Counter) {
     let before = match counter {
         // The reply entry of the new flow records the client and frontend.
         // SAFETY (both lookups): map values are plain data.
-        Counter::NewFlow => match unsafe { REVERSE_FLOWS.get(now.reversed()) } {
+        Counter::NewFlow => match unsafe { CONNTRACK.get(now.reversed()) } {
             Some(entry) => entry.tuple(now.proto).reversed(),
             None => return,
         },
         // The forward entry of the flow records the tuple the backend saw.
-        Counter::ReplyTranslated => match unsafe { FLOWS.get(now.reversed()) } {
+        Counter::ReplyTranslated => match unsafe { CONNTRACK.get(now.reversed()) } {
             Some(entry) => entry.tuple(now.proto).reversed(),
             None => return,
         },

@@ -1,10 +1,11 @@
-//! Reading and pruning conntrack (the FLOWS and REVERSE_FLOWS LRU maps)
-//! from userspace.
+//! Reading and pruning conntrack (the CONNTRACK map, one entry per
+//! direction of each flow) from userspace.
 //!
 //! The eBPF side removes TCP flows when they close; what it cannot know is
 //! that a backend went away. A UDP flow has no close, so a flow pinned to a
-//! removed backend would black-hole the client until LRU eviction; those are
-//! cleared here whenever a UDP frontend loses a backend.
+//! removed backend would black-hole the client until it expired; those are
+//! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
+//! in `expiry`.)
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -32,7 +33,7 @@ pub struct Flow {
     pub client_closing: bool,
 }
 
-/// Entry counts of the two conntrack maps.
+/// Conntrack entries by direction.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowCounts {
     pub forward: usize,
@@ -43,21 +44,27 @@ fn sock(addr: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
 }
 
-fn flow_map<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<BpfHashMap<&'a mut MapData, FlowKey, NatEntry>, DataplaneError> {
+fn conntrack(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, FlowKey, NatEntry>, DataplaneError> {
+    let name = map_names::CONNTRACK;
     let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
     BpfHashMap::try_from(map).map_err(DataplaneError::map(name))
 }
 
-fn entries(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
-    let map = flow_map(ebpf, name)?;
+fn is_reply(entry: &NatEntry) -> bool {
+    entry.flags & flow_flags::REPLY != 0
+}
+
+/// The forward (client to frontend) entries: one per flow.
+fn forward_entries(ebpf: &mut Ebpf) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
+    let map = conntrack(ebpf)?;
     // An entry evicted or removed while we walk is simply skipped.
-    Ok(map.iter().filter_map(Result::ok).collect())
+    Ok(map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, entry)| !is_reply(entry))
+        .collect())
 }
 
 /// Removes the UDP flows to `frontend` whose backend is not in `live`, both
@@ -69,7 +76,7 @@ pub(crate) fn clear_udp_flows(
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
     let live: Vec<_> = live.iter().map(|b| b.to_map_value(0)).collect();
-    let doomed: Vec<(FlowKey, FlowKey)> = entries(ebpf, map_names::FLOWS)?
+    let doomed: Vec<(FlowKey, FlowKey)> = forward_entries(ebpf)?
         .into_iter()
         .filter(|(key, entry)| {
             key.proto == IPPROTO_UDP
@@ -81,13 +88,10 @@ pub(crate) fn clear_udp_flows(
         })
         .map(|(key, entry)| (key, entry.tuple(key.proto).reversed()))
         .collect();
-    let mut forward = flow_map(ebpf, map_names::FLOWS)?;
-    for (key, _) in &doomed {
-        let _ = forward.remove(key);
-    }
-    let mut reverse = flow_map(ebpf, map_names::REVERSE_FLOWS)?;
-    for (_, reply_key) in &doomed {
-        let _ = reverse.remove(reply_key);
+    let mut map = conntrack(ebpf)?;
+    for (key, reply_key) in &doomed {
+        let _ = map.remove(key);
+        let _ = map.remove(reply_key);
     }
     if !doomed.is_empty() {
         tracing::debug!(frontend = %frontend, flows = doomed.len(), "cleared UDP flows of removed backends");
@@ -99,7 +103,7 @@ impl Dataplane {
     /// Every translated flow in conntrack (forward entries), sorted. Walks
     /// the whole map: for diagnostics and tests, not for a hot loop.
     pub fn flows(&mut self) -> Result<Vec<Flow>, DataplaneError> {
-        let mut flows: Vec<Flow> = entries(self.ebpf_mut(), map_names::FLOWS)?
+        let mut flows: Vec<Flow> = forward_entries(self.ebpf_mut())?
             .into_iter()
             .filter_map(|(key, entry)| {
                 Some(Flow {
@@ -116,12 +120,16 @@ impl Dataplane {
         Ok(flows)
     }
 
-    /// How many entries each conntrack map holds now.
+    /// How many conntrack entries each direction holds now.
     pub fn flow_counts(&mut self) -> Result<FlowCounts, DataplaneError> {
-        let ebpf = self.ebpf_mut();
-        Ok(FlowCounts {
-            forward: flow_map(ebpf, map_names::FLOWS)?.keys().count(),
-            reverse: flow_map(ebpf, map_names::REVERSE_FLOWS)?.keys().count(),
-        })
+        let mut counts = FlowCounts::default();
+        for (_, entry) in conntrack(self.ebpf_mut())?.iter().filter_map(Result::ok) {
+            if is_reply(&entry) {
+                counts.reverse += 1;
+            } else {
+                counts.forward += 1;
+            }
+        }
+        Ok(counts)
     }
 }

@@ -2,7 +2,7 @@
 //! decoded or as raw bytes) and `vipr trace` (point lookups of the keys
 //! the XDP program would look up for one packet).
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
 use aya::{
     Ebpf, Pod,
@@ -10,11 +10,11 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use vipr_common::{
-    Backend, BackendKey, DataplaneConfig, FlowKey, NatEntry, ServiceKey, ServiceValue,
-    SourceRangeKey, map_names,
+    Backend, BackendKey, DataplaneConfig, FLOW_CLOCK_SHIFT, FlowKey, NatEntry, ServiceKey,
+    ServiceValue, SourceRangeKey, map_names,
 };
 
-use crate::{Dataplane, DataplaneError, Frontend};
+use crate::{Dataplane, DataplaneError, Frontend, expiry};
 
 /// One entry of a map, its key and value as bytes (as bpftool shows them).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,12 +52,29 @@ pub struct MapDump {
     pub config: DataplaneConfig,
     pub services: Vec<MapEntry<ServiceKey, ServiceValue>>,
     pub backends: Vec<MapEntry<BackendKey, Backend>>,
-    pub flows: Vec<MapEntry<FlowKey, NatEntry>>,
-    pub reverse_flows: Vec<MapEntry<FlowKey, NatEntry>>,
+    /// Conntrack, both directions (reply entries carry `flow_flags::REPLY`).
+    pub conntrack: Vec<MapEntry<FlowKey, NatEntry>>,
     /// Service id and client range.
     pub source_ranges: Vec<(u32, Ipv4Net)>,
-    /// CLOCK_MONOTONIC seconds when read, to age flows (`NatEntry::opened_s`).
-    pub now_s: u64,
+    /// Conntrack's clock when read, to age entries by `NatEntry::last_seen`.
+    pub clock: u32,
+}
+
+impl MapDump {
+    /// How long a conntrack entry has been idle when the maps were read.
+    pub fn idle(&self, entry: &NatEntry) -> Duration {
+        idle_since(self.clock, entry.last_seen)
+    }
+}
+
+/// Time from conntrack tick `last_seen` to tick `now`.
+fn idle_since(now: u32, last_seen: u32) -> Duration {
+    Duration::from_nanos(u64::from(expiry::idle_ticks(now, last_seen)) << FLOW_CLOCK_SHIFT)
+}
+
+/// How long a conntrack entry has been idle now.
+pub fn idle_now(entry: &NatEntry) -> Duration {
+    idle_since(expiry::flow_clock_now(), entry.last_seen)
 }
 
 fn hash_entries<K: Pod, V: Pod>(
@@ -95,17 +112,6 @@ fn source_range_trie(
     .map_err(DataplaneError::map(map_names::SOURCE_RANGES))
 }
 
-/// CLOCK_MONOTONIC in seconds, the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_seconds() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64
-}
-
 impl Dataplane {
     /// Reads every translation map whole. Walks conntrack: for the CLI.
     pub fn dump_maps(&self) -> Result<MapDump, DataplaneError> {
@@ -125,10 +131,9 @@ impl Dataplane {
             config: config_of(ebpf)?,
             services: hash_entries(ebpf, map_names::SERVICES)?,
             backends: hash_entries(ebpf, map_names::BACKENDS)?,
-            flows: hash_entries(ebpf, map_names::FLOWS)?,
-            reverse_flows: hash_entries(ebpf, map_names::REVERSE_FLOWS)?,
+            conntrack: hash_entries(ebpf, map_names::CONNTRACK)?,
             source_ranges,
-            now_s: monotonic_seconds(),
+            clock: expiry::flow_clock_now(),
         })
     }
 
@@ -166,17 +171,10 @@ impl Dataplane {
         Ok(map.get(&BackendKey { service_id, slot }, 0).ok())
     }
 
-    /// The conntrack entry of `key` in FLOWS (`reverse`: REVERSE_FLOWS).
-    pub fn lookup_flow(
-        &self,
-        key: &FlowKey,
-        reverse: bool,
-    ) -> Result<Option<NatEntry>, DataplaneError> {
-        let name = if reverse {
-            map_names::REVERSE_FLOWS
-        } else {
-            map_names::FLOWS
-        };
+    /// The conntrack entry of `key`, either direction (reply entries carry
+    /// `flow_flags::REPLY`).
+    pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<NatEntry>, DataplaneError> {
+        let name = map_names::CONNTRACK;
         let map: BpfHashMap<&MapData, FlowKey, NatEntry> = BpfHashMap::try_from(
             self.ebpf()
                 .map(name)

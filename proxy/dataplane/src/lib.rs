@@ -8,7 +8,7 @@
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
 //! `services` (frontends, backends, source ranges), `flows` (conntrack
-//! reads and UDP pruning), `stats` (counters), `service_stats` (counters
+//! reads and UDP pruning), `expiry` (idle flows out of conntrack), `stats` (counters), `service_stats` (counters
 //! per frontend and backend, drops per service), `monitor` (the event ring
 //! of `vipr monitor`), `inspect` (the maps decoded and raw, for `vipr lb
 //! list` and `vipr trace`), `types` (the API vocabulary). Like Katran's control library it knows nothing of
@@ -32,6 +32,7 @@
 
 mod cgroup;
 mod error;
+mod expiry;
 mod flows;
 mod inspect;
 mod links;
@@ -43,9 +44,10 @@ mod stats;
 mod types;
 
 pub use error::DataplaneError;
+pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
 pub use inspect::{MapDump, MapEntry, RawEntry};
-pub use inspect::{bytes_of, monotonic_seconds};
+pub use inspect::{bytes_of, idle_now};
 pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
 pub use monitor::MonitorEvents;
 pub use service_stats::{BackendStats, FrontendStats};
@@ -53,8 +55,10 @@ pub use stats::Counters;
 pub use types::{
     BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, InvalidPort, Port, Protocol,
 };
-pub use vipr_common::Counter;
-pub use vipr_common::{self, FlowStats, MonitorEvent, monitor_flags};
+pub use vipr_common::{
+    self, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, FlowStats,
+    MonitorEvent, monitor_flags,
+};
 
 /// Sysctls (key, value) the node's network namespace needs for every path
 /// of the data plane to work; the agent sets them where it attaches.

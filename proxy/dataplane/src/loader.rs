@@ -31,11 +31,10 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 10] = [
+const PERSISTENT_MAPS: [&str; 9] = [
     map_names::SERVICES,
     map_names::BACKENDS,
-    map_names::FLOWS,
-    map_names::REVERSE_FLOWS,
+    map_names::CONNTRACK,
     map_names::SOURCE_RANGES,
     map_names::CONFIG,
     map_names::STATS,
@@ -140,8 +139,7 @@ impl Dataplane {
             .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
-            .map_max_entries(map_names::FLOWS, options.max_flows)
-            .map_max_entries(map_names::REVERSE_FLOWS, options.max_flows)
+            .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
             .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats);
         for (name, path) in &pin_paths {
@@ -411,10 +409,18 @@ fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, Dat
         path: dir.to_owned(),
         source,
     })?;
+    for retired in map_names::RETIRED {
+        let _ = std::fs::remove_file(dir.join(retired));
+    }
     Ok(PERSISTENT_MAPS
         .iter()
         .map(|name| (*name, dir.join(name)))
         .collect())
+}
+
+/// Entries of the conntrack map for `max_flows` flows: one per direction.
+pub(crate) fn conntrack_entries(max_flows: u32) -> u32 {
+    max_flows.saturating_mul(2)
 }
 
 fn config(options: &DataplaneOptions) -> DataplaneConfig {
@@ -450,9 +456,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (size_of::<BackendKey>(), size_of::<Backend>()),
-        map_names::FLOWS | map_names::REVERSE_FLOWS => {
-            (size_of::<FlowKey>(), size_of::<NatEntry>())
-        }
+        map_names::CONNTRACK => (size_of::<FlowKey>(), size_of::<NatEntry>()),
         // LPM trie keys carry a 4-byte prefix length in front.
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), size_of::<u32>()),
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
@@ -464,9 +468,24 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     })
 }
 
-/// Removes pinned maps left by a build with another layout. aya would
-/// reuse them blindly, and the program would then fail to load (or read
-/// garbage); losing the state of an incompatible version is the lesser harm.
+/// Entries each sized map gets from `options`; `None` for fixed sizes.
+fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
+    match name {
+        map_names::SERVICES => Some(options.max_services),
+        map_names::BACKENDS => Some(options.max_backends),
+        map_names::CONNTRACK => Some(conntrack_entries(options.max_flows)),
+        map_names::SOURCE_RANGES => Some(options.max_source_ranges),
+        map_names::STATS => Some(Counter::COUNT),
+        map_names::BACKEND_STATS => Some(options.max_backend_stats),
+        _ => None,
+    }
+}
+
+/// Removes pinned maps left by a build with another layout, or sized
+/// otherwise than `options` ask. aya would reuse them blindly, and the
+/// program would then fail to load, read garbage, or keep the old size;
+/// losing that state is the lesser harm (services are programmed again by
+/// the caller; flows in a discarded conntrack reopen on their next packet).
 fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)], options: &DataplaneOptions) {
     for (name, path) in pin_paths {
         let Ok(info) = aya::maps::MapInfo::from_pin(path) else {
@@ -476,16 +495,16 @@ fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)], options: &Da
             continue;
         };
         // STATS is per-CPU: the kernel reports the per-CPU value size. Its
-        // length grows when counters are appended; a shorter pinned array
-        // would fail the reads of the new counters.
-        let short_stats = (*name == map_names::STATS && info.max_entries() != Counter::COUNT)
-            || (*name == map_names::BACKEND_STATS
-                && info.max_entries() != options.max_backend_stats);
-        if info.key_size() as usize != key || info.value_size() as usize != value || short_stats {
+        // length grows when counters are appended.
+        let layout_differs = info.key_size() as usize != key || info.value_size() as usize != value;
+        let resized =
+            expected_max_entries(name, options).is_some_and(|max| info.max_entries() != max);
+        if layout_differs || resized {
             tracing::warn!(
                 map = name,
                 path = %path.display(),
-                "pinned map has another layout (an older vipr?): discarding it and its state"
+                pinned_entries = info.max_entries(),
+                "pinned map has another layout or size (an older vipr, or new --max-* flags): discarding it and its state"
             );
             let _ = std::fs::remove_file(path);
         }

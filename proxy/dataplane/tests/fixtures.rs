@@ -478,3 +478,135 @@ fn pinned_maps_of_another_layout_are_replaced() {
         "no service: passed (no service CIDR set)"
     );
 }
+
+#[test]
+fn pinned_maps_of_another_size_are_replaced() {
+    let dir = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/vipr-fixture-size-{}",
+        std::process::id()
+    )));
+    let options = |max_flows| DataplaneOptions {
+        pin_dir: Some(dir.0.clone()),
+        max_flows,
+        ..DataplaneOptions::default()
+    };
+    let mut dp = Dataplane::load(&options(4)).expect("load with a pin dir (needs bpffs)");
+    assert_eq!(
+        dp.expire_idle_flows(&Default::default()).unwrap().capacity,
+        4
+    );
+    drop(dp);
+    let mut dp = Dataplane::load(&options(8)).unwrap();
+    assert_eq!(
+        dp.expire_idle_flows(&Default::default()).unwrap().capacity,
+        8,
+        "a new --max-flows takes effect over the pinned map"
+    );
+}
+
+#[test]
+fn header_edge_fixtures() {
+    let mut dp = dataplane();
+    let eth_only = ethernet(ETH_P_IP);
+    let mut lldp = ethernet(0x88cc);
+    lldp.extend([0u8; 32]);
+
+    let mut max_options = Ipv4Packet::tcp((CLIENT, 45000), (VIP, 80));
+    max_options.options = [vec![0x01; 39], vec![0x00]].concat(); // NOPs, EOL: IHL 15
+    let mut udp_options = Ipv4Packet::udp((CLIENT, 45001), (VIP, 53));
+    udp_options.options = vec![0x94, 0x04, 0, 0];
+    let mut reply_with_options = udp_options.clone().with_dst(UDP_BACKEND, 5353).reply();
+    reply_with_options.options = vec![0x01, 0x01, 0x01, 0x00];
+    let mut expected_reply = udp_options.reply();
+    expected_reply.options = reply_with_options.options.clone();
+    let mut options_elsewhere = Ipv4Packet::tcp((CLIENT, 45002), (OUTSIDE, 80));
+    options_elsewhere.options = vec![0x94, 0x04, 0, 0];
+    let mut options_cut_l4 = Ipv4Packet::tcp((CLIENT, 45003), (VIP, 80));
+    options_cut_l4.options = vec![0x01; 8];
+    let options_cut_l4 = truncated(options_cut_l4.build(), 14 + 28 + 12);
+    let frame_ends_in_options = truncated(max_options.build(), 14 + 30);
+    let pure_ack = Ipv4Packet {
+        payload: Vec::new(),
+        ..Ipv4Packet::tcp((CLIENT, 45004), (VIP, 80)).with_tcp(0x10, 1, 1)
+    };
+    let tcp_reply_ttl_one = {
+        let syn = Ipv4Packet::tcp((CLIENT, 45005), (VIP, 80));
+        run(&mut dp, &syn.build());
+        let mut reply = syn.clone().with_dst(TCP_BACKEND, 8080).reply();
+        reply.ttl = 1;
+        let mut expected = syn.reply();
+        expected.ttl = 1;
+        (reply, expected)
+    };
+    let mut udp_ttl_one_elsewhere = Ipv4Packet::udp((CLIENT, 45006), (OUTSIDE, 53));
+    udp_ttl_one_elsewhere.ttl = 1;
+
+    let cases = vec![
+        Case {
+            name: "an Ethernet header alone (IPv4 type, no IP header) is untouched",
+            input: eth_only.clone(),
+            expect: Expect::Pass(eth_only),
+        },
+        Case {
+            name: "LLDP (another ether type) is untouched",
+            input: lldp.clone(),
+            expect: Expect::Pass(lldp),
+        },
+        Case {
+            name: "IHL 15 (40 bytes of options): translated, L4 found past them",
+            input: max_options.build(),
+            expect: Expect::Pass(max_options.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "UDP with IP options is translated",
+            input: udp_options.build(),
+            expect: Expect::Pass(udp_options.clone().with_dst(UDP_BACKEND, 5353).build()),
+        },
+        Case {
+            name: "a reply with IP options (other ones) is translated back",
+            input: reply_with_options.build(),
+            expect: Expect::Pass(expected_reply.build()),
+        },
+        Case {
+            name: "IP options to a non-service address are untouched",
+            input: options_elsewhere.build(),
+            expect: Expect::Pass(options_elsewhere.build()),
+        },
+        Case {
+            name: "TCP header cut short after IP options, to a VIP: dropped",
+            input: options_cut_l4,
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "the frame ends inside the IP options, to a VIP: dropped",
+            input: frame_ends_in_options,
+            expect: Expect::Drop,
+        },
+        Case {
+            name: "a pure ACK (no payload) of a new flow is translated",
+            input: pure_ack.build(),
+            expect: Expect::Pass(pure_ack.clone().with_dst(TCP_BACKEND, 8080).build()),
+        },
+        Case {
+            name: "a reply with TTL 1 is translated back, TTL untouched",
+            input: tcp_reply_ttl_one.0.build(),
+            expect: Expect::Pass(tcp_reply_ttl_one.1.build()),
+        },
+        Case {
+            name: "UDP with TTL 1 to a non-service address is untouched",
+            input: udp_ttl_one_elsewhere.build(),
+            expect: Expect::Pass(udp_ttl_one_elsewhere.build()),
+        },
+    ];
+    for case in &cases {
+        check(&mut dp, case);
+    }
+    let counters = dp.counters().unwrap();
+    assert_eq!(counters.packets(Counter::DropMalformed), 2);
+    assert_eq!(counters.packets(Counter::ReplyTranslated), 2);
+    assert_eq!(
+        counters.packets(Counter::FlowOpenedMidStream),
+        1,
+        "the pure ACK"
+    );
+}

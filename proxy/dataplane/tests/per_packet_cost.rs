@@ -5,18 +5,23 @@
 //!     cargo test --release -p vipr-dataplane --test per_packet_cost -- --ignored --nocapture
 //!
 //! Two methods, because the kernel's repeat loop runs the program on the
-//! same buffer without restoring it:
+//! same buffer without restoring it, so after one DNAT every later repeat
+//! would see the rewritten packet (and miss, or take another path):
 //! - `repeat` (1,000,000 runs in one call, kernel-averaged): only for
 //!   packets whose output equals their input. A conntrack hit is made so by
-//!   a flow whose backend is the frontend itself (the same lookups and
-//!   checksum arithmetic as any hit; the rewrite just writes equal values).
+//!   a flow whose backend is the frontend itself: the same lookup, rewrite
+//!   and checksum arithmetic as any hit, the rewrite just writes equal
+//!   values. Both directions are measured (client packet, backend reply),
+//!   and the counters prove every run was a hit of the direction claimed.
 //! - `single` (many calls of one run each, the kernel's per-call time
-//!   averaged): every packet differs, so each one is a new flow.
+//!   averaged): each call starts from the caller's buffer, so a real DNAT
+//!   hit (to another backend, bytes changed) and fresh new flows can be
+//!   measured; the per-call figure carries more timer noise.
 //!
 //! `idle_monitor_cost` puts `vipr_xdp` (with the monitor's event check, no
 //! monitor attached) next to `vipr_xdp_no_events` (the same program with
 //! the event code compiled out) on the conntrack-hit path, in interleaved
-//! rounds, and reports the median of each.
+//! rounds (kernel figure averaged, wall time median).
 
 mod packet;
 
@@ -29,7 +34,9 @@ const REPEAT: u32 = 1_000_000;
 const SINGLE_RUNS: u16 = 20_000;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 7);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
 const IDEMPOTENT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const TCP_ACK: u8 = 0x10;
 
 fn dataplane() -> Dataplane {
     let mut dp = Dataplane::load(&DataplaneOptions {
@@ -38,10 +45,7 @@ fn dataplane() -> Dataplane {
     })
     .expect("load (needs root)");
     let port = Port::new(80).unwrap();
-    for (vip, backend) in [
-        (VIP, Ipv4Addr::new(10, 244, 1, 5)),
-        (IDEMPOTENT_VIP, IDEMPOTENT_VIP),
-    ] {
+    for (vip, backend) in [(VIP, BACKEND), (IDEMPOTENT_VIP, IDEMPOTENT_VIP)] {
         dp.program_service(
             Frontend {
                 addr: vip,
@@ -62,7 +66,8 @@ fn ns(d: Duration) -> f64 {
     d.as_nanos() as f64
 }
 
-/// Kernel-averaged ns per run of `repeat` runs on one buffer.
+/// Kernel-averaged ns per run of `REPEAT` runs on one buffer; the output
+/// must equal the input, or later runs saw another packet than the first.
 fn repeated(dp: &mut Dataplane, pass_program: bool, packet: &[u8]) -> f64 {
     let mut out = vec![0u8; packet.len() + 64];
     let result = if pass_program {
@@ -71,6 +76,11 @@ fn repeated(dp: &mut Dataplane, pass_program: bool, packet: &[u8]) -> f64 {
         dp.test_run(packet, &mut out, REPEAT)
     }
     .unwrap();
+    assert_eq!(
+        &out[..packet.len()],
+        packet,
+        "repeat runs changed the packet"
+    );
     ns(result.duration)
 }
 
@@ -92,61 +102,119 @@ fn single(dp: &mut Dataplane, pass_program: bool, packets: &[Vec<u8>]) -> f64 {
     total / packets.len() as f64
 }
 
+/// How much `counter` grew while `run` ran.
+fn counted<T>(
+    dp: &mut Dataplane,
+    counter: Counter,
+    run: impl FnOnce(&mut Dataplane) -> T,
+) -> (T, u64) {
+    let before = dp.counters().unwrap().packets(counter);
+    let value = run(dp);
+    (value, dp.counters().unwrap().packets(counter) - before)
+}
+
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture, ideally --release on an idle machine"]
 fn per_packet_cost() {
     let mut dp = dataplane();
-    let hit = Ipv4Packet::tcp((CLIENT, 40000), (IDEMPOTENT_VIP, 80)).build();
-    let passthrough = Ipv4Packet::tcp((CLIENT, 40000), (Ipv4Addr::new(192, 0, 2, 1), 80)).build();
+    let syn = Ipv4Packet::tcp((CLIENT, 40000), (IDEMPOTENT_VIP, 80));
+    let forward = syn.clone().with_tcp(TCP_ACK, 2, 2).build();
+    let reply = syn.reply().with_tcp(TCP_ACK, 2, 2).build();
+    let passthrough = Ipv4Packet::tcp((CLIENT, 40000), (Ipv4Addr::new(192, 0, 2, 1), 80))
+        .with_tcp(TCP_ACK, 2, 2)
+        .build();
+
+    // Open the idempotent flow with its SYN, fault in the code paths.
+    let mut out = vec![0u8; 256];
+    dp.test_run(&syn.build(), &mut out, 1).unwrap();
+    repeated(&mut dp, false, &forward);
+    repeated(&mut dp, false, &reply);
+
+    let floor = repeated(&mut dp, true, &forward);
+    let (hit, hits) = counted(&mut dp, Counter::FlowHit, |dp| {
+        repeated(dp, false, &forward)
+    });
+    assert_eq!(
+        hits,
+        u64::from(REPEAT),
+        "every forward run was a conntrack hit"
+    );
+    let (reply_hit, replies) = counted(&mut dp, Counter::ReplyTranslated, |dp| {
+        repeated(dp, false, &reply)
+    });
+    assert_eq!(
+        replies,
+        u64::from(REPEAT),
+        "every reply run was a conntrack hit"
+    );
+    let untouched = repeated(&mut dp, false, &passthrough);
+
+    // Single runs: a real DNAT flow (VIP -> BACKEND), its replies, and new flows.
+    let real = Ipv4Packet::tcp((CLIENT, 41000), (VIP, 80));
+    dp.test_run(&real.build(), &mut out, 1).unwrap();
+    let real_forward = vec![real.clone().with_tcp(TCP_ACK, 2, 2).build(); usize::from(SINGLE_RUNS)];
+    let real_reply = vec![
+        real.with_dst(BACKEND, 80)
+            .reply()
+            .with_tcp(TCP_ACK, 2, 2)
+            .build();
+        usize::from(SINGLE_RUNS)
+    ];
     let new_flows: Vec<Vec<u8>> = (0..SINGLE_RUNS)
         .map(|i| Ipv4Packet::tcp((CLIENT, 10000 + i), (VIP, 80)).build())
         .collect();
-    let hits: Vec<Vec<u8>> = vec![hit.clone(); usize::from(SINGLE_RUNS)];
-
-    // Warm up: open the idempotent flow, fault in the code paths.
-    repeated(&mut dp, false, &hit);
-    let before = dp.counters().unwrap();
-    let floor = repeated(&mut dp, true, &hit);
-    let hit_ns = repeated(&mut dp, false, &hit);
-    let untouched = repeated(&mut dp, false, &passthrough);
-    let after = dp.counters().unwrap();
-    assert_eq!(
-        after.packets(Counter::FlowHit) - before.packets(Counter::FlowHit),
-        u64::from(REPEAT),
-        "every repeated run was a conntrack hit"
-    );
 
     let floor_single = single(&mut dp, true, &new_flows);
-    let new_flow_single = single(&mut dp, false, &new_flows);
-    let hit_single = single(&mut dp, false, &hits);
+    let (hit_single, n) = counted(&mut dp, Counter::FlowHit, |dp| {
+        single(dp, false, &real_forward)
+    });
     assert_eq!(
-        dp.counters().unwrap().packets(Counter::NewFlow),
-        u64::from(SINGLE_RUNS) + 1,
-        "every single run on a fresh packet opened a flow"
+        n,
+        u64::from(SINGLE_RUNS),
+        "every single forward run was a hit"
+    );
+    let (reply_single, n) = counted(&mut dp, Counter::ReplyTranslated, |dp| {
+        single(dp, false, &real_reply)
+    });
+    assert_eq!(
+        n,
+        u64::from(SINGLE_RUNS),
+        "every single reply run was a hit"
+    );
+    let (new_flow_single, n) = counted(&mut dp, Counter::NewFlow, |dp| {
+        single(dp, false, &new_flows)
+    });
+    assert_eq!(
+        n,
+        u64::from(SINGLE_RUNS),
+        "every fresh packet opened a flow"
     );
 
     println!("per-packet cost, ns (BPF_PROG_TEST_RUN, XDP)");
-    println!("{:<34} {:>10} {:>10}", "case", "repeat 1M", "single");
-    println!(
-        "{:<34} {:>10.1} {:>10.1}",
-        "vipr_pass (floor)", floor, floor_single
+    println!("{:<40} {:>10} {:>10}", "case", "repeat 1M", "single");
+    let row = |case: &str, repeat: Option<f64>, single: Option<f64>| {
+        let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        println!("{case:<40} {:>10} {:>10}", cell(repeat), cell(single));
+    };
+    row("vipr_pass (floor)", Some(floor), Some(floor_single));
+    row(
+        "vipr_xdp conntrack hit, client->backend",
+        Some(hit),
+        Some(hit_single),
     );
-    println!(
-        "{:<34} {:>10.1} {:>10.1}",
-        "vipr_xdp conntrack hit", hit_ns, hit_single
+    row(
+        "vipr_xdp conntrack hit, reply",
+        Some(reply_hit),
+        Some(reply_single),
     );
+    row("vipr_xdp new flow", None, Some(new_flow_single));
+    row("vipr_xdp not a service (passed)", Some(untouched), None);
     println!(
-        "{:<34} {:>10} {:>10.1}",
-        "vipr_xdp new flow", "-", new_flow_single
-    );
-    println!(
-        "{:<34} {:>10.1} {:>10}",
-        "vipr_xdp not a service (passed)", untouched, "-"
-    );
-    println!(
-        "conntrack hit / floor: {:.2}x (repeat), {:.2}x (single)",
-        hit_ns / floor,
-        hit_single / floor_single
+        "conntrack hit / floor: {:.2}x forward, {:.2}x reply (repeat); {:.2}x, {:.2}x (single)",
+        hit / floor,
+        reply_hit / floor,
+        hit_single / floor_single,
+        reply_single / floor_single
     );
 }
 

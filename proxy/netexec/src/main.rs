@@ -5,13 +5,17 @@
 //!   `/exit`, `/healthz`, `/ready`): a deliberately minimal server, one
 //!   request per connection, always `Connection: close`.
 //! - [`udp`] owns the UDP commands (`hostname`, `echo X`, `clientip`).
+//! - [`lines`] serves the same commands line by line over long-lived TCP
+//!   connections (`--tcp-port`, off by default).
 //! - This file owns the command line, the listeners and shutdown: SIGTERM or
 //!   SIGINT ends the process with status 0.
 //!
-//! On start it prints one line to stdout, `listening http=ADDR udp=ADDR`, so
-//! whoever started it with port 0 learns the ports the kernel chose.
+//! On start it prints one line to stdout, `listening http=ADDR udp=ADDR`
+//! (and ` tcp=ADDR` with `--tcp-port`), so whoever started it with port 0
+//! learns the ports the kernel chose.
 
 mod http;
+mod lines;
 mod udp;
 
 use std::io::Write;
@@ -33,7 +37,11 @@ struct Args {
     /// UDP port of the datagram server (0: any free port).
     #[arg(long, default_value_t = 8081)]
     udp_port: u16,
-    /// Address both servers listen on.
+    /// TCP port of the line server (commands as over UDP, one per line, on
+    /// long-lived connections). Off unless given; 0: any free port.
+    #[arg(long)]
+    tcp_port: Option<u16>,
+    /// Address the servers listen on.
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
     address: IpAddr,
 }
@@ -60,13 +68,32 @@ async fn main() -> anyhow::Result<()> {
     let udp = UdpSocket::bind(SocketAddr::new(args.address, args.udp_port))
         .await
         .with_context(|| format!("binding UDP port {}", args.udp_port))?;
-    announce(tcp.local_addr()?, udp.local_addr()?)?;
+    let lines = match args.tcp_port {
+        Some(port) => Some(
+            TcpListener::bind(SocketAddr::new(args.address, port))
+                .await
+                .with_context(|| format!("binding TCP line port {port}"))?,
+        ),
+        None => None,
+    };
+    announce(
+        tcp.local_addr()?,
+        udp.local_addr()?,
+        lines.as_ref().map(TcpListener::local_addr).transpose()?,
+    )?;
+    let line_server = async {
+        match lines {
+            Some(listener) => lines::serve(listener, shared.clone()).await,
+            None => std::future::pending().await,
+        }
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         r = http::serve(tcp, shared.clone()) => r.context("HTTP server")?,
-        r = udp::serve(udp, shared) => r.context("UDP server")?,
+        r = udp::serve(udp, shared.clone()) => r.context("UDP server")?,
+        r = line_server => r.context("TCP line server")?,
         _ = term.recv() => eprintln!("vipr-netexec: SIGTERM, exiting"),
         _ = int.recv() => eprintln!("vipr-netexec: SIGINT, exiting"),
     }
@@ -80,9 +107,12 @@ fn hostname() -> anyhow::Result<String> {
 
 /// The readiness line tests and humans wait for; flushed because stdout is
 /// a pipe (block buffered) when a test or the pod runtime reads it.
-fn announce(http: SocketAddr, udp: SocketAddr) -> anyhow::Result<()> {
+fn announce(http: SocketAddr, udp: SocketAddr, lines: Option<SocketAddr>) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "listening http={http} udp={udp}")?;
+    match lines {
+        Some(tcp) => writeln!(out, "listening http={http} udp={udp} tcp={tcp}")?,
+        None => writeln!(out, "listening http={http} udp={udp}")?,
+    }
     out.flush()?;
     Ok(())
 }

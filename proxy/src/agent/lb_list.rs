@@ -55,7 +55,7 @@ fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
-fn flow_json(entry: &MapEntry<FlowKey, NatEntry>, now_s: u64) -> Value {
+fn flow_json(entry: &MapEntry<FlowKey, NatEntry>, dump: &MapDump) -> Value {
     let (k, v) = (&entry.key, &entry.value);
     json!({
         "protocol": Protocol::from_ip_proto(k.proto).map(|p| p.to_string()),
@@ -65,8 +65,9 @@ fn flow_json(entry: &MapEntry<FlowKey, NatEntry>, now_s: u64) -> Value {
         "rewritten_to": sock(v.dst_addr, v.dst_port).to_string(),
         "snat": v.flags & flow_flags::SNAT != 0,
         "fin_seen": v.flags & flow_flags::FIN != 0,
-        "stats_id": v.stats_id,
-        "age_s": now_s.saturating_sub(u64::from(v.opened_s)),
+        "stats_id": v.stats_id(),
+        "established": v.flags & flow_flags::SEEN != 0,
+        "idle_s": dump.idle(v).as_secs_f64(),
     })
 }
 
@@ -200,6 +201,10 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
             })
         })
         .collect();
+    let (replies, flows): (Vec<_>, Vec<_>) = dump
+        .conntrack
+        .iter()
+        .partition(|e| e.value.flags & flow_flags::REPLY != 0);
     let c = &dump.config;
     let mut value = json!({
         "config": {
@@ -210,8 +215,8 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
         },
         "services": services,
         "backends": backends,
-        "flows": dump.flows.iter().map(|e| flow_json(e, dump.now_s)).collect::<Vec<_>>(),
-        "reverse_flows": dump.reverse_flows.iter().map(|e| flow_json(e, dump.now_s)).collect::<Vec<_>>(),
+        "flows": flows.iter().map(|e| flow_json(e, dump)).collect::<Vec<_>>(),
+        "reverse_flows": replies.iter().map(|e| flow_json(e, dump)).collect::<Vec<_>>(),
         "source_ranges": dump.source_ranges.iter().map(|(id, net)| json!({"service_id": id, "range": net.to_string()})).collect::<Vec<_>>(),
         "differences": differences(dump, intent),
     });
@@ -219,8 +224,7 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
         value["raw"] = json!({
             "SERVICES": raw_json(dump.services.iter().map(MapEntry::raw)),
             "BACKENDS": raw_json(dump.backends.iter().map(MapEntry::raw)),
-            "FLOWS": raw_json(dump.flows.iter().map(MapEntry::raw)),
-            "REVERSE_FLOWS": raw_json(dump.reverse_flows.iter().map(MapEntry::raw)),
+            "CONNTRACK": raw_json(dump.conntrack.iter().map(MapEntry::raw)),
             "CONFIG": raw_json(std::iter::once(RawEntry {
                 key: 0u32.to_ne_bytes().to_vec(),
                 value: vipr_dataplane::bytes_of(&dump.config).to_vec(),

@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
+use vipr_dataplane::{Dataplane, DataplaneOptions, FlowExpirer, FlowTimeouts, XdpMode};
 use vipr_dns::{DnsConfig, DnsServer, Upstreams};
 use vipr_pod_runtime::{Runtime, RuntimeConfig};
 use vipr_store::{ServiceNetwork, Store, StoreConfig};
@@ -73,6 +73,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         service_cidr: Some(args.service_cidr),
         node_addr: node.node_ip,
         hairpin_addr: Some(node::HAIRPIN_ADDR),
+        max_flows: args.max_flows,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
         // The program stays attached while the agent restarts.
         pin_links: true,
         ..DataplaneOptions::default()
@@ -91,6 +94,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
             .attach(uplink, XdpMode::Default)
             .with_context(|| format!("attaching XDP to the uplink {uplink}"))?;
     }
+    let expirer = dataplane
+        .flow_expirer()
+        .context("opening conntrack for expiry")?;
     let dataplane = Arc::new(Mutex::new(dataplane));
 
     node::bind_cluster_dns(args.cluster_dns)?;
@@ -149,6 +155,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         metrics.clone(),
     ));
     let monitor = monitor::MonitorHub::start(dataplane.clone(), intent.clone(), store.clone());
+    tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
     for addr in [args.metrics_addr, args.healthz_addr] {
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -298,6 +305,34 @@ fn frontend_samples(
             })
         })
         .collect()
+}
+
+/// How often idle flows are looked for in conntrack.
+const FLOW_EXPIRY_PERIOD: Duration = Duration::from_secs(10);
+
+/// Removes idle flows from conntrack every period, on a blocking thread
+/// with its own map handle (a pass over many flows takes syscalls per
+/// flow and must not hold up service programming).
+async fn expire_idle_flows(mut expirer: FlowExpirer, metrics: Arc<Metrics>) {
+    let mut tick = tokio::time::interval(FLOW_EXPIRY_PERIOD);
+    let timeouts = FlowTimeouts::default();
+    loop {
+        tick.tick().await;
+        let pass = tokio::task::spawn_blocking(move || {
+            let result = expirer.expire_idle(&timeouts);
+            (expirer, result)
+        })
+        .await;
+        let Ok((back, result)) = pass else {
+            tracing::error!("conntrack expiry pass panicked; idle flows are no longer expired");
+            return;
+        };
+        expirer = back;
+        match result {
+            Ok(expiry) => metrics.set_conntrack(&expiry),
+            Err(error) => tracing::warn!(error = %error, "expiring idle flows"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

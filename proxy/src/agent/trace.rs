@@ -138,24 +138,21 @@ pub fn trace(
     }
     if let Some(src_port) = packet.src_port {
         let key = packet.key(src_port);
-        if let Some(entry) = dataplane.lookup_flow(&key, false).map_err(err)? {
-            return Ok(existing_flow(t, context, &entry));
+        match dataplane.lookup_flow(&key).map_err(err)? {
+            Some(entry) if entry.flags & flow_flags::REPLY != 0 => {
+                t.step(
+                    "conntrack",
+                    format!(
+                        "a reply of a translated flow (CONNTRACK reply entry): rewritten to {} -> {}",
+                        sock(entry.src_addr, entry.src_port),
+                        sock(entry.dst_addr, entry.dst_port)
+                    ),
+                );
+                return Ok(t.finish("reverse-translated", None, Value::Null));
+            }
+            Some(entry) => return Ok(existing_flow(t, context, &entry)),
+            None => t.step("conntrack", "no entry in CONNTRACK: a new flow"),
         }
-        if let Some(entry) = dataplane.lookup_flow(&key, true).map_err(err)? {
-            t.step(
-                "conntrack",
-                format!(
-                    "a reply of a translated flow (REVERSE_FLOWS): rewritten to {} -> {}",
-                    sock(entry.src_addr, entry.src_port),
-                    sock(entry.dst_addr, entry.dst_port)
-                ),
-            );
-            return Ok(t.finish("reverse-translated", None, Value::Null));
-        }
-        t.step(
-            "conntrack",
-            "no entry in FLOWS or REVERSE_FLOWS: a new flow",
-        );
     } else {
         t.step(
             "conntrack",
@@ -222,11 +219,11 @@ pub fn trace(
 
 fn existing_flow(mut t: Trace, context: &TraceContext<'_>, entry: &NatEntry) -> Value {
     let backend = sock(entry.dst_addr, entry.dst_port);
-    let age = vipr_dataplane::monotonic_seconds().saturating_sub(u64::from(entry.opened_s));
+    let idle = vipr_dataplane::idle_now(entry).as_secs_f64();
     t.step(
         "conntrack",
         format!(
-            "existing flow (FLOWS), opened {age}s ago: every packet goes to {backend}, whatever the balancing{}",
+            "existing flow (CONNTRACK), last packet {idle:.1}s ago: every packet goes to {backend}, whatever the balancing{}",
             if entry.flags & flow_flags::FIN != 0 {
                 "; the client has sent FIN"
             } else {

@@ -182,7 +182,7 @@ fn print_decoded(value: &Value) {
                 .collect()
         },
     );
-    let flow_columns = ["PROTO", "FROM", "TO", "REWRITTEN", "AGE", "FLAGS"];
+    let flow_columns = ["PROTO", "FROM", "TO", "REWRITTEN", "IDLE", "FLAGS"];
     let flow_row = |e: &Value| {
         let mut flags = Vec::new();
         if e["snat"] == true {
@@ -191,12 +191,15 @@ fn print_decoded(value: &Value) {
         if e["fin_seen"] == true {
             flags.push("fin");
         }
+        if e["established"] == true {
+            flags.push("seen");
+        }
         vec![
             s(&e["protocol"]),
             s(&e["from"]),
             s(&e["to"]),
             format!("{} -> {}", s(&e["rewritten_from"]), s(&e["rewritten_to"])),
-            format!("{}s", s(&e["age_s"])),
+            format!("{:.1}s", e["idle_s"].as_f64().unwrap_or(0.0)),
             if flags.is_empty() {
                 "-".into()
             } else {

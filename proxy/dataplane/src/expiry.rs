@@ -1,0 +1,259 @@
+//! Expiring idle flows from conntrack.
+//!
+//! The CONNTRACK map is a plain hash map, so it never evicts: a full map
+//! refuses new flows (counted as `drop_flow_map_full`) rather than silently
+//! dropping a live one, and flows that end without a close the eBPF side
+//! can see (UDP, a TCP peer that vanished, a SYN never answered) are removed
+//! here once idle past their timeout. Every entry carries `last_seen`, the
+//! eBPF side's coarse monotonic clock at its last packet.
+//!
+//! A pass reads the whole map through syscalls (about two per entry), so
+//! its cost grows with the number of flows, not with the map's size; the
+//! agent runs it on its own map handle, off the lock that programs services.
+
+use std::{collections::HashMap, time::Duration};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use vipr_common::{FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP, NatEntry, flow_flags, map_names};
+
+use crate::{Dataplane, DataplaneError};
+
+/// How long a flow may stay idle (no packet either way) before it expires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowTimeouts {
+    /// TCP whose backend answered, no FIN seen (Cilium's default; Linux
+    /// keeps established TCP for 5 days).
+    pub tcp_established: Duration,
+    /// TCP after a FIN either way (the last ACK normally closes it sooner).
+    pub tcp_closing: Duration,
+    /// UDP whose backend answered.
+    pub udp: Duration,
+    /// Any flow whose backend never answered: an unanswered SYN (e.g. a
+    /// SYN flood) or datagram.
+    pub unanswered: Duration,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        FlowTimeouts {
+            tcp_established: Duration::from_secs(6 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(120),
+            unanswered: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one expiry pass found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Flows still in conntrack after the pass.
+    pub flows: usize,
+    /// Flows removed as idle.
+    pub expired: usize,
+    /// Flows the map holds at most.
+    pub capacity: u32,
+}
+
+/// A handle of its own on the conntrack map, for expiry passes that do not
+/// hold the [`Dataplane`] (see [`Dataplane::flow_expirer`]).
+pub struct FlowExpirer {
+    map: BpfHashMap<MapData, FlowKey, NatEntry>,
+    capacity: u32,
+}
+
+impl FlowExpirer {
+    /// Removes every flow idle past its timeout (both of its entries).
+    pub fn expire_idle(&mut self, timeouts: &FlowTimeouts) -> Result<Expiry, DataplaneError> {
+        expire_idle(&mut self.map, self.capacity, timeouts)
+    }
+}
+
+impl Dataplane {
+    /// A second handle on the conntrack map for [`FlowExpirer::expire_idle`].
+    pub fn flow_expirer(&self) -> Result<FlowExpirer, DataplaneError> {
+        let name = map_names::CONNTRACK;
+        let Some(Map::HashMap(data)) = self.ebpf().map(name) else {
+            return Err(DataplaneError::MissingMap(name));
+        };
+        let info = data.info().map_err(DataplaneError::map(name))?;
+        let data = MapData::from_id(info.id()).map_err(DataplaneError::map(name))?;
+        Ok(FlowExpirer {
+            map: BpfHashMap::try_from(Map::HashMap(data)).map_err(DataplaneError::map(name))?,
+            capacity: info.max_entries() / 2,
+        })
+    }
+
+    /// [`FlowExpirer::expire_idle`] through this data plane's own handle.
+    pub fn expire_idle_flows(&mut self, timeouts: &FlowTimeouts) -> Result<Expiry, DataplaneError> {
+        self.flow_expirer()?.expire_idle(timeouts)
+    }
+}
+
+/// Conntrack's clock now, as the eBPF side reads it
+/// (`bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`).
+pub(crate) fn flow_clock_now() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC_COARSE always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    (ns >> FLOW_CLOCK_SHIFT) as u32
+}
+
+fn ticks(d: Duration) -> u32 {
+    u32::try_from(d.as_nanos() >> FLOW_CLOCK_SHIFT).unwrap_or(u32::MAX)
+}
+
+/// Ticks since `last_seen`; a stamp from "after now" (a packet during the
+/// pass) counts as fresh.
+pub(crate) fn idle_ticks(now: u32, last_seen: u32) -> u32 {
+    let age = now.wrapping_sub(last_seen);
+    if age > u32::MAX / 2 { 0 } else { age }
+}
+
+/// The timeout of a flow from its forward entry and (if present) its reply entry.
+fn timeout_of(
+    key: &FlowKey,
+    forward: &NatEntry,
+    reply: Option<&NatEntry>,
+    t: &FlowTimeouts,
+) -> Duration {
+    let answered = reply.is_some_and(|r| r.flags & flow_flags::SEEN != 0);
+    let closing = forward.flags & flow_flags::FIN != 0
+        || reply.is_some_and(|r| r.flags & flow_flags::FIN != 0);
+    match (key.proto == IPPROTO_TCP, answered) {
+        (_, false) => t.unanswered,
+        (true, true) if closing => t.tcp_closing,
+        (true, true) => t.tcp_established,
+        (false, true) => t.udp,
+    }
+}
+
+fn expire_idle(
+    map: &mut BpfHashMap<MapData, FlowKey, NatEntry>,
+    capacity: u32,
+    timeouts: &FlowTimeouts,
+) -> Result<Expiry, DataplaneError> {
+    // An entry removed or added while we walk is skipped or seen: either is fine.
+    let entries: HashMap<FlowKey, NatEntry> = map.iter().filter_map(Result::ok).collect();
+    // Read after the walk, so no stamp read is newer than `now`.
+    let now = flow_clock_now();
+    let mut doomed: Vec<(FlowKey, u32)> = Vec::new();
+    let mut flows = 0;
+    for (key, entry) in &entries {
+        let other_key = entry.tuple(key.proto).reversed();
+        let other = entries.get(&other_key);
+        if entry.flags & flow_flags::REPLY != 0 {
+            // Judged with its forward entry; alone (its forward entry is
+            // gone), it can only be a leftover.
+            if other.is_none() && idle_ticks(now, entry.last_seen) > ticks(timeouts.unanswered) {
+                doomed.push((*key, entry.last_seen));
+            }
+            continue;
+        }
+        flows += 1;
+        let last_seen = other.map_or(entry.last_seen, |o| {
+            // The more recent of the two, wrap-safe.
+            if idle_ticks(now, o.last_seen) < idle_ticks(now, entry.last_seen) {
+                o.last_seen
+            } else {
+                entry.last_seen
+            }
+        });
+        if idle_ticks(now, last_seen) > ticks(timeout_of(key, entry, other, timeouts)) {
+            doomed.push((*key, entry.last_seen));
+            if let Some(o) = other {
+                doomed.push((other_key, o.last_seen));
+            }
+        }
+    }
+    let mut expired = 0;
+    for (key, seen) in &doomed {
+        // A packet since the walk revived the entry: leave it. (Its partner,
+        // if already removed, makes the flow reopen on its next packet.)
+        if map.get(key, 0).is_ok_and(|e| e.last_seen != *seen) {
+            continue;
+        }
+        let forward = entries
+            .get(key)
+            .is_some_and(|e| e.flags & flow_flags::REPLY == 0);
+        if map.remove(key).is_ok() && forward {
+            expired += 1;
+        }
+    }
+    if !doomed.is_empty() {
+        tracing::debug!(expired, entries = doomed.len(), "expired idle flows");
+    }
+    Ok(Expiry {
+        flows: flows - expired,
+        expired,
+        capacity,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vipr_common::IPPROTO_UDP;
+
+    fn entry(flags: u8) -> NatEntry {
+        NatEntry {
+            src_addr: 1,
+            dst_addr: 2,
+            src_port: 3,
+            dst_port: 4,
+            flags,
+            _pad: 0,
+            _pad2: 0,
+            ip_check_delta: 0,
+            l4_check_delta: 0,
+            last_seen: 0,
+        }
+    }
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: 5,
+            dst_addr: 6,
+            src_port: 7,
+            dst_port: 8,
+            proto,
+            _pad: 0,
+            _pad2: 0,
+        }
+    }
+
+    #[test]
+    fn timeouts_follow_the_flow_state() {
+        let t = FlowTimeouts::default();
+        let tcp = key(IPPROTO_TCP);
+        let fwd = entry(0);
+        let answered = entry(flow_flags::REPLY | flow_flags::SEEN);
+        let silent = entry(flow_flags::REPLY);
+        assert_eq!(timeout_of(&tcp, &fwd, Some(&silent), &t), t.unanswered);
+        assert_eq!(timeout_of(&tcp, &fwd, None, &t), t.unanswered);
+        assert_eq!(
+            timeout_of(&tcp, &fwd, Some(&answered), &t),
+            t.tcp_established
+        );
+        let closing = entry(flow_flags::FIN);
+        assert_eq!(
+            timeout_of(&tcp, &closing, Some(&answered), &t),
+            t.tcp_closing
+        );
+        assert_eq!(
+            timeout_of(&key(IPPROTO_UDP), &fwd, Some(&answered), &t),
+            t.udp
+        );
+    }
+
+    #[test]
+    fn idle_time_is_wrap_safe() {
+        assert_eq!(idle_ticks(10, 4), 6);
+        assert_eq!(idle_ticks(3, u32::MAX - 2), 6);
+        assert_eq!(idle_ticks(4, 10), 0, "a stamp after now is fresh");
+    }
+}
