@@ -245,6 +245,14 @@ pub struct AgentArgs {
     /// cgroup under which pod cgroups are made.
     #[arg(long, default_value = "/sys/fs/cgroup/unified/vipr")]
     pub cgroup_root: PathBuf,
+    /// Balancing of services without a vipr.io/lb-algorithm annotation:
+    /// random, rr, wrr, lc, sh, dh, sed, nq, maglev.
+    #[arg(long, default_value = "random")]
+    pub lb_algorithm: vipr_balancer::Algorithm,
+    /// Key of the Maglev backend hashes (decimal or 0x hex); give every node
+    /// of a cluster the same one, so a flow gets the same backend anywhere.
+    #[arg(long, default_value_t = vipr_balancer::MaglevSeed::DEFAULT)]
+    pub maglev_seed: vipr_balancer::MaglevSeed,
     /// Where services come from.
     #[arg(long, value_enum, default_value_t = Source::Local)]
     pub source: Source,

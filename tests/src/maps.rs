@@ -1,11 +1,23 @@
-//! Reads a node's pinned SERVICES map: what the kernel holds, so a test or
-//! benchmark can tell when a change is programmed (not just stored).
+//! Reads a node's pinned maps: what the kernel holds, so a test or
+//! benchmark can tell when a change is programmed (not just stored), and
+//! what the data plane counted.
 
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError};
-use vipr_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
+use vipr_common::{
+    Counter, CounterValue, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue, map_names,
+};
+
+/// Packets counted under `counter` on all CPUs, from the pinned STATS map.
+pub fn pinned_counter(pin_dir: &Path, counter: Counter) -> Result<u64> {
+    let path = pin_dir.join(map_names::STATS);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let stats: PerCpuArray<_, CounterValue> = PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let per_cpu = stats.get(&(counter as u32), 0)?;
+    Ok(per_cpu.iter().map(|v| v.packets).sum())
+}
 
 /// The pinned SERVICES map of the agent whose pin folder is `pin_dir`.
 pub struct PinnedServices(BpfHashMap<MapData, ServiceKey, ServiceValue>);

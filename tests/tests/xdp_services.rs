@@ -452,6 +452,7 @@ fn nodeport_and_external_ip_from_outside() -> Result<()> {
     let ranged = FrontendOptions {
         external_traffic_policy: Some(ExternalTrafficPolicy::Cluster),
         source_ranges: vec!["198.51.100.0/24".parse()?],
+        ..FrontendOptions::default()
     };
     dp.program_service_with(fe(EXTERNAL_IP, 82, Protocol::Tcp), &[be(0, 8080)], &ranged)?;
 

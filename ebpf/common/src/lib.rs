@@ -8,6 +8,8 @@
 //! packet, so the hot path never swaps bytes; userspace converts.
 #![no_std]
 
+pub mod hash;
+
 /// Names of the maps in the eBPF object. Userspace looks maps up by these.
 pub mod map_names {
     pub const SERVICES: &str = "SERVICES";
@@ -25,6 +27,26 @@ pub mod map_names {
     pub const MONITOR: &str = ".data.vipr_monitor";
     pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
     pub const MONITOR_LOST: &str = "MONITOR_LOST";
+    /// Maglev lookup tables of every `maglev` service: [`MaglevKey`]
+    /// (service id, slot `0..ServiceValue::maglev_size`) -> [`Endpoint`].
+    /// Hash map, not preallocated: only maglev services use entries.
+    pub const MAGLEV: &str = "MAGLEV";
+    /// Which backends a service has now: [`MemberKey`] -> the stats id (u32)
+    /// of the (frontend, backend) pair, see `BACKEND_STATS`. Lets session
+    /// affinity check in one lookup that a remembered backend is still one
+    /// of the service's (ready, weight > 0) backends, and a new flow find
+    /// where it counts.
+    pub const MEMBERS: &str = "MEMBERS";
+    /// ClientIP session affinity (LRU): [`AffinityKey`] -> [`AffinityValue`].
+    pub const AFFINITY: &str = "AFFINITY";
+    /// Open flows per backend endpoint, for `lc`, `sed`, `nq`:
+    /// [`Endpoint`] -> u32. +1 when a flow of such a service opens, -1 when
+    /// it closes (RST, or FIN both ways); userspace recounts from the flow
+    /// map to forget flows that expired or were removed without a close.
+    pub const ACTIVE_CONNECTIONS: &str = "ACTIVE_CONNECTIONS";
+    /// Round-robin turn counter (u32) of each service, indexed by service id
+    /// (`rr`, `wrr`).
+    pub const BALANCE_TURNS: &str = "BALANCE_TURNS";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
@@ -71,6 +93,14 @@ pub const FLOW_CLOCK_SHIFT: u32 = 24;
 pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 131_072;
+/// Default capacity of the Maglev map: all maglev services' slots together
+/// (128 services at the default table size 16381). Not preallocated.
+pub const DEFAULT_MAX_MAGLEV_ENTRIES: u32 = 2_097_152;
+/// Default capacity of the session affinity map (LRU).
+pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
+/// At most this many backend slots are compared by `lc`, `sed` and `nq`
+/// (the first ones); a bounded loop on the new-flow path.
+pub const LEAST_LOADED_SCAN: u32 = 256;
 
 /// Default capacity of the per-(frontend, backend) counters array.
 pub const DEFAULT_MAX_BACKEND_STATS: u32 = 65_536;
@@ -107,6 +137,34 @@ pub mod service_flags {
     /// With no backend, drop silently instead of rejecting
     /// (externalTrafficPolicy: Local without a local endpoint).
     pub const DROP_WHEN_EMPTY: u32 = 1 << 2;
+    /// The backends' weights differ: weighted algorithms walk the slots'
+    /// weight ranges instead of indexing a slot directly.
+    pub const WEIGHTED: u32 = 1 << 3;
+}
+
+/// Values of [`ServiceValue::algorithm`]: how a new flow picks its backend
+/// slot. The names are `vipr_balancer::Algorithm`'s; the data plane mirrors
+/// `vipr_balancer::select_backend` (same hashes over the same words for
+/// `sh`, `dh`, `maglev`).
+pub mod lb_algorithm {
+    /// `bpf_get_prandom_u32()` scaled onto the weight ranges.
+    pub const RANDOM: u8 = 0;
+    /// The service's turn counter modulo the slot count.
+    pub const ROUND_ROBIN: u8 = 1;
+    /// The turn counter modulo the total weight, onto the weight ranges.
+    pub const WEIGHTED_ROUND_ROBIN: u8 = 2;
+    /// Fewest [`ACTIVE_CONNECTIONS`](super::map_names::ACTIVE_CONNECTIONS).
+    pub const LEAST_CONNECTION: u8 = 3;
+    /// jhash of the client address, scaled onto the weight ranges.
+    pub const SOURCE_HASH: u8 = 4;
+    /// jhash of the frontend address, scaled onto the weight ranges.
+    pub const DESTINATION_HASH: u8 = 5;
+    /// Minimal `(active + 1) / weight`.
+    pub const SHORTEST_EXPECTED_DELAY: u8 = 6;
+    /// An idle backend if any, else as `SHORTEST_EXPECTED_DELAY`.
+    pub const NEVER_QUEUE: u8 = 7;
+    /// jhash of the 5-tuple modulo the table size, looked up in `MAGLEV`.
+    pub const MAGLEV: u8 = 8;
 }
 
 /// What the data plane needs to pick a backend for a frontend.
@@ -115,11 +173,23 @@ pub mod service_flags {
 pub struct ServiceValue {
     /// Stable id chosen by userspace; keys the backend slots.
     pub service_id: u32,
-    /// Number of backend slots `0..backend_count` filled for this service.
+    /// Number of backend slots `0..backend_count` filled for this service
+    /// (backends with weight 0 get none: they take no new flows).
     /// Zero means "no ready endpoint": the data plane rejects the flow.
     pub backend_count: u32,
     /// [`service_flags`] bits.
     pub flags: u32,
+    /// One of [`lb_algorithm`].
+    pub algorithm: u8,
+    pub _pad: u8,
+    pub _pad2: u16,
+    /// ClientIP session affinity timeout in seconds; 0: no affinity.
+    pub affinity_timeout: u32,
+    /// Sum of the slots' weights (`Backend::weight`).
+    pub total_weight: u32,
+    /// Entries `0..maglev_size` of this service in `MAGLEV`; 0 unless the
+    /// algorithm is [`lb_algorithm::MAGLEV`].
+    pub maglev_size: u32,
 }
 
 /// One backend slot of a service.
@@ -130,7 +200,7 @@ pub struct BackendKey {
     pub slot: u32,
 }
 
-/// A backend: where a translated packet goes.
+/// A backend slot: where a translated packet goes, and its weight range.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Backend {
@@ -138,11 +208,80 @@ pub struct Backend {
     pub addr: u32,
     /// Port, network byte order.
     pub port: u16,
+    /// `vipr.io/weight` of the backend's pod, 1..=65535 (host order).
+    pub weight: u16,
+    /// Sum of the weights of the slots before this one (host order): the
+    /// slot owns the points `weight_start..weight_start + weight` of
+    /// `0..ServiceValue::total_weight`.
+    pub weight_start: u32,
+}
+
+impl Backend {
+    #[inline(always)]
+    pub const fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            addr: self.addr,
+            port: self.port,
+            _pad: 0,
+        }
+    }
+}
+
+/// An IPv4 address and port, network byte order: a Maglev table entry, and
+/// the key of the active connection counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: u32,
+    pub port: u16,
     pub _pad: u16,
-    /// Index into `BACKEND_STATS` of this (frontend, backend) pair's
-    /// counters, given by userspace; 0 counts nowhere (slot 0 is never
-    /// handed out). Copied into the flow's conntrack entries.
-    pub stats_id: u32,
+}
+
+/// Key of `MAGLEV`: one slot of one service's lookup table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Key of `MEMBERS`: a backend endpoint of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Values of [`AffinityKey::scope`]: what identifies a client.
+pub mod affinity_scope {
+    /// The client's IPv4 address (XDP path), network order, in `client`.
+    pub const ADDRESS: u32 = 0;
+    /// The client's network namespace cookie (socket path: the source
+    /// address is not chosen yet at `connect()`; one netns = one pod).
+    pub const NETNS: u32 = 1;
+}
+
+/// Key of `AFFINITY`: a client of one service (frontend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    /// One of [`affinity_scope`].
+    pub scope: u32,
+    pub client: u64,
+}
+
+/// Value of `AFFINITY`: the backend the client's last new flow got, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the client's last new flow.
+    pub last_seen_ns: u64,
+    pub backend: Endpoint,
+    pub _pad: u32,
 }
 
 /// Key of `SOCK_REVNAT`: one backend a socket was sent to by the socket-level
@@ -216,6 +355,9 @@ pub mod flow_flags {
     /// A packet after the first was translated with this entry; on the
     /// reply entry it means the backend answered (the flow is established).
     pub const SEEN: u8 = 1 << 3;
+    /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
+    /// balances by load): its close takes the count down again.
+    pub const COUNTED: u8 = 1 << 4;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -232,7 +374,7 @@ pub struct NatEntry {
     /// [`flow_flags`] bits.
     pub flags: u8,
     /// The (frontend, backend) counters this flow's packets count in, both
-    /// directions (see [`Backend::stats_id`]): 24 bits, high byte first, in
+    /// directions (`map_names::MEMBERS` gives it at open): 24 bits, high byte first, in
     /// what was padding (a wider entry made LLVM merge stores the verifier
     /// rejects as misaligned on the stack). See [`NatEntry::stats_id`].
     pub stats_hi: u8,
@@ -418,11 +560,14 @@ pub enum Counter {
     /// its conntrack entry is gone (expired while idle, removed with a
     /// vanished backend, or the map was recreated).
     FlowOpenedMidStream = 20,
+    /// A new flow went to the backend its client's session affinity
+    /// (ClientIP) remembered (counted besides `NewFlow` / `Sock*`).
+    AffinityHit = 21,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -447,6 +592,7 @@ impl Counter {
         Counter::SockReverseTranslated,
         Counter::SockRejected,
         Counter::FlowOpenedMidStream,
+        Counter::AffinityHit,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -473,6 +619,7 @@ impl Counter {
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::SockRejected => "sock_rejected",
             Counter::FlowOpenedMidStream => "flow_opened_mid_stream",
+            Counter::AffinityHit => "affinity_hit",
         }
     }
 
@@ -538,6 +685,11 @@ mod user {
     unsafe impl aya::Pod for FlowStats {}
     unsafe impl aya::Pod for ServiceDropKey {}
     unsafe impl aya::Pod for MonitorEvent {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -548,9 +700,14 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 12);
+        assert_eq!(size_of::<ServiceValue>(), 28);
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<Endpoint>(), 8);
+        assert_eq!(size_of::<MaglevKey>(), 8);
+        assert_eq!(size_of::<MemberKey>(), 12);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<NatEntry>(), 24);
         assert_eq!(size_of::<FlowStats>(), 24);

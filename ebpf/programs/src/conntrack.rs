@@ -3,7 +3,7 @@
 //! directions live in one map so a packet costs one lookup either way; the
 //! reply entry carries `flow_flags::REPLY`.
 //!
-//! Opening a flow (`open`) picks a backend, optionally an SNAT source (port
+//! Opening a flow (`open`) picks a backend (`balance`), optionally an SNAT source (port
 //! claimed atomically by inserting the reply entry with BPF_NOEXIST), and
 //! records both directions; `close` removes both. TCP flows leave on RST at
 //! once, and after FINs both ways on the last ACK. Userspace removes the UDP
@@ -19,12 +19,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use vipr_common::{
-    Backend, BackendKey, Counter, DataplaneConfig, FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP,
-    IPPROTO_UDP, NatEntry, ServiceValue, SourceRangeKey, flow_flags, service_flags,
+    Counter, DataplaneConfig, Endpoint, FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
+    NatEntry, ServiceValue, SourceRangeKey, flow_flags, service_flags,
 };
 
 use crate::{
-    BACKENDS, CONFIG, CONNTRACK, SOURCE_RANGES, count,
+    CONFIG, CONNTRACK, SOURCE_RANGES,
+    balance::{self, NewFlow},
+    count,
     headers::{Packet, sealed, tcp_flags},
     reject, stats,
 };
@@ -87,8 +89,20 @@ fn track_close(packet: &Packet, tuple: &FlowKey, entry_ptr: *mut NatEntry, entry
         return;
     }
     let other_key = entry.tuple(tuple.proto).reversed();
+    // The backend is the reply's source: this packet's when it is the
+    // reply, else the source of the reply tuple this entry leads to.
+    let reply_key = if entry.flags & flow_flags::REPLY != 0 {
+        tuple
+    } else {
+        &other_key
+    };
+    let counted = (entry.flags & flow_flags::COUNTED != 0).then_some(Endpoint {
+        addr: reply_key.src_addr,
+        port: reply_key.src_port,
+        _pad: 0,
+    });
     if flags & tcp_flags::RST != 0 {
-        close(tuple, &other_key);
+        close(tuple, &other_key, counted);
     } else if flags & tcp_flags::FIN != 0 {
         // SAFETY: as above; a racing writer can only set the same bit.
         unsafe { (*entry_ptr).flags |= flow_flags::FIN };
@@ -99,15 +113,22 @@ fn track_close(packet: &Packet, tuple: &FlowKey, entry_ptr: *mut NatEntry, entry
         let other_closed =
             unsafe { CONNTRACK.get(other_key) }.is_some_and(|e| e.flags & flow_flags::FIN != 0);
         if other_closed {
-            close(tuple, &other_key);
+            close(tuple, &other_key, counted);
         }
     }
 }
 
-/// Removes both directions of a flow.
+/// Removes both directions of a flow; a flow counted for its backend's
+/// load (`counted`: the backend) is taken off the count.
 #[inline(always)]
-pub(crate) fn close(key: &FlowKey, other_key: &FlowKey) {
-    let _ = CONNTRACK.remove(key);
+pub(crate) fn close(key: &FlowKey, other_key: &FlowKey, counted: Option<Endpoint>) {
+    // Only the close that removes the entry uncounts it, so a RST racing
+    // a last ACK on another CPU cannot take the count down twice.
+    if CONNTRACK.remove(key).is_ok()
+        && let Some(backend) = counted
+    {
+        balance::connection_closed(&backend);
+    }
     let _ = CONNTRACK.remove(other_key);
     count(Counter::FlowClosed, 0);
 }
@@ -129,18 +150,21 @@ pub fn open(
     if service.backend_count == 0 {
         return no_endpoints(ctx, service, tuple.proto);
     }
-    let Some(backend) = pick_backend(service) else {
+    let Some(backend) = balance::choose(service, &NewFlow::of_packet(tuple)) else {
         return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
     };
     let config = CONFIG.get(0).copied().unwrap_or_default();
+    let counted = balance::counts_connections(service);
+    let counted_flag = if counted { flow_flags::COUNTED } else { 0 };
 
-    let (stats_hi, stats_lo) = NatEntry::stats_fields(backend.stats_id);
+    let stats_id = balance::stats_id(service.service_id, &backend);
+    let (stats_hi, stats_lo) = NatEntry::stats_fields(stats_id);
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,
         src_port: tuple.src_port,
         dst_port: backend.port,
-        flags: 0,
+        flags: counted_flag,
         stats_hi,
         stats_lo,
         ip_check_delta: 0,
@@ -152,7 +176,7 @@ pub fn open(
         dst_addr: tuple.src_addr,
         src_port: tuple.dst_port,
         dst_port: tuple.src_port,
-        flags: flow_flags::REPLY,
+        flags: flow_flags::REPLY | counted_flag,
         stats_hi,
         stats_lo,
         ip_check_delta: 0,
@@ -162,7 +186,7 @@ pub fn open(
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
             forward.src_addr = addr;
-            forward.flags = flow_flags::SNAT;
+            forward.flags |= flow_flags::SNAT;
             reverse.flags |= flow_flags::SNAT;
             if let Err(refused) = claim_snat_port(&mut forward, &reverse, &config, tuple.proto) {
                 return (refused, xdp_action::XDP_DROP);
@@ -180,6 +204,9 @@ pub fn open(
         let _ = CONNTRACK.remove(forward.tuple(tuple.proto).reversed());
         return (Counter::DropFlowMapFull, xdp_action::XDP_DROP);
     }
+    if counted {
+        balance::connection_opened(&backend);
+    }
     debug!(
         ctx,
         "new flow {:i}:{} -> {:i}:{} via {:i}:{}",
@@ -193,21 +220,9 @@ pub fn open(
     if tuple.proto == IPPROTO_TCP && packet.tcp_flags() & tcp_flags::SYN == 0 {
         count(Counter::FlowOpenedMidStream, 0);
     }
-    stats::count_new_flow(backend.stats_id, packet);
+    stats::count_new_flow(stats_id, packet);
     packet.rewrite(&forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
-}
-
-#[inline(always)]
-pub(crate) fn pick_backend(service: &ServiceValue) -> Option<Backend> {
-    // SAFETY: a plain helper call with no arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
-    let key = BackendKey {
-        service_id: service.service_id,
-        slot,
-    };
-    // SAFETY: plain data read.
-    unsafe { BACKENDS.get(key) }.copied()
 }
 
 /// Whether `src_addr` is inside one of the service's source ranges.
@@ -232,7 +247,7 @@ fn snat_source(
     service: &ServiceValue,
     config: &DataplaneConfig,
     tuple: &FlowKey,
-    backend: &Backend,
+    backend: &Endpoint,
 ) -> Option<u32> {
     if backend.addr == tuple.src_addr && config.hairpin_addr != 0 {
         Some(config.hairpin_addr)

@@ -17,13 +17,18 @@
 //! `vipr_getpeername4`) balance them at the socket level from the same maps.
 //!
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
-//! `conntrack` (flow lookup, opening and closing), `reject` (RST / ICMP
+//! `conntrack` (flow lookup, opening and closing), `balance` (the backend
+//! of a new flow: per-service algorithm, session affinity), `reject` (RST / ICMP
 //! replies), `icmp` (errors about translated flows), `sock` (socket-level
 //! translation for node-local clients), `stats` (per-service and
 //! per-backend counters), `monitor` (events for `vipr monitor`).
 #![no_std]
 #![no_main]
+// Atomic adds on map values (`balance`): the BPF target has no AtomicU32.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod balance;
 mod checksum;
 mod conntrack;
 mod headers;
@@ -34,15 +39,17 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{cgroup_sock_addr, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, XdpContext},
 };
 use vipr_common::{
-    Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
-    FlowKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_AFFINITY,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES,
+    DEFAULT_MAX_SOCK_REVNAT, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, FlowKey,
+    MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
+    SourceRangeKey,
 };
 
 use headers::{Packet, ParseError};
@@ -84,6 +91,30 @@ static STATS: PerCpuArray<CounterValue> = PerCpuArray::with_max_entries(Counter:
 #[map(name = "SOCK_REVNAT")]
 static SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
     LruHashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
+
+/// Maglev tables: (service id, slot) -> backend. Filled only for maglev
+/// services, so not preallocated.
+#[map(name = "MAGLEV")]
+static MAGLEV: HashMap<MaglevKey, Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_MAGLEV_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// (service id, backend) -> slot, for every backend slot.
+#[map(name = "MEMBERS")]
+static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// ClientIP session affinity: (service id, client) -> backend, last seen.
+#[map(name = "AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_AFFINITY, 0);
+
+/// Open counted flows per backend (`lc`, `sed`, `nq`).
+#[map(name = "ACTIVE_CONNECTIONS")]
+static ACTIVE_CONNECTIONS: HashMap<Endpoint, u32> =
+    HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Round-robin turn of each service, by service id.
+#[map(name = "BALANCE_TURNS")]
+static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {

@@ -5,8 +5,9 @@
 //! own processes send, so for those the translation happens where the
 //! address is chosen: `connect()` (TCP and connected UDP) and `sendmsg()`
 //! (unconnected UDP) swap the frontend in the user's sockaddr for a backend
-//! picked from the same `SERVICES` / `BACKENDS` maps and the same random
-//! slot choice as XDP. No packet is ever rewritten, so no conntrack entry is
+//! picked from the same `SERVICES` / `BACKENDS` maps by the same
+//! `balance::choose` as XDP (the client being the socket's network
+//! namespace: no source address exists yet at `connect()`). No packet is ever rewritten, so no conntrack entry is
 //! needed: the socket simply talks to the backend. What the application must
 //! not notice is undone per socket with `SOCK_REVNAT` (socket cookie +
 //! backend -> frontend): `recvmsg()` gives UDP replies the frontend as
@@ -18,7 +19,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use vipr_common::{
@@ -26,7 +27,11 @@ use vipr_common::{
     service_flags,
 };
 
-use crate::{SERVICES, SOCK_REVNAT, conntrack::pick_backend, count, monitor, stats};
+use crate::{
+    SERVICES, SOCK_REVNAT,
+    balance::{self, NewFlow},
+    count, monitor, stats,
+};
 
 /// Verdicts of a sock_addr program: let the syscall go on, or fail it (with
 /// EPERM, unless the program set another error with `bpf_set_retval`).
@@ -78,7 +83,9 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
     let backend = if service.backend_count == 0 {
         None
     } else {
-        pick_backend(&service)
+        // SAFETY: the helper accepts a sock_addr context.
+        let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        balance::choose(&service, &NewFlow::of_socket(netns, addr, port as u16, proto as u8))
     };
     // What the monitor shows: the socket's source is not known yet.
     let before = FlowKey {
@@ -126,7 +133,7 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         Hook::Sendmsg => Counter::SockSendmsgTranslated,
     };
     count(counter, 0);
-    stats::count_socket_flow(backend.stats_id);
+    stats::count_socket_flow(balance::stats_id(service.service_id, &backend));
     let after = FlowKey {
         dst_addr: backend.addr,
         dst_port: backend.port,

@@ -14,14 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use crate::hash::jhash_words;
-
-/// Initval of the 5-tuple hash (`maglev`). Fixed so every node hashes a flow
-/// the same way, which is what lets any node pick the same Maglev backend.
-pub const FLOW_HASH_INITVAL: u32 = 0x7669_7072; // "vipr"
-/// Initval of the source-address hash (`sh`).
-pub const SOURCE_HASH_INITVAL: u32 = 0x0000_5348; // "SH"
-/// Initval of the destination-address hash (`dh`).
-pub const DESTINATION_HASH_INITVAL: u32 = 0x0000_4448; // "DH"
+pub use vipr_common::hash::{DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL};
 
 /// A transport protocol a service port can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,83 +4,14 @@
 //! - [`jhash_words`] is Linux's `jhash2` (Bob Jenkins' lookup3 over 32-bit
 //!   words). The datapath hashes flows with it: it needs no byte loads, no
 //!   loops over unbounded data and no 64-bit multiplies, which keeps the
-//!   verifier happy, and it is what Cilium and the kernel already use.
+//!   verifier happy, and it is what Cilium and the kernel already use. It
+//!   lives in `vipr_common::hash`, compiled into both the eBPF programs and
+//!   this crate, so the two cannot drift.
 //! - [`murmur3_x64_128`] is MurmurHash3 x64/128. Only userspace uses it, to
 //!   derive a backend's Maglev permutation; its two independent 64-bit
 //!   halves give the paper's two hashes (offset, skip) in one pass.
 
-/// Linux's `JHASH_INITVAL`.
-const JHASH_GOLDEN: u32 = 0xdead_beef;
-
-#[inline]
-fn jhash_mix(a: &mut u32, b: &mut u32, c: &mut u32) {
-    *a = a.wrapping_sub(*c);
-    *a ^= c.rotate_left(4);
-    *c = c.wrapping_add(*b);
-    *b = b.wrapping_sub(*a);
-    *b ^= a.rotate_left(6);
-    *a = a.wrapping_add(*c);
-    *c = c.wrapping_sub(*b);
-    *c ^= b.rotate_left(8);
-    *b = b.wrapping_add(*a);
-    *a = a.wrapping_sub(*c);
-    *a ^= c.rotate_left(16);
-    *c = c.wrapping_add(*b);
-    *b = b.wrapping_sub(*a);
-    *b ^= a.rotate_left(19);
-    *a = a.wrapping_add(*c);
-    *c = c.wrapping_sub(*b);
-    *c ^= b.rotate_left(4);
-    *b = b.wrapping_add(*a);
-}
-
-#[inline]
-fn jhash_final(a: &mut u32, b: &mut u32, c: &mut u32) {
-    *c ^= *b;
-    *c = c.wrapping_sub(b.rotate_left(14));
-    *a ^= *c;
-    *a = a.wrapping_sub(c.rotate_left(11));
-    *b ^= *a;
-    *b = b.wrapping_sub(a.rotate_left(25));
-    *c ^= *b;
-    *c = c.wrapping_sub(b.rotate_left(16));
-    *a ^= *c;
-    *a = a.wrapping_sub(c.rotate_left(4));
-    *b ^= *a;
-    *b = b.wrapping_sub(a.rotate_left(14));
-    *c ^= *b;
-    *c = c.wrapping_sub(b.rotate_left(24));
-}
-
-/// Linux `jhash2(words, words.len(), initval)`.
-pub fn jhash_words(words: &[u32], initval: u32) -> u32 {
-    // The kernel takes the length as u32; flows are at most 10 words.
-    let len = words.len() as u32;
-    let mut a = JHASH_GOLDEN.wrapping_add(len << 2).wrapping_add(initval);
-    let (mut b, mut c) = (a, a);
-    let mut rest = words;
-    while rest.len() > 3 {
-        a = a.wrapping_add(rest[0]);
-        b = b.wrapping_add(rest[1]);
-        c = c.wrapping_add(rest[2]);
-        jhash_mix(&mut a, &mut b, &mut c);
-        rest = &rest[3..];
-    }
-    // The kernel's switch falls through from 3 to 1; the tail is added
-    // word by word and then mixed once.
-    if rest.is_empty() {
-        return c;
-    }
-    if rest.len() == 3 {
-        c = c.wrapping_add(rest[2]);
-    }
-    if rest.len() >= 2 {
-        b = b.wrapping_add(rest[1]);
-    }
-    a = a.wrapping_add(rest[0]);
-    jhash_final(&mut a, &mut b, &mut c);
-    c
-}
+pub use vipr_common::hash::jhash_words;
 
 #[inline]
 fn fmix64(mut k: u64) -> u64 {
@@ -160,24 +91,6 @@ pub fn murmur3_x64_128(data: &[u8], seed: u64) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn jhash_of_nothing_is_the_seeded_golden_ratio() {
-        // jhash2 with length 0 returns its initial state untouched.
-        assert_eq!(jhash_words(&[], 0), 0xdead_beef);
-        assert_eq!(jhash_words(&[], 1), 0xdead_bef0);
-    }
-
-    #[test]
-    fn jhash_depends_on_every_word_and_the_initval() {
-        let base = jhash_words(&[1, 2, 3, 4, 5], 7);
-        for i in 0..5 {
-            let mut w = [1, 2, 3, 4, 5];
-            w[i] ^= 1;
-            assert_ne!(jhash_words(&w, 7), base, "word {i}");
-        }
-        assert_ne!(jhash_words(&[1, 2, 3, 4, 5], 8), base);
-    }
 
     #[test]
     fn murmur3_matches_reference_vectors() {

@@ -58,6 +58,11 @@ pub enum DataplaneError {
         count: usize,
         capacity: u32,
     },
+    #[error(
+        "frontend {frontend}: the backends' vipr.io/weight values add up to {total}, \
+         more than the data plane's 32-bit total"
+    )]
+    WeightsTooLarge { frontend: String, total: u64 },
 }
 
 impl DataplaneError {

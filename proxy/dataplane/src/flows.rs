@@ -75,7 +75,7 @@ pub(crate) fn clear_udp_flows(
     live: &[BackendAddr],
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
-    let live: Vec<_> = live.iter().map(|b| b.to_map_value(0)).collect();
+    let live: Vec<_> = live.iter().map(|b| b.endpoint()).collect();
     let doomed: Vec<(FlowKey, FlowKey)> = forward_entries(ebpf)?
         .into_iter()
         .filter(|(key, entry)| {

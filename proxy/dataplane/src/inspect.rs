@@ -2,16 +2,17 @@
 //! decoded or as raw bytes) and `vipr trace` (point lookups of the keys
 //! the XDP program would look up for one packet).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use aya::{
     Ebpf, Pod,
     maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::Ipv4Net;
+use vipr_balancer::ServiceBalancing;
 use vipr_common::{
-    Backend, BackendKey, DataplaneConfig, FLOW_CLOCK_SHIFT, FlowKey, NatEntry, ServiceKey,
-    ServiceValue, SourceRangeKey, map_names,
+    AffinityKey, AffinityValue, Backend, BackendKey, DataplaneConfig, Endpoint, FLOW_CLOCK_SHIFT,
+    FlowKey, MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SourceRangeKey, map_names,
 };
 
 use crate::{Dataplane, DataplaneError, Frontend, expiry};
@@ -56,8 +57,14 @@ pub struct MapDump {
     pub conntrack: Vec<MapEntry<FlowKey, NatEntry>>,
     /// Service id and client range.
     pub source_ranges: Vec<(u32, Ipv4Net)>,
+    /// Maglev tables in summary: by service id, the slots each endpoint holds.
+    pub maglev: BTreeMap<u32, BTreeMap<Endpoint, u32>>,
+    /// ClientIP session affinity entries.
+    pub affinity: Vec<MapEntry<AffinityKey, AffinityValue>>,
     /// Conntrack's clock when read, to age entries by `NatEntry::last_seen`.
     pub clock: u32,
+    /// CLOCK_MONOTONIC when read, to age affinity entries.
+    pub monotonic_ns: u64,
 }
 
 impl MapDump {
@@ -65,6 +72,17 @@ impl MapDump {
     pub fn idle(&self, entry: &NatEntry) -> Duration {
         idle_since(self.clock, entry.last_seen)
     }
+}
+
+/// CLOCK_MONOTONIC now, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Time from conntrack tick `last_seen` to tick `now`.
@@ -89,6 +107,30 @@ fn hash_entries<K: Pod, V: Pod>(
         .filter_map(Result::ok)
         .map(|(key, value)| MapEntry { key, value })
         .collect())
+}
+
+fn maglev_summary(
+    entries: Vec<MapEntry<MaglevKey, Endpoint>>,
+) -> BTreeMap<u32, BTreeMap<Endpoint, u32>> {
+    let mut out: BTreeMap<u32, BTreeMap<Endpoint, u32>> = BTreeMap::new();
+    for entry in entries {
+        *out.entry(entry.key.service_id)
+            .or_default()
+            .entry(entry.value)
+            .or_default() += 1;
+    }
+    out
+}
+
+fn lookup<K: Pod, V: Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    key: &K,
+) -> Result<Option<V>, DataplaneError> {
+    let map: BpfHashMap<&MapData, K, V> =
+        BpfHashMap::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
+            .map_err(DataplaneError::map(name))?;
+    Ok(map.get(key, 0).ok())
 }
 
 fn config_of(ebpf: &Ebpf) -> Result<DataplaneConfig, DataplaneError> {
@@ -133,7 +175,10 @@ impl Dataplane {
             backends: hash_entries(ebpf, map_names::BACKENDS)?,
             conntrack: hash_entries(ebpf, map_names::CONNTRACK)?,
             source_ranges,
+            maglev: maglev_summary(hash_entries(ebpf, map_names::MAGLEV)?),
+            affinity: hash_entries(ebpf, map_names::AFFINITY)?,
             clock: expiry::flow_clock_now(),
+            monotonic_ns: monotonic_ns(),
         })
     }
 
@@ -182,6 +227,58 @@ impl Dataplane {
         )
         .map_err(DataplaneError::map(name))?;
         Ok(map.get(key, 0).ok())
+    }
+
+    /// The endpoint in slot `slot` of service `service_id`'s Maglev table.
+    pub fn lookup_maglev(
+        &self,
+        service_id: u32,
+        slot: u32,
+    ) -> Result<Option<Endpoint>, DataplaneError> {
+        lookup(
+            self.ebpf(),
+            map_names::MAGLEV,
+            &MaglevKey { service_id, slot },
+        )
+    }
+
+    /// The session affinity entry of `key`.
+    pub fn lookup_affinity(
+        &self,
+        key: &AffinityKey,
+    ) -> Result<Option<AffinityValue>, DataplaneError> {
+        lookup(self.ebpf(), map_names::AFFINITY, key)
+    }
+
+    /// Whether `endpoint` is one of service `service_id`'s backends now.
+    pub fn is_member(&self, service_id: u32, endpoint: &Endpoint) -> Result<bool, DataplaneError> {
+        let key = MemberKey {
+            service_id,
+            addr: endpoint.addr,
+            port: endpoint.port,
+            _pad: 0,
+        };
+        Ok(lookup::<_, u32>(self.ebpf(), map_names::MEMBERS, &key)?.is_some())
+    }
+
+    /// The round-robin turn counter of service `service_id` (`rr`, `wrr`).
+    pub fn balance_turn(&self, service_id: u32) -> Result<u32, DataplaneError> {
+        let array: Array<&MapData, u32> = Array::try_from(
+            self.ebpf()
+                .map(map_names::BALANCE_TURNS)
+                .ok_or(DataplaneError::MissingMap(map_names::BALANCE_TURNS))?,
+        )
+        .map_err(DataplaneError::map(map_names::BALANCE_TURNS))?;
+        Ok(array.get(&service_id, 0).unwrap_or(0))
+    }
+
+    /// The balancing a SERVICES entry programs.
+    pub fn balancing_of(value: &ServiceValue) -> ServiceBalancing {
+        crate::balance::balancing_from_map(
+            value.algorithm,
+            value.affinity_timeout,
+            value.maglev_size,
+        )
     }
 
     /// The source range of service `service_id` that admits `client`, if any.

@@ -7,11 +7,13 @@
 //! counters back. Modules: `loader` (load, pin, attach, test_run), `links`
 //! (attachments, pinned links that survive a restart), `cgroup` (socket-level
 //! translation for the node's own clients: cgroup sock_addr attachments),
-//! `services` (frontends, backends, source ranges), `flows` (conntrack
-//! reads and UDP pruning), `expiry` (idle flows out of conntrack), `stats` (counters), `service_stats` (counters
-//! per frontend and backend, drops per service), `monitor` (the event ring
-//! of `vipr monitor`), `inspect` (the maps decoded and raw, for `vipr lb
-//! list` and `vipr trace`), `types` (the API vocabulary). Like Katran's control library it knows nothing of
+//! `services` (frontends, backends, source ranges), `balance` (what new-flow
+//! balancing reads: weight ranges, Maglev tables, members, connection
+//! counts), `flows` (conntrack reads and UDP pruning), `expiry` (idle flows
+//! out of conntrack), `stats` (counters), `service_stats` (counters per
+//! frontend and backend, drops per service), `monitor` (the event ring of
+//! `vipr monitor`), `inspect` (the maps decoded and raw, for `vipr lb list`
+//! and `vipr trace`), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
 //!
 //! # What the node must provide
@@ -30,6 +32,7 @@
 //! - A hairpin address ([`DataplaneOptions::hairpin_addr`]) that routes to
 //!   the node from every pod (a link-local address no one owns works).
 
+mod balance;
 mod cgroup;
 mod error;
 mod expiry;
@@ -47,7 +50,7 @@ pub use error::DataplaneError;
 pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
 pub use inspect::{MapDump, MapEntry, RawEntry};
-pub use inspect::{bytes_of, idle_now};
+pub use inspect::{bytes_of, idle_now, monotonic_ns};
 pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
 pub use monitor::MonitorEvents;
 pub use service_stats::{BackendStats, FrontendStats};

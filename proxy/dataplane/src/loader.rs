@@ -16,9 +16,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    Counter, DEFAULT_MAX_BACKEND_STATS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM,
-    XDP_PROGRAM_WITHOUT_EVENTS, map_names,
+    Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKEND_STATS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES,
+    DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, XDP_PROGRAM_WITHOUT_EVENTS, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -31,7 +31,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 9] = [
+const PERSISTENT_MAPS: [&str; 14] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
@@ -41,6 +41,11 @@ const PERSISTENT_MAPS: [&str; 9] = [
     map_names::SOCK_REVNAT,
     map_names::BACKEND_STATS,
     map_names::SERVICE_DROPS,
+    map_names::MAGLEV,
+    map_names::MEMBERS,
+    map_names::AFFINITY,
+    map_names::ACTIVE_CONNECTIONS,
+    map_names::BALANCE_TURNS,
 ];
 
 /// SNAT source ports by default: above Linux's default ephemeral range.
@@ -63,6 +68,10 @@ pub struct DataplaneOptions {
     /// (frontend, backend) pairs with counters of their own; pairs beyond
     /// it are counted only in the node-wide totals.
     pub max_backend_stats: u32,
+    /// Capacity of the Maglev map: the table slots of all maglev services.
+    pub max_maglev_entries: u32,
+    /// Capacity of the session affinity map (LRU: the oldest go first).
+    pub max_affinities: u32,
     /// The node's address: the source given to clients of frontends with
     /// externalTrafficPolicy Cluster. `None`: the frontend's own address
     /// (right for NodePorts on the node address).
@@ -98,6 +107,8 @@ impl Default for DataplaneOptions {
             max_flows: DEFAULT_MAX_FLOWS,
             max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
             max_backend_stats: DEFAULT_MAX_BACKEND_STATS,
+            max_maglev_entries: DEFAULT_MAX_MAGLEV_ENTRIES,
+            max_affinities: DEFAULT_MAX_AFFINITY,
             node_addr: None,
             hairpin_addr: None,
             snat_ports: DEFAULT_SNAT_PORTS,
@@ -141,7 +152,12 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS, options.max_backends)
             .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
-            .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats);
+            .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats)
+            .map_max_entries(map_names::MAGLEV, options.max_maglev_entries)
+            .map_max_entries(map_names::MEMBERS, options.max_backends)
+            .map_max_entries(map_names::ACTIVE_CONNECTIONS, options.max_backends)
+            .map_max_entries(map_names::BALANCE_TURNS, options.max_services)
+            .map_max_entries(map_names::AFFINITY, options.max_affinities);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -450,8 +466,9 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
 fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
-        Backend, BackendKey, CounterValue, FlowKey, FlowStats, NatEntry, ServiceDropKey,
-        ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+        AffinityKey, AffinityValue, Backend, BackendKey, CounterValue, Endpoint, FlowKey,
+        FlowStats, MaglevKey, MemberKey, NatEntry, ServiceDropKey, ServiceKey, ServiceValue,
+        SockRevNatKey, SockRevNatValue, SourceRangeKey,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -464,6 +481,11 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::SOCK_REVNAT => (size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>()),
         map_names::BACKEND_STATS => (size_of::<u32>(), size_of::<FlowStats>()),
         map_names::SERVICE_DROPS => (size_of::<ServiceDropKey>(), size_of::<CounterValue>()),
+        map_names::MAGLEV => (size_of::<MaglevKey>(), size_of::<Endpoint>()),
+        map_names::MEMBERS => (size_of::<MemberKey>(), size_of::<u32>()),
+        map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
+        map_names::ACTIVE_CONNECTIONS => (size_of::<Endpoint>(), size_of::<u32>()),
+        map_names::BALANCE_TURNS => (size_of::<u32>(), size_of::<u32>()),
         _ => return None,
     })
 }

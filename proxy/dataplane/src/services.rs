@@ -1,9 +1,11 @@
 //! Programming frontends, their backend slots and source ranges into the
 //! maps, and clearing UDP conntrack entries whose backend went away.
 //!
-//! A frontend owns an id and the backend slots `0..count` under that id. An
-//! update writes the new slots before it publishes the new count, and removes
-//! surplus slots only after, so a packet in flight always finds a backend.
+//! A frontend owns an id and the backend slots `0..count` under that id
+//! (its backends with a non-zero weight, see `balance`). An update writes
+//! the new slots, members and Maglev entries before it publishes the new
+//! service value, and removes surplus ones only after, so a packet in
+//! flight always finds a backend.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -15,10 +17,16 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::Ipv4Net;
-use vipr_common::{Backend, BackendKey, ServiceKey, ServiceValue, SourceRangeKey, map_names};
+use vipr_balancer::Weight;
+use vipr_common::{
+    Backend, BackendKey, Endpoint, ServiceKey, ServiceValue, SourceRangeKey, map_names,
+    service_flags,
+};
 
 use crate::{
-    BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol, flows,
+    BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol,
+    balance::{self, Slots},
+    flows,
     service_stats::{self, StatsIds},
 };
 
@@ -27,11 +35,15 @@ pub(crate) struct Programmed {
     pub(crate) id: u32,
     pub(crate) backends: Vec<BackendAddr>,
     pub(crate) options: FrontendOptions,
+    /// The backends holding slots, in slot order.
+    slots: Vec<BackendAddr>,
+    /// The Maglev table the map holds (empty unless Maglev).
+    maglev: Vec<Endpoint>,
 }
 
 impl Programmed {
     fn backend_count(&self) -> u32 {
-        self.backends.len() as u32
+        self.slots.len() as u32
     }
 }
 
@@ -61,6 +73,7 @@ impl ServiceTable {
         )
         .map_err(DataplaneError::map(map_names::BACKENDS))?;
         let mut ranges = adopt_source_ranges(ebpf)?;
+        let members = balance::read_members(ebpf)?;
         let mut table = ServiceTable {
             stats: StatsIds::new(stats_capacity),
             ..ServiceTable::default()
@@ -70,25 +83,41 @@ impl ServiceTable {
             let Some(frontend) = frontend_from_key(&key) else {
                 continue;
             };
+            let mut options = FrontendOptions::from_flags(
+                value.flags,
+                ranges.remove(&value.service_id).unwrap_or_default(),
+            );
+            options.balancing = balance::balancing_from_map(
+                value.algorithm,
+                value.affinity_timeout,
+                value.maglev_size,
+            );
             let mut backends = Vec::new();
             for slot in 0..value.backend_count {
-                let Ok(raw) = slots.get(&backend_key(value.service_id, slot), 0) else {
+                let Ok(b) = slots.get(&backend_key(value.service_id, slot), 0) else {
                     continue;
                 };
-                if let Some(backend) = BackendAddr::from_map_value(&raw) {
-                    table.stats.adopt(frontend, backend, raw.stats_id);
-                    backends.push(backend);
+                let Some(addr) = BackendAddr::from_endpoint(b.addr, b.port) else {
+                    continue;
+                };
+                if b.weight != Weight::DEFAULT.get() {
+                    options.weights.insert(addr, Weight::new(b.weight));
                 }
+                if let Some(stats_id) = members.get(&(value.service_id, b.endpoint())) {
+                    table.stats.adopt(frontend, addr, *stats_id);
+                }
+                backends.push(addr);
             }
-            let source_ranges = ranges.remove(&value.service_id).unwrap_or_default();
             table.next_id = table.next_id.max(value.service_id + 1);
             table.backend_slots += backends.len() as u64;
             table.frontends.insert(
                 frontend,
                 Programmed {
                     id: value.service_id,
+                    slots: backends.clone(),
                     backends,
-                    options: FrontendOptions::from_flags(value.flags, source_ranges),
+                    options,
+                    maglev: balance::read_maglev(ebpf, value.service_id, value.maglev_size),
                 },
             );
         }
@@ -157,7 +186,8 @@ impl Dataplane {
     }
 
     /// [`Dataplane::program_service`] with per-frontend options: external
-    /// traffic policy (SNAT or client IP kept) and source ranges.
+    /// traffic policy (SNAT or client IP kept), source ranges, balancing
+    /// (algorithm, Maglev table, session affinity) and backend weights.
     pub fn program_service_with(
         &mut self,
         frontend: Frontend,
@@ -166,8 +196,14 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let previous = self.services.frontends.get(&frontend).cloned();
         let old_count = previous.as_ref().map_or(0, Programmed::backend_count);
-        let new_count = u32::try_from(backends.len()).unwrap_or(u32::MAX);
-        self.check_capacity(&frontend, previous.is_none(), old_count, backends.len())?;
+        let plan = Slots::plan(&frontend.to_string(), backends, options)?;
+        let new_count = plan.len();
+        self.check_capacity(
+            &frontend,
+            previous.is_none(),
+            old_count,
+            plan.backends.len(),
+        )?;
         let id = match &previous {
             Some(p) => p.id,
             None => self.services.allocate_id(),
@@ -176,27 +212,52 @@ impl Dataplane {
             .as_ref()
             .map(|p| p.options.source_ranges.clone())
             .unwrap_or_default();
-
-        let mut stats_ids = Vec::with_capacity(backends.len());
-        for backend in backends {
+        let old_maglev = previous
+            .as_ref()
+            .map(|p| p.maglev.clone())
+            .unwrap_or_default();
+        let old_slots = previous
+            .as_ref()
+            .map(|p| p.slots.clone())
+            .unwrap_or_default();
+        let maglev = plan.maglev_table(&options.balancing);
+        let new_slots: Vec<BackendAddr> = plan.backends.iter().map(|(b, _)| *b).collect();
+        let mut stats_ids = Vec::with_capacity(new_slots.len());
+        for backend in &new_slots {
             let (stats_id, fresh) = self.services.stats.get_or_allocate(frontend, *backend);
             if fresh {
                 service_stats::reset_slot(self.ebpf_mut(), stats_id)?;
             }
             stats_ids.push(stats_id);
         }
+
         let ebpf = self.ebpf_mut();
         let mut slots = backend_map(ebpf)?;
-        for ((slot, backend), stats_id) in (0u32..).zip(backends).zip(stats_ids) {
+        for (slot, value) in (0u32..).zip(plan.values()) {
             slots
-                .insert(backend_key(id, slot), backend.to_map_value(stats_id), 0)
+                .insert(backend_key(id, slot), value, 0)
                 .map_err(DataplaneError::map(map_names::BACKENDS))?;
         }
+        balance::add_members(ebpf, id, &plan, &stats_ids)?;
+        let maglev_written = balance::write_maglev(ebpf, id, &maglev, &old_maglev)?;
+        if options.balancing.algorithm.uses_active_connections() {
+            balance::ensure_counters(ebpf, &plan)?;
+        }
         write_source_ranges(ebpf, id, &options.source_ranges, &old_ranges)?;
+        let mut flags = options.flags();
+        if plan.weighted() {
+            flags |= service_flags::WEIGHTED;
+        }
         let value = ServiceValue {
             service_id: id,
             backend_count: new_count,
-            flags: options.flags(),
+            flags,
+            algorithm: balance::algorithm_code(options.balancing.algorithm),
+            _pad: 0,
+            _pad2: 0,
+            affinity_timeout: balance::affinity_timeout(&options.balancing),
+            total_weight: plan.total_weight,
+            maglev_size: maglev.len() as u32,
         };
         service_map(ebpf)?
             .insert(frontend.key(), value, 0)
@@ -206,16 +267,23 @@ impl Dataplane {
             // Absent already is fine: the goal is that it is gone.
             let _ = slots.remove(&backend_key(id, slot));
         }
+        balance::remove_members(ebpf, id, &old_slots, &new_slots)?;
+        balance::trim_maglev(ebpf, id, maglev.len(), old_maglev.len())?;
+        if maglev_written > 0 {
+            tracing::debug!(%frontend, entries = maglev_written, size = maglev.len(), "Maglev table written");
+        }
 
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
-        self.services.stats.release_except(&frontend, backends);
+        self.services.stats.release_except(&frontend, &new_slots);
         self.services.frontends.insert(
             frontend,
             Programmed {
                 id,
                 backends: backends.to_vec(),
                 options: options.clone(),
+                slots: new_slots,
+                maglev,
             },
         );
         let lost_backend = previous
@@ -239,6 +307,9 @@ impl Dataplane {
         for slot in 0..programmed.backend_count() {
             let _ = slots.remove(&backend_key(programmed.id, slot));
         }
+        balance::remove_members(ebpf, programmed.id, &programmed.slots, &[])?;
+        balance::trim_maglev(ebpf, programmed.id, 0, programmed.maglev.len())?;
+        balance::forget_affinities(ebpf, programmed.id)?;
         write_source_ranges(ebpf, programmed.id, &[], &programmed.options.source_ranges)?;
         if frontend.protocol == Protocol::Udp {
             flows::clear_udp_flows(ebpf, frontend, &[])?;

@@ -1,10 +1,11 @@
 //! The vocabulary of the data plane's control API: frontends, backends,
 //! ports and protocols, in types that cannot hold a wrong value.
 
-use std::{fmt, net::Ipv4Addr, num::NonZeroU16, str::FromStr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, num::NonZeroU16, str::FromStr};
 
 use ipnet::Ipv4Net;
-use vipr_common::{Backend, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, service_flags};
+use vipr_balancer::{ServiceBalancing, Weight};
+use vipr_common::{Endpoint, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, service_flags};
 
 /// A TCP or UDP port; never zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,21 +119,24 @@ pub struct BackendAddr {
 }
 
 impl BackendAddr {
-    pub(crate) fn from_map_value(value: &Backend) -> Option<Self> {
+    pub(crate) fn from_endpoint(addr: u32, port: u16) -> Option<Self> {
         Some(BackendAddr {
-            addr: Ipv4Addr::from(u32::from_be(value.addr)),
-            port: Port::new(u16::from_be(value.port))?,
+            addr: Ipv4Addr::from(u32::from_be(addr)),
+            port: Port::new(u16::from_be(port))?,
         })
     }
 
-    /// The map value of this backend counting in slot `stats_id`.
-    pub(crate) fn to_map_value(self, stats_id: u32) -> Backend {
-        Backend {
+    /// The address as the maps hold it (network order).
+    pub(crate) fn endpoint(self) -> Endpoint {
+        Endpoint {
             addr: u32::from(self.addr).to_be(),
             port: self.port.get().to_be(),
             _pad: 0,
-            stats_id,
         }
+    }
+
+    pub(crate) fn socket_addr(self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from((self.addr, self.port.get()))
     }
 }
 
@@ -156,7 +160,8 @@ pub enum ExternalTrafficPolicy {
 }
 
 /// Per-frontend behaviour beyond its backends. The default is a ClusterIP
-/// frontend: no SNAT, refused with RST / ICMP when it has no endpoint.
+/// frontend: no SNAT, refused with RST / ICMP when it has no endpoint,
+/// balanced at random with equal weights and no session affinity.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendOptions {
     /// `None` for in-cluster frontends (ClusterIP).
@@ -164,6 +169,11 @@ pub struct FrontendOptions {
     /// `loadBalancerSourceRanges`: when non-empty, new flows from clients
     /// outside every range are dropped (counted as `drop_source_range`).
     pub source_ranges: Vec<Ipv4Net>,
+    /// Algorithm, Maglev table size and seed, ClientIP session affinity.
+    pub balancing: ServiceBalancing,
+    /// Backends whose weight is not [`Weight::DEFAULT`]. Weight 0 drains a
+    /// backend: no new flows, established ones continue.
+    pub weights: BTreeMap<BackendAddr, Weight>,
 }
 
 impl FrontendOptions {
@@ -171,8 +181,13 @@ impl FrontendOptions {
     pub fn external(policy: ExternalTrafficPolicy) -> Self {
         FrontendOptions {
             external_traffic_policy: Some(policy),
-            source_ranges: Vec::new(),
+            ..FrontendOptions::default()
         }
+    }
+
+    /// The weight of `backend` (default 1).
+    pub fn weight(&self, backend: &BackendAddr) -> Weight {
+        self.weights.get(backend).copied().unwrap_or_default()
     }
 
     /// The `service_flags` bits these options program.
@@ -188,6 +203,8 @@ impl FrontendOptions {
         flags
     }
 
+    /// The external policy and source ranges back from the service flags
+    /// (balancing and weights are restored by the caller).
     pub(crate) fn from_flags(flags: u32, source_ranges: Vec<Ipv4Net>) -> Self {
         let external_traffic_policy = if flags & service_flags::SNAT != 0 {
             Some(ExternalTrafficPolicy::Cluster)
@@ -199,6 +216,7 @@ impl FrontendOptions {
         FrontendOptions {
             external_traffic_policy,
             source_ranges,
+            ..FrontendOptions::default()
         }
     }
 }
@@ -236,6 +254,7 @@ mod tests {
             let options = FrontendOptions {
                 external_traffic_policy: policy,
                 source_ranges: vec!["192.0.2.0/24".parse().unwrap()],
+                ..FrontendOptions::default()
             };
             let back = FrontendOptions::from_flags(options.flags(), options.source_ranges.clone());
             assert_eq!(back, options);

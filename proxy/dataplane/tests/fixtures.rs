@@ -7,11 +7,14 @@
 //! checksums, balancing); `fixtures/reject.rs` (frontends without
 //! endpoints); `fixtures/conntrack.rs` (flow lifetime); `fixtures/external.rs`
 //! (NodePort / external IPs, SNAT, source ranges, hairpin);
+//! `fixtures/balance.rs` (algorithms, weights, session affinity);
 //! `fixtures/icmp.rs` (ICMP errors about translated flows);
 //! `fixtures/observe.rs` (counters per frontend and backend, monitor events).
 
 mod packet;
 
+#[path = "fixtures/balance.rs"]
+mod balance;
 #[path = "fixtures/conntrack.rs"]
 mod conntrack;
 #[path = "fixtures/external.rs"]

@@ -137,13 +137,13 @@ impl AgentApi {
     fn trace(&self, src: &str, dst: &str, protocol: Option<&str>) -> Answer {
         let packet = trace::TracedPacket::parse(src, dst, protocol)?;
         let pods = self.runtime.list();
-        let dataplane = self.dataplane.lock().unwrap();
+        let mut dataplane = self.dataplane.lock().unwrap();
         let intent = self.intent.read();
         let context = trace::TraceContext {
             intent: &intent,
             pods: &pods,
         };
-        let value = trace::trace(&dataplane, &context, &packet)?;
+        let value = trace::trace(&mut dataplane, &context, &packet)?;
         Ok(Response::Data { value })
     }
 

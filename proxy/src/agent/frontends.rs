@@ -3,10 +3,14 @@
 //!
 //! Pure logic: no maps, no I/O. The reconciler diffs what this returns.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use vipr_balancer::{NodeDefaults, ServiceAffinitySpec, ServiceBalancing, Weight};
 use vipr_dataplane::{
     BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, Port, Protocol,
 };
@@ -56,15 +60,64 @@ pub struct NodeAddresses {
     /// (externalTrafficPolicy Local). Endpoints without a node name are
     /// pods of this node's own runtime.
     pub node_name: String,
+    /// `--lb-algorithm` and `--maglev-seed`.
+    pub balancing: NodeDefaults,
 }
 
-/// The frontends of `service` with their backends from its endpoint `groups`.
+/// Backend weights (`vipr.io/weight`) by pod address; pods without the
+/// annotation are absent (weight 1).
+pub type PodWeights = HashMap<IpAddr, Weight>;
+
+/// The weights the `pods` ask for. An invalid value (refused at apply, so
+/// only possible for objects stored before) counts as the default.
+pub fn pod_weights<'a>(pods: impl Iterator<Item = &'a Pod>) -> PodWeights {
+    pods.filter_map(|pod| {
+        let weight =
+            Weight::from_pod_annotations(pod.metadata.annotations.as_ref()?).unwrap_or_default();
+        let ip: IpAddr = pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok()?;
+        (weight != Weight::DEFAULT).then_some((ip, weight))
+    })
+    .collect()
+}
+
+/// The service's balancing from its annotations and affinity fields, or
+/// the node's defaults when they cannot be used (refused at apply, so only
+/// for objects stored before).
+pub fn service_balancing(service: &Service, node: &NodeDefaults) -> ServiceBalancing {
+    let empty = BTreeMap::new();
+    let annotations = service.metadata.annotations.as_ref().unwrap_or(&empty);
+    let spec = service.spec.as_ref();
+    let affinity = ServiceAffinitySpec {
+        session_affinity: spec.and_then(|s| s.session_affinity.as_deref()),
+        timeout_seconds: spec
+            .and_then(|s| s.session_affinity_config.as_ref())
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(i64::from),
+    };
+    ServiceBalancing::from_service(annotations, affinity, node).unwrap_or_else(|error| {
+        tracing::warn!(
+            service = ?service.metadata.name,
+            %error,
+            "unusable balancing settings; using the node defaults"
+        );
+        ServiceBalancing {
+            algorithm: node.algorithm,
+            maglev_seed: node.maglev_seed,
+            ..ServiceBalancing::default()
+        }
+    })
+}
+
+/// The frontends of `service` with their backends from its endpoint
+/// `groups`, weighted by `weights`, balanced as the service asks.
 ///
 /// ExternalName and headless services have none (DNS serves them). SCTP
 /// ports are skipped: the data plane translates TCP and UDP.
 pub fn service_frontends(
     service: &Service,
     groups: &[EndpointGroup],
+    weights: &PodWeights,
     node: &NodeAddresses,
 ) -> FrontendTable {
     let mut table = FrontendTable::new();
@@ -101,6 +154,7 @@ pub fn service_frontends(
         .flatten()
         .filter_map(|r| r.trim().parse().ok())
         .collect();
+    let balancing = service_balancing(service, &node.balancing);
     for service_port in spec.ports.iter().flatten() {
         let (Some(protocol), Some(port)) = (protocol_of(service_port), port_of(service_port.port))
         else {
@@ -115,6 +169,14 @@ pub fn service_frontends(
         };
         let port_name = service_port.name.clone().unwrap_or_default();
         let mut add = |kind, addr: Ipv4Addr, port: Port, backends: &[BackendAddr], options| {
+            let options = FrontendOptions {
+                balancing,
+                weights: backends
+                    .iter()
+                    .filter_map(|b| Some((*b, *weights.get(&IpAddr::V4(b.addr))?)))
+                    .collect(),
+                ..options
+            };
             let spec = FrontendSpec {
                 backends: backends.to_vec(),
                 options,
@@ -280,8 +342,9 @@ mod tests {
         let node = NodeAddresses {
             node_ip: Some([172, 18, 0, 2].into()),
             node_name: "n1".into(),
+            ..NodeAddresses::default()
         };
-        let table = service_frontends(&svc, &slices, &node);
+        let table = service_frontends(&svc, &slices, &PodWeights::new(), &node);
         let http = vec![be([10, 244, 0, 5], 8080)];
         let cluster_ip = &table[&fe([10, 96, 0, 10], 80, Protocol::Tcp)];
         assert_eq!(cluster_ip.backends, http);
@@ -317,21 +380,31 @@ mod tests {
             "conditions": {"ready": false, "serving": true, "terminating": true}});
         let only_terminating = [slice(json!([terminating.clone()]), json!([{"port": 8080}]))];
         let key = fe([10, 96, 0, 11], 80, Protocol::Tcp);
-        let table = service_frontends(&svc, &only_terminating, &NodeAddresses::default());
+        let table = service_frontends(
+            &svc,
+            &only_terminating,
+            &PodWeights::new(),
+            &NodeAddresses::default(),
+        );
         assert_eq!(table[&key].backends, vec![be([10, 244, 0, 7], 8080)]);
 
         let with_ready = [slice(
             json!([terminating, {"addresses": ["10.244.0.8"], "conditions": {"ready": true}}]),
             json!([{"port": 8080}]),
         )];
-        let table = service_frontends(&svc, &with_ready, &NodeAddresses::default());
+        let table = service_frontends(
+            &svc,
+            &with_ready,
+            &PodWeights::new(),
+            &NodeAddresses::default(),
+        );
         assert_eq!(table[&key].backends, vec![be([10, 244, 0, 8], 8080)]);
     }
 
     #[test]
     fn no_endpoints_keeps_the_frontend_with_no_backends() {
         let svc = service(json!({"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}));
-        let table = service_frontends(&svc, &[], &NodeAddresses::default());
+        let table = service_frontends(&svc, &[], &PodWeights::new(), &NodeAddresses::default());
         assert_eq!(
             table[&fe([10, 96, 0, 12], 80, Protocol::Tcp)].backends,
             vec![]
@@ -339,11 +412,85 @@ mod tests {
     }
 
     #[test]
+    fn balancing_annotations_and_pod_weights_reach_every_frontend() {
+        use vipr_balancer::{Algorithm, SessionAffinity};
+        let mut svc = service(json!({
+            "type": "NodePort",
+            "clusterIP": "10.96.0.14",
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 2}},
+            "ports": [{"port": 80, "nodePort": 30082}],
+        }));
+        svc.metadata.annotations =
+            Some([("vipr.io/lb-algorithm".to_owned(), "sh".to_owned())].into());
+        let slices = [slice(
+            json!([
+                {"addresses": ["10.244.0.5"], "conditions": {"ready": true}},
+                {"addresses": ["10.244.0.6"], "conditions": {"ready": true}},
+            ]),
+            json!([{"port": 8080}]),
+        )];
+        let weights: PodWeights = [("10.244.0.6".parse().unwrap(), Weight::new(3))].into();
+        let node = NodeAddresses {
+            node_ip: Some([172, 18, 0, 2].into()),
+            ..NodeAddresses::default()
+        };
+        let table = service_frontends(&svc, &slices, &weights, &node);
+        assert_eq!(table.len(), 2);
+        for spec in table.values() {
+            assert_eq!(spec.options.balancing.algorithm, Algorithm::SourceHash);
+            assert!(matches!(
+                spec.options.balancing.affinity,
+                SessionAffinity::ClientIp { timeout } if timeout.seconds() == 2
+            ));
+            assert_eq!(
+                spec.options.weight(&be([10, 244, 0, 6], 8080)),
+                Weight::new(3)
+            );
+            assert_eq!(
+                spec.options.weight(&be([10, 244, 0, 5], 8080)),
+                Weight::DEFAULT
+            );
+        }
+        // Without the annotation, the node's default algorithm.
+        svc.metadata.annotations = None;
+        let node = NodeAddresses {
+            balancing: NodeDefaults {
+                algorithm: Algorithm::Maglev,
+                ..NodeDefaults::default()
+            },
+            ..node
+        };
+        let table = service_frontends(&svc, &slices, &weights, &node);
+        assert!(
+            table
+                .values()
+                .all(|s| s.options.balancing.algorithm == Algorithm::Maglev)
+        );
+    }
+
+    #[test]
     fn headless_and_external_name_have_no_frontends() {
         let headless = service(json!({"clusterIP": "None", "ports": [{"port": 80}]}));
-        assert!(service_frontends(&headless, &[], &NodeAddresses::default()).is_empty());
+        assert!(
+            service_frontends(
+                &headless,
+                &[],
+                &PodWeights::new(),
+                &NodeAddresses::default()
+            )
+            .is_empty()
+        );
         let external = service(json!({"type": "ExternalName", "externalName": "example.org"}));
-        assert!(service_frontends(&external, &[], &NodeAddresses::default()).is_empty());
+        assert!(
+            service_frontends(
+                &external,
+                &[],
+                &PodWeights::new(),
+                &NodeAddresses::default()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -370,8 +517,9 @@ mod tests {
         let node = NodeAddresses {
             node_ip: Some([172, 18, 0, 2].into()),
             node_name: "n1".into(),
+            ..NodeAddresses::default()
         };
-        let table = service_frontends(&svc, &slices, &node);
+        let table = service_frontends(&svc, &slices, &PodWeights::new(), &node);
         let cluster_ip = &table[&fe([10, 96, 0, 13], 80, Protocol::Tcp)];
         assert_eq!(
             cluster_ip.backends.len(),

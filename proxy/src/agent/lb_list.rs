@@ -119,11 +119,13 @@ pub fn differences(dump: &MapDump, intent: &Programmed) -> Vec<String> {
                 value.backend_count
             ));
         }
-        if value.flags != spec.options.flags() {
+        // WEIGHTED is derived from the weights when programming.
+        let flags = value.flags & !service_flags::WEIGHTED;
+        if flags != spec.options.flags() {
             out.push(format!(
                 "frontend {frontend} ({}): SERVICES flags {:?}, the agent wants {:?}",
                 owner_name(owner),
-                flag_names(value.flags),
+                flag_names(flags),
                 flag_names(spec.options.flags())
             ));
         }
@@ -197,7 +199,8 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
                 "service_id": e.key.service_id,
                 "slot": e.key.slot,
                 "backend": backend_of(&e.value).map(|b| b.to_string()),
-                "stats_id": e.value.stats_id,
+                "weight": e.value.weight,
+                "weight_start": e.value.weight_start,
             })
         })
         .collect();

@@ -131,6 +131,10 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         node: NodeAddresses {
             node_ip: node.node_ip,
             node_name: node.name.clone(),
+            balancing: vipr_balancer::NodeDefaults {
+                algorithm: args.lb_algorithm,
+                maglev_seed: args.maglev_seed,
+            },
         },
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),
@@ -155,6 +159,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         metrics.clone(),
     ));
     let monitor = monitor::MonitorHub::start(dataplane.clone(), intent.clone(), store.clone());
+    tokio::spawn(recount_active_connections(dataplane.clone()));
     tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
     for addr in [args.metrics_addr, args.healthz_addr] {
         let metrics = metrics.clone();
@@ -331,6 +336,21 @@ async fn expire_idle_flows(mut expirer: FlowExpirer, metrics: Arc<Metrics>) {
         match result {
             Ok(expiry) => metrics.set_conntrack(&expiry),
             Err(error) => tracing::warn!(error = %error, "expiring idle flows"),
+        }
+    }
+}
+
+/// How often the active connection counts (`lc`, `sed`, `nq`) are set to
+/// what conntrack holds, forgetting flows that left it without a close.
+const ACTIVE_RECOUNT_PERIOD: Duration = Duration::from_secs(10);
+
+async fn recount_active_connections(dataplane: Arc<Mutex<Dataplane>>) {
+    let mut tick = tokio::time::interval(ACTIVE_RECOUNT_PERIOD);
+    loop {
+        tick.tick().await;
+        let recounted = dataplane.lock().unwrap().recount_active_connections();
+        if let Err(error) = recounted {
+            tracing::warn!(error = %error, "recounting active connections");
         }
     }
 }

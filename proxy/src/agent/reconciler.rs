@@ -28,7 +28,9 @@ use vipr_store::{
 use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
-    frontends::{FrontendKind, FrontendSpec, FrontendTable, NodeAddresses, service_frontends},
+    frontends::{
+        FrontendKind, FrontendSpec, FrontendTable, NodeAddresses, pod_weights, service_frontends,
+    },
     slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
 };
@@ -163,7 +165,9 @@ impl Reconciler {
         let table = if (name.0.as_str(), name.1.as_str()) == DNS_SERVICE {
             self.dns_frontends(service)
         } else {
-            service_frontends(service, &groups, &self.node)
+            let pods = self.store.list(Kind::Pod, Some(&name.0));
+            let weights = pod_weights(pods.iter().filter_map(|o| o.as_pod()));
+            service_frontends(service, &groups, &weights, &self.node)
         };
         if endpoints::is_selector_managed(service) {
             let mut slices = endpoints::to_endpoint_slices(service, &groups);

@@ -12,10 +12,19 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use serde_json::{Value, json};
-use vipr_balancer::{Backend as BalancerBackend, random_candidates};
+use vipr_balancer::{
+    Backend as BalancerBackend, SelectState, Weight, random_candidates, select_backend,
+};
 use vipr_dataplane::{
-    Dataplane, Frontend, Port, Protocol,
-    vipr_common::{DataplaneConfig, FlowKey, NatEntry, ServiceValue, flow_flags, service_flags},
+    Dataplane, Frontend, Port, Protocol, monotonic_ns,
+    vipr_common::{
+        AffinityKey, Backend, DataplaneConfig, FlowKey, LEAST_LOADED_SCAN, NatEntry, ServiceValue,
+        affinity_scope, flow_flags,
+        hash::{
+            DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL, jhash_words, scale,
+        },
+        lb_algorithm, service_flags,
+    },
 };
 use vipr_pod_runtime::PodInfo;
 
@@ -109,7 +118,7 @@ pub struct TraceContext<'a> {
 
 /// Traces `packet` through `dataplane`'s maps.
 pub fn trace(
-    dataplane: &Dataplane,
+    dataplane: &mut Dataplane,
     context: &TraceContext<'_>,
     packet: &TracedPacket,
 ) -> Result<Value, String> {
@@ -311,45 +320,31 @@ fn no_endpoints(mut t: Trace, service: &ServiceValue, protocol: Protocol) -> Val
 
 fn new_flow(
     mut t: Trace,
-    dataplane: &Dataplane,
+    dataplane: &mut Dataplane,
     context: &TraceContext<'_>,
     config: &DataplaneConfig,
     packet: &TracedPacket,
     service: &ServiceValue,
 ) -> Result<Value, String> {
-    let mut backends = Vec::new();
+    let err = |e: vipr_dataplane::DataplaneError| e.to_string();
+    let mut slots: Vec<Backend> = Vec::new();
     for slot in 0..service.backend_count {
         match dataplane
             .lookup_backend(service.service_id, slot)
-            .map_err(|e| e.to_string())?
+            .map_err(err)?
         {
-            Some(b) => backends.push(sock(b.addr, b.port)),
-            None => {
-                t.step(
-                    "backends",
-                    format!("slot {slot} is missing from BACKENDS: a draw landing there drops the packet (drop_backend_missing)"),
-                );
-            }
+            Some(b) => slots.push(b),
+            None => t.step(
+                "backends",
+                format!("slot {slot} is missing from BACKENDS: a pick landing there drops the packet (drop_backend_missing)"),
+            ),
         }
     }
-    let candidates: Vec<BalancerBackend> = backends
-        .iter()
-        .map(|b| BalancerBackend::new(std::net::SocketAddr::V4(*b)))
-        .collect();
-    let odds = random_candidates(&candidates);
-    let listed: Vec<String> = odds
-        .iter()
-        .map(|c| format!("{} {:.1}%", c.addr, c.probability * 100.0))
-        .collect();
-    t.step(
-        "algorithm",
-        format!(
-            "random: one draw per new flow, uniform over {} backend slot(s): {}",
-            service.backend_count,
-            listed.join(", ")
-        ),
-    );
-    let chosen = (backends.len() == 1).then(|| backends[0]);
+    let backends: Vec<SocketAddrV4> = slots.iter().map(|b| sock(b.addr, b.port)).collect();
+    let (chosen, candidates) = match affinity_pick(&mut t, dataplane, packet, service)? {
+        Some(backend) => (Some(backend), Value::Null),
+        None => pick(&mut t, dataplane, packet, service, &slots)?,
+    };
     let snat = if service.flags & service_flags::SNAT != 0 {
         let addr = if config.node_addr != 0 {
             ip(config.node_addr)
@@ -364,8 +359,15 @@ fn new_flow(
     } else {
         None
     };
-    let hairpin = config.hairpin_addr != 0 && backends.iter().any(|b| *b.ip() == packet.src);
-    let mut nat = format!("DNAT {} -> the chosen backend", packet.dst);
+    let hairpin = config.hairpin_addr != 0
+        && chosen
+            .map_or(backends.clone(), |b| vec![b])
+            .iter()
+            .any(|b| *b.ip() == packet.src);
+    let mut nat = match chosen {
+        Some(backend) => format!("DNAT {} -> {backend}", packet.dst),
+        None => format!("DNAT {} -> the chosen backend", packet.dst),
+    };
     if let Some(snat) = snat {
         nat.push_str("; ");
         nat.push_str(&snat);
@@ -377,16 +379,13 @@ fn new_flow(
         ));
     }
     t.step("nat", nat);
-    for backend in &backends {
+    let routed: Vec<SocketAddrV4> = chosen.map_or(backends.clone(), |b| vec![b]);
+    for backend in routed {
         t.step(
             "route",
             format!("{backend}: {}", route_text(context, *backend.ip())),
         );
     }
-    let candidates = odds
-        .iter()
-        .map(|c| json!({"backend": c.addr.to_string(), "probability": c.probability}))
-        .collect();
     let verdict = if chosen.is_some() {
         "forwarded"
     } else {
@@ -406,4 +405,281 @@ fn route_text(context: &TraceContext<'_>, addr: Ipv4Addr) -> String {
         Some(pod) => format!("pod {} (host network): delivered locally", pod.key),
         None => "not a pod of this node: routed by the kernel's table".into(),
     }
+}
+
+/// ClientIP session affinity, as the data plane checks it: the client's
+/// entry, if young enough and its backend still a member, decides.
+fn affinity_pick(
+    t: &mut Trace,
+    dataplane: &Dataplane,
+    packet: &TracedPacket,
+    service: &ServiceValue,
+) -> Result<Option<SocketAddrV4>, String> {
+    let timeout = service.affinity_timeout;
+    if timeout == 0 {
+        t.step("affinity", "none (sessionAffinity None)");
+        return Ok(None);
+    }
+    let key = AffinityKey {
+        service_id: service.service_id,
+        scope: affinity_scope::ADDRESS,
+        client: u64::from(u32::from(packet.src).to_be()),
+    };
+    let err = |e: vipr_dataplane::DataplaneError| e.to_string();
+    let Some(entry) = dataplane.lookup_affinity(&key).map_err(err)? else {
+        t.step(
+            "affinity",
+            format!("ClientIP {timeout}s: no entry for {}: the algorithm picks, and the pick is remembered", packet.src),
+        );
+        return Ok(None);
+    };
+    let backend = sock(entry.backend.addr, entry.backend.port);
+    let idle = monotonic_ns().saturating_sub(entry.last_seen_ns) as f64 / 1e9;
+    if idle > f64::from(timeout) {
+        t.step(
+            "affinity",
+            format!("ClientIP {timeout}s: {}'s entry ({backend}) is {idle:.0}s old, expired: the algorithm picks afresh", packet.src),
+        );
+        return Ok(None);
+    }
+    if !dataplane
+        .is_member(service.service_id, &entry.backend)
+        .map_err(err)?
+    {
+        t.step(
+            "affinity",
+            format!("ClientIP {timeout}s: {}'s backend {backend} is no longer one of the service's: the algorithm picks afresh", packet.src),
+        );
+        return Ok(None);
+    }
+    t.step(
+        "affinity",
+        format!(
+            "ClientIP {timeout}s: {} was sent to {backend} {idle:.1}s ago: {backend} again",
+            packet.src
+        ),
+    );
+    Ok(Some(backend))
+}
+
+/// The slot a hash or draw `value` lands on, as the data plane scales it:
+/// onto the slots directly, or onto their weight ranges when they differ.
+fn hashed_slot(service: &ServiceValue, slots: &[Backend], value: u32) -> Option<usize> {
+    if service.flags & service_flags::WEIGHTED == 0 {
+        return Some(scale(value, service.backend_count) as usize).filter(|i| *i < slots.len());
+    }
+    weight_point(slots, scale(value, service.total_weight))
+}
+
+fn weight_point(slots: &[Backend], point: u32) -> Option<usize> {
+    slots
+        .iter()
+        .position(|b| b.weight_start <= point && point < b.weight_start + u32::from(b.weight))
+}
+
+/// The algorithm's pick (or, for `random`, the candidates and their odds),
+/// computed from the same maps and hashes as the data plane.
+fn pick(
+    t: &mut Trace,
+    dataplane: &mut Dataplane,
+    packet: &TracedPacket,
+    service: &ServiceValue,
+    slots: &[Backend],
+) -> Result<(Option<SocketAddrV4>, Value), String> {
+    let err = |e: vipr_dataplane::DataplaneError| e.to_string();
+    let name = Dataplane::balancing_of(service).algorithm;
+    let at = |i: Option<usize>| i.and_then(|i| slots.get(i)).map(|b| sock(b.addr, b.port));
+    let src = u32::from(packet.src);
+    let dst = u32::from(*packet.dst.ip());
+    let (chosen, why) = match service.algorithm {
+        lb_algorithm::ROUND_ROBIN | lb_algorithm::WEIGHTED_ROUND_ROBIN => {
+            let turn = dataplane.balance_turn(service.service_id).map_err(err)?;
+            let weighted = service.algorithm == lb_algorithm::WEIGHTED_ROUND_ROBIN
+                && service.flags & service_flags::WEIGHTED != 0
+                && service.total_weight != 0;
+            let slot = if weighted {
+                weight_point(slots, turn % service.total_weight)
+            } else {
+                Some((turn % service.backend_count) as usize)
+            };
+            (
+                at(slot),
+                format!(
+                    "{name}: the service's turn counter is {turn}: the next new flow (of any client) takes slot {}",
+                    slot.map_or("?".into(), |s| s.to_string())
+                ),
+            )
+        }
+        lb_algorithm::SOURCE_HASH => {
+            let hash = jhash_words(&[src], SOURCE_HASH_INITVAL);
+            (
+                at(hashed_slot(service, slots, hash)),
+                format!(
+                    "sh: hash of the client address {hash:#010x}, scaled onto {} slot(s)",
+                    slots.len()
+                ),
+            )
+        }
+        lb_algorithm::DESTINATION_HASH => {
+            let hash = jhash_words(&[dst], DESTINATION_HASH_INITVAL);
+            (
+                at(hashed_slot(service, slots, hash)),
+                format!(
+                    "dh: hash of the frontend address {hash:#010x}, scaled onto {} slot(s)",
+                    slots.len()
+                ),
+            )
+        }
+        lb_algorithm::MAGLEV => return maglev_pick(t, dataplane, packet, service),
+        lb_algorithm::LEAST_CONNECTION
+        | lb_algorithm::SHORTEST_EXPECTED_DELAY
+        | lb_algorithm::NEVER_QUEUE => {
+            let mut loads = Vec::new();
+            for b in slots.iter().take(LEAST_LOADED_SCAN as usize) {
+                let addr = sock(b.addr, b.port);
+                let backend = vipr_dataplane::BackendAddr {
+                    addr: *addr.ip(),
+                    port: Port::new(addr.port()).ok_or("backend port 0")?,
+                };
+                let active = dataplane
+                    .active_connections(&backend)
+                    .map_err(err)?
+                    .unwrap_or(0);
+                loads.push(
+                    BalancerBackend::new(std::net::SocketAddr::V4(addr))
+                        .with_weight(Weight::new(b.weight))
+                        .with_active(active),
+                );
+            }
+            let balancing = Dataplane::balancing_of(service);
+            let balancing = vipr_balancer::ServiceBalancing {
+                affinity: vipr_balancer::SessionAffinity::None,
+                ..balancing
+            };
+            let flow = vipr_balancer::Flow::new(
+                vipr_balancer::Protocol::Tcp,
+                std::net::SocketAddr::V4(SocketAddrV4::new(
+                    packet.src,
+                    packet.src_port.unwrap_or(0),
+                )),
+                std::net::SocketAddr::V4(packet.dst),
+            );
+            let listed: Vec<String> = loads
+                .iter()
+                .map(|b| format!("{} {} active (weight {})", b.addr, b.active, b.weight.get()))
+                .collect();
+            match select_backend(&balancing, &loads, &flow, &mut SelectState::default()) {
+                Ok(decision) => {
+                    let std::net::SocketAddr::V4(addr) = decision.backend else {
+                        return Err("an IPv6 backend".into());
+                    };
+                    (
+                        Some(addr),
+                        format!("{name}: {}; {}", listed.join(", "), decision),
+                    )
+                }
+                Err(e) => (None, format!("{name}: {e}")),
+            }
+        }
+        _ => {
+            let candidates: Vec<BalancerBackend> = slots
+                .iter()
+                .map(|b| {
+                    BalancerBackend::new(std::net::SocketAddr::V4(sock(b.addr, b.port)))
+                        .with_weight(Weight::new(b.weight))
+                })
+                .collect();
+            let odds = random_candidates(&candidates);
+            let listed: Vec<String> = odds
+                .iter()
+                .map(|c| format!("{} {:.1}%", c.addr, c.probability * 100.0))
+                .collect();
+            t.step(
+                "algorithm",
+                format!(
+                    "random: one draw per new flow over {} slot(s), by weight: {}",
+                    slots.len(),
+                    listed.join(", ")
+                ),
+            );
+            let value = odds
+                .iter()
+                .map(|c| json!({"backend": c.addr.to_string(), "probability": c.probability}))
+                .collect();
+            let only = (slots.len() == 1).then(|| sock(slots[0].addr, slots[0].port));
+            return Ok((only, value));
+        }
+    };
+    match chosen {
+        Some(backend) => t.step("algorithm", format!("{why}: {backend}")),
+        None => t.step(
+            "algorithm",
+            format!("{why}: no backend (a slot vanished under an update)"),
+        ),
+    }
+    Ok((chosen, Value::Null))
+}
+
+/// Maglev: the 5-tuple hash's slot of the service's table, read from the
+/// map. Without a client port the flow's slot is unknown: the table's
+/// shares are the odds.
+fn maglev_pick(
+    t: &mut Trace,
+    dataplane: &Dataplane,
+    packet: &TracedPacket,
+    service: &ServiceValue,
+) -> Result<(Option<SocketAddrV4>, Value), String> {
+    let err = |e: vipr_dataplane::DataplaneError| e.to_string();
+    let size = service.maglev_size;
+    if size == 0 {
+        t.step(
+            "algorithm",
+            "maglev: the service has no table (maglev_size 0): dropped (drop_backend_missing)",
+        );
+        return Ok((None, Value::Null));
+    }
+    if let Some(src_port) = packet.src_port {
+        let words = [
+            u32::from(packet.src),
+            u32::from(*packet.dst.ip()),
+            (u32::from(src_port) << 16) | u32::from(packet.dst.port()),
+            u32::from(packet.protocol.ip_proto()),
+        ];
+        let hash = jhash_words(&words, FLOW_HASH_INITVAL);
+        let slot = hash % size;
+        let chosen = dataplane
+            .lookup_maglev(service.service_id, slot)
+            .map_err(err)?
+            .map(|e| sock(e.addr, e.port));
+        t.step(
+            "algorithm",
+            format!(
+                "maglev: 5-tuple hash {hash:#010x} -> slot {slot} of {size}: {}",
+                chosen.map_or("no entry (table being rewritten)".into(), |b| b.to_string())
+            ),
+        );
+        return Ok((chosen, Value::Null));
+    }
+    let mut shares: std::collections::BTreeMap<SocketAddrV4, u32> = Default::default();
+    for slot in 0..size {
+        if let Some(e) = dataplane
+            .lookup_maglev(service.service_id, slot)
+            .map_err(err)?
+        {
+            *shares.entry(sock(e.addr, e.port)).or_default() += 1;
+        }
+    }
+    let listed: Vec<String> = shares
+        .iter()
+        .map(|(b, n)| format!("{b} {:.1}%", f64::from(*n) * 100.0 / f64::from(size)))
+        .collect();
+    t.step(
+        "algorithm",
+        format!("maglev: the pick depends on the client port (give --src IP:PORT); the table's {size} slots: {}", listed.join(", ")),
+    );
+    let value = shares
+        .iter()
+        .map(|(b, n)| json!({"backend": b.to_string(), "probability": f64::from(*n) / f64::from(size)}))
+        .collect();
+    Ok((None, value))
 }

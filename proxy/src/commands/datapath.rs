@@ -174,9 +174,9 @@ fn print_decoded(value: &Value) {
     section(
         "BACKENDS",
         &value["backends"],
-        &["SERVICE-ID", "SLOT", "BACKEND", "STATS-ID"],
+        &["SERVICE-ID", "SLOT", "BACKEND", "WEIGHT", "WEIGHT-START"],
         |e| {
-            ["service_id", "slot", "backend", "stats_id"]
+            ["service_id", "slot", "backend", "weight", "weight_start"]
                 .iter()
                 .map(|k| s(&e[*k]))
                 .collect()

@@ -217,8 +217,62 @@ fn namespace(_ns: &mut Namespace) -> Checked {
 }
 
 fn pod(pod: &mut Pod) -> Checked {
+    backend_weight("metadata", &pod.metadata)?;
     let spec = pod.spec.as_mut().ok_or_else(|| required("spec"))?;
     pod_spec("spec", spec)
+}
+
+/// `vipr.io/weight` on a pod (or pod template): the backend's weight for
+/// `wrr`, `sed`, `maglev` and the hashes.
+fn backend_weight(field: &str, meta: &ObjectMeta) -> Checked {
+    let Some(annotations) = meta.annotations.as_ref() else {
+        return Ok(());
+    };
+    vipr_balancer::Weight::from_pod_annotations(annotations)
+        .map(|_| ())
+        .map_err(|e| FieldError {
+            field: format!("{field}.annotations[{}]", vipr_balancer::WEIGHT_ANNOTATION),
+            message: e.to_string(),
+        })
+}
+
+/// The balancing annotations of a Service (`vipr.io/lb-algorithm`,
+/// `vipr.io/maglev-table-size`) and its affinity, as the data plane will
+/// read them: anything it could not program is refused here, at apply.
+fn service_balancing(meta: &ObjectMeta, spec: &ServiceSpec) -> Checked {
+    use vipr_balancer::{
+        AFFINITY_TIMEOUT_FIELD, ALGORITHM_ANNOTATION, ConfigError, MAGLEV_TABLE_SIZE_ANNOTATION,
+        NodeDefaults, SESSION_AFFINITY_FIELD, ServiceAffinitySpec, ServiceBalancing,
+    };
+    let empty = BTreeMap::new();
+    let affinity = ServiceAffinitySpec {
+        session_affinity: spec.session_affinity.as_deref(),
+        timeout_seconds: spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map(i64::from),
+    };
+    let annotations = meta.annotations.as_ref().unwrap_or(&empty);
+    ServiceBalancing::from_service(annotations, affinity, &NodeDefaults::default())
+        .map(|_| ())
+        .map_err(|e| {
+            let field = match &e {
+                ConfigError::Algorithm(_) => {
+                    format!("metadata.annotations[{ALGORITHM_ANNOTATION}]")
+                }
+                ConfigError::MaglevTableSize(_) => {
+                    format!("metadata.annotations[{MAGLEV_TABLE_SIZE_ANNOTATION}]")
+                }
+                ConfigError::SessionAffinity { .. } => SESSION_AFFINITY_FIELD.to_owned(),
+                ConfigError::AffinityTimeout { .. } => AFFINITY_TIMEOUT_FIELD.to_owned(),
+            };
+            FieldError {
+                field,
+                message: e.to_string(),
+            }
+        })
 }
 
 /// Shared by Pod, and the pod templates of Deployment and ReplicaSet.
@@ -386,6 +440,7 @@ fn workload(
         &format!("{field}.template.metadata.labels"),
         meta.labels.as_ref(),
     )?;
+    backend_weight(&format!("{field}.template.metadata"), meta)?;
     let template_labels = meta.labels.clone().unwrap_or_default();
     if !label_selector_matches(sel, &template_labels) {
         return Err(invalid(
@@ -463,6 +518,7 @@ pub(crate) const SERVICE_TYPES: &[&str] =
     &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 
 fn service(svc: &mut Service) -> Checked {
+    let meta = &svc.metadata;
     let spec = svc.spec.get_or_insert_with(ServiceSpec::default);
     let kind = spec.type_.get_or_insert_with(|| "ClusterIP".into()).clone();
     one_of("spec.type", &kind, SERVICE_TYPES)?;
@@ -479,6 +535,7 @@ fn service(svc: &mut Service) -> Checked {
     labels("spec.selector", spec.selector.as_ref())?;
     traffic_policies(spec, &kind)?;
     session_affinity(spec)?;
+    service_balancing(meta, spec)?;
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         ip.parse::<IpAddr>().map_err(|_| {
             invalid(
@@ -957,6 +1014,43 @@ mod tests {
                 .timeout_seconds,
             Some(10800)
         );
+    }
+
+    #[test]
+    fn balancing_annotations_are_checked_naming_the_annotation() {
+        let annotated = |pairs: &str| {
+            SVC.replace(
+                "name: web}",
+                &format!("name: web, annotations: {{{pairs}}}}}"),
+            )
+        };
+        assert!(
+            check(&annotated(
+                "vipr.io/lb-algorithm: maglev, vipr.io/maglev-table-size: \"65521\""
+            ))
+            .is_ok()
+        );
+        let e = check(&annotated("vipr.io/lb-algorithm: weighted")).unwrap_err();
+        assert!(
+            e.starts_with("metadata.annotations[vipr.io/lb-algorithm]: unknown load-balancing algorithm \"weighted\""),
+            "{e}"
+        );
+        let e = check(&annotated("vipr.io/maglev-table-size: \"16383\"")).unwrap_err();
+        assert!(
+            e.starts_with("metadata.annotations[vipr.io/maglev-table-size]: invalid"),
+            "{e}"
+        );
+        let affinity = SVC.to_string()
+            + "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}\n";
+        let e = check(&affinity).unwrap_err();
+        assert!(
+            e.starts_with("spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+            "{e}"
+        );
+        let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, annotations: {vipr.io/weight: heavy}}\nspec: {containers: [{name: c, image: host}]}\n";
+        let e = check(pod).unwrap_err();
+        assert!(e.starts_with("metadata.annotations[vipr.io/weight]: invalid pod annotation vipr.io/weight=\"heavy\""), "{e}");
+        assert!(check(&pod.replace("heavy", "\"3\"")).is_ok());
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! Balancing through `vipr agent`, end to end: real pods (vipr-netexec)
+//! behind services whose `vipr.io/lb-algorithm` annotation and
+//! `sessionAffinity` the data plane follows, reached from a client pod
+//! (socket path: the cgroup hooks) and from outside the node through a
+//! NodePort (XDP path); bad balancing settings refused at apply.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use vipr_common::Counter;
+use vipr_e2e::{
+    agent::{AgentNode, NODE_IP},
+    maps::pinned_counter,
+    require_root,
+};
+
+/// Three netexec pods labelled app=web, and a client pod.
+fn pods() -> String {
+    let mut manifest = String::new();
+    for i in 1..=3 {
+        manifest += &format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: web-{i}, labels: {{app: web}}}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080"]
+    ports: [{{name: http, containerPort: 8080}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+---
+"#
+        );
+    }
+    manifest += r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  containers:
+  - name: shell
+    image: host
+    command: [sleep, "3600"]
+"#;
+    manifest
+}
+
+const WEB: [&str; 3] = ["web-1", "web-2", "web-3"];
+
+/// A NodePort service over the web pods with `extra` spec lines and
+/// `annotations` (a YAML flow map body).
+fn service(name: &str, node_port: u16, annotations: &str, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, annotations: {{{annotations}}}}}
+spec:
+  type: NodePort
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: http, nodePort: {node_port}}}]
+{extra}
+"#
+    )
+}
+
+/// The pod names that answered `n` requests from the client pod, in order.
+fn from_client(node: &AgentNode, url: &str, n: usize) -> Result<Vec<String>> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let (ok, out) = node.exec("client", &["curl", "-s", "-m", "2", url])?;
+        if !ok {
+            bail!("curl {url} from the client pod failed");
+        }
+        seen.push(out.trim().to_owned());
+    }
+    Ok(seen)
+}
+
+/// The pod names that answered `n` requests from outside the node.
+fn from_outside(node: &AgentNode, node_port: u16, n: usize) -> Result<Vec<String>> {
+    let url = format!("http://{NODE_IP}:{node_port}/hostname");
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let out = vipr_e2e::run(node.outside.command("curl").args(["-s", "-m", "2", &url]))?;
+        seen.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    Ok(seen)
+}
+
+fn distinct(names: &[String]) -> BTreeSet<&str> {
+    names.iter().map(String::as_str).collect()
+}
+
+/// Waits until the frontend of `service` has `count` backends.
+fn wait_backends(node: &AgentNode, vip: &str, count: u32) -> Result<()> {
+    let pinned = vipr_e2e::maps::PinnedServices::open(&node.pin_dir())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if pinned.backends(vip.parse()?, 80, true)? == Some(count) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{vip}:80 did not get {count} backends")
+}
+
+#[test]
+fn algorithm_annotations_choose_the_balancing() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("lbalg")?;
+    node.apply(&pods())?;
+    node.apply(&service("hashed", 30090, "vipr.io/lb-algorithm: sh", ""))?;
+    node.apply(&service("turns", 30091, "vipr.io/lb-algorithm: rr", ""))?;
+    let mut all = WEB.to_vec();
+    all.push("client");
+    node.wait_ready(&all, Duration::from_secs(30))?;
+    let hashed = node.cluster_ip("hashed")?;
+    let turns = node.cluster_ip("turns")?;
+    wait_backends(&node, &hashed, 3)?;
+    wait_backends(&node, &turns, 3)?;
+
+    // sh: one client, one pod, connection after connection; both paths.
+    let seen = from_client(&node, &format!("http://{hashed}/hostname"), 12)?;
+    assert_eq!(distinct(&seen).len(), 1, "sh from a pod: {seen:?}");
+    let seen = from_outside(&node, 30090, 12)?;
+    assert_eq!(distinct(&seen).len(), 1, "sh from outside: {seen:?}");
+
+    // rr over the same pods: every pod in turn.
+    let seen = from_client(&node, &format!("http://{turns}/hostname"), 6)?;
+    assert_eq!(distinct(&seen).len(), 3, "rr from a pod: {seen:?}");
+    assert_eq!(seen[..3], seen[3..], "rr is a rotation: {seen:?}");
+    let seen = from_outside(&node, 30091, 6)?;
+    assert_eq!(distinct(&seen).len(), 3, "rr from outside: {seen:?}");
+
+    // Changing the annotation re-programs the service: now maglev, keyed
+    // by the 5-tuple, so a pod's connections (new source ports) spread.
+    node.apply(&service(
+        "hashed",
+        30090,
+        "vipr.io/lb-algorithm: maglev, vipr.io/maglev-table-size: \"251\"",
+        "",
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = from_outside(&node, 30090, 12)?;
+        if distinct(&seen).len() > 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("maglev from outside still one pod: {seen:?}");
+        }
+    }
+
+    // Bad settings are refused at apply, naming what to fix; nothing stored.
+    for (bad, named) in [
+        ("vipr.io/lb-algorithm: weighted", "vipr.io/lb-algorithm"),
+        (
+            "vipr.io/lb-algorithm: maglev, vipr.io/maglev-table-size: \"1000\"",
+            "vipr.io/maglev-table-size",
+        ),
+    ] {
+        let error = node
+            .apply(&service("refused", 30092, bad, ""))
+            .expect_err("bad balancing accepted");
+        assert!(error.to_string().contains(named), "{error}");
+    }
+    let error = node
+        .apply(&service(
+            "refused",
+            30092,
+            "",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+        ))
+        .expect_err("timeout 0 accepted");
+    assert!(
+        error
+            .to_string()
+            .contains("spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+        "{error}"
+    );
+    assert!(!node.vipr(&["get", "svc", "refused"])?.status.success());
+    let error = node
+        .apply(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: heavy, annotations: {vipr.io/weight: lots}}\n\
+             spec: {containers: [{name: c, image: host, command: [sleep, \"60\"]}]}\n",
+        )
+        .expect_err("bad weight accepted");
+    assert!(error.to_string().contains("vipr.io/weight"), "{error}");
+    Ok(())
+}
+
+#[test]
+fn client_ip_affinity_sticks_follows_readiness_and_expires() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("lbaff")?;
+    node.apply(&pods())?;
+    // Round robin underneath: without affinity every connection would move.
+    node.apply(&service(
+        "sticky",
+        30093,
+        "vipr.io/lb-algorithm: rr",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}",
+    ))?;
+    let mut all = WEB.to_vec();
+    all.push("client");
+    node.wait_ready(&all, Duration::from_secs(30))?;
+    let vip = node.cluster_ip("sticky")?;
+    wait_backends(&node, &vip, 3)?;
+    let url = format!("http://{vip}/hostname");
+
+    // Same client, same pod (requests well within the timeout).
+    let seen = from_client(&node, &url, 10)?;
+    assert_eq!(distinct(&seen).len(), 1, "from a pod: {seen:?}");
+    let sticky = seen[0].clone();
+    let outside = from_outside(&node, 30093, 10)?;
+    assert_eq!(distinct(&outside).len(), 1, "from outside: {outside:?}");
+
+    // The pod turns unready: the client moves to a ready pod, and stays.
+    let (ok, _) = node.exec(
+        &sticky,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "http://127.0.0.1:8080/ready?set=false",
+        ],
+    )?;
+    assert!(ok);
+    wait_backends(&node, &vip, 2)?;
+    let seen = from_client(&node, &url, 6)?;
+    assert_eq!(distinct(&seen).len(), 1, "after unready: {seen:?}");
+    assert_ne!(seen[0], sticky, "still sent to the unready pod");
+    let moved = seen[0].clone();
+    let (ok, _) = node.exec(
+        &sticky,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "2",
+            "http://127.0.0.1:8080/ready?set=true",
+        ],
+    )?;
+    assert!(ok);
+    wait_backends(&node, &vip, 3)?;
+    assert_eq!(from_client(&node, &url, 3)?, vec![moved.clone(); 3]);
+
+    // Idle past timeoutSeconds: the next connection is balanced afresh (no
+    // affinity hit counted), the ones after it stick again (one hit each).
+    let hits = || pinned_counter(&node.pin_dir(), Counter::AffinityHit);
+    let before = hits()?;
+    from_client(&node, &url, 1)?;
+    assert_eq!(hits()? - before, 1, "within the timeout: a hit");
+    std::thread::sleep(Duration::from_millis(3500));
+    let before = hits()?;
+    let fresh = from_client(&node, &url, 1)?;
+    assert_eq!(hits()?, before, "affinity outlived its timeout");
+    let seen = from_client(&node, &url, 4)?;
+    assert_eq!(hits()? - before, 4);
+    assert_eq!(seen, vec![fresh[0].clone(); 4], "sticks again after expiry");
+    Ok(())
+}
