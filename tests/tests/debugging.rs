@@ -545,3 +545,165 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     }
     Ok(())
 }
+
+const BALANCED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: mag, annotations: {vipr.io/lb-algorithm: maglev}}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http, nodePort: 30090}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: by-source, annotations: {vipr.io/lb-algorithm: sh}}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http, nodePort: 30091}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  type: NodePort
+  sessionAffinity: ClientIP
+  selector: {app: web}
+  ports: [{port: 80, targetPort: http, nodePort: 30092}]
+"#;
+
+/// The pod that answered `/hostname` from outside, from client port `port`.
+fn answered_from_outside(node: &AgentNode, node_port: u16, port: Option<u16>) -> Result<String> {
+    let mut cmd = node.outside.command("curl");
+    cmd.args(["-s", "-m", "2"]);
+    if let Some(port) = port {
+        cmd.args(["--local-port", &port.to_string()]);
+    }
+    let out = cmd
+        .arg(format!("http://{NODE_IP}:{node_port}/hostname"))
+        .output()?;
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    anyhow::ensure!(
+        name.starts_with("web-"),
+        "no answer from :{node_port} ({name:?})"
+    );
+    Ok(name)
+}
+
+/// The backend address `vipr trace` predicts for a new flow.
+fn predicted(node: &AgentNode, src: &str, node_port: u16) -> Result<String> {
+    let dst = format!("{NODE_IP}:{node_port}");
+    let trace = json(node, &["trace", "--src", src, "--dst", &dst, "-o", "json"])?;
+    trace["backend"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("no prediction: {trace:#}"))
+}
+
+#[test]
+fn trace_predicts_maglev_source_hash_and_affinity() -> Result<()> {
+    let node = start()?;
+    node.apply(BALANCED)?;
+    let ip_of = |pod: &str| -> Result<String> { Ok(format!("{}:8080", pod_ip(&node, pod)?)) };
+    // Applied is stored; wait until the reconciler has programmed all three.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let list = loop {
+        let list = json(&node, &["service", "list", "-o", "json"])?;
+        let programmed = list["frontends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| ["mag", "by-source", "sticky"].contains(&f["service"].as_str().unwrap()))
+            .count();
+        if programmed == 6 {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "not programmed: {list:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        frontend(&list, &format!("{NODE_IP}:30090/TCP"))["algorithm"],
+        "maglev(16381)"
+    );
+    assert_eq!(
+        frontend(&list, &format!("{NODE_IP}:30092/TCP"))["affinity"],
+        "ClientIP 10800s"
+    );
+
+    // Maglev: the 5-tuple's slot in the table, predicted before the flow
+    // exists, for several client ports; both backends come up.
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41000..41008u16 {
+        let want = predicted(&node, &format!("{OUTSIDE_IP}:{port}"), 30090)?;
+        let got = ip_of(&answered_from_outside(&node, 30090, Some(port))?)?;
+        assert_eq!(got, want, "maglev from client port {port}");
+        seen.insert(got);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "eight ports all hashed to one backend: {seen:?}"
+    );
+    let lb = json(&node, &["lb", "list", "-o", "json"])?;
+    let table = lb["maglev"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["frontend"] == format!("{NODE_IP}:30090/TCP"))
+        .expect("the maglev table in lb list")
+        .clone();
+    assert_eq!(table["size"], 16381, "{table:#}");
+    assert_eq!(
+        lb["differences"],
+        serde_json::json!([]),
+        "{:#}",
+        lb["differences"]
+    );
+
+    // Source hash: the client address decides, whatever the port.
+    let want = predicted(&node, &OUTSIDE_IP.to_string(), 30091)?;
+    for _ in 0..3 {
+        assert_eq!(ip_of(&answered_from_outside(&node, 30091, None)?)?, want);
+    }
+
+    // ClientIP affinity: after one request, the trace finds the entry and
+    // names its backend, which the next requests get.
+    let first = ip_of(&answered_from_outside(&node, 30092, None)?)?;
+    let dst = format!("{NODE_IP}:30092");
+    let trace = json(
+        &node,
+        &[
+            "trace",
+            "--src",
+            &OUTSIDE_IP.to_string(),
+            "--dst",
+            &dst,
+            "-o",
+            "json",
+        ],
+    )?;
+    assert_eq!(trace["backend"], first, "{trace:#}");
+    assert!(
+        trace["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["step"] == "affinity" && s["detail"].as_str().unwrap().contains("again")),
+        "{trace:#}"
+    );
+    for _ in 0..3 {
+        assert_eq!(ip_of(&answered_from_outside(&node, 30092, None)?)?, first);
+    }
+    let lb = json(&node, &["lb", "list", "-o", "json"])?;
+    assert!(
+        lb["affinity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["client"] == OUTSIDE_IP.to_string() && a["backend"] == first),
+        "{:#}",
+        lb["affinity"]
+    );
+    Ok(())
+}

@@ -127,7 +127,7 @@ impl BackendAddr {
     }
 
     /// The address as the maps hold it (network order).
-    pub(crate) fn endpoint(self) -> Endpoint {
+    pub fn endpoint(self) -> Endpoint {
         Endpoint {
             addr: u32::from(self.addr).to_be(),
             port: self.port.get().to_be(),

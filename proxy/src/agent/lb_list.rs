@@ -12,7 +12,7 @@ use std::{
 use serde_json::{Value, json};
 use vipr_dataplane::{
     BackendAddr, Frontend, MapDump, MapEntry, Port, Protocol, RawEntry,
-    vipr_common::{FlowKey, NatEntry, flow_flags, service_flags},
+    vipr_common::{Endpoint, FlowKey, NatEntry, affinity_scope, flow_flags, service_flags},
 };
 
 use super::sync::{Programmed, ServiceName};
@@ -142,6 +142,35 @@ pub fn differences(dump: &MapDump, intent: &Programmed) -> Vec<String> {
             }
         }
     }
+    for (frontend, value) in &in_map {
+        let held: u32 = dump
+            .maglev
+            .get(&value.service_id)
+            .map_or(0, |t| t.values().sum());
+        if held != value.maglev_size {
+            out.push(format!(
+                "frontend {frontend}: its Maglev table should have {} slots, MAGLEV holds {held}",
+                value.maglev_size
+            ));
+        }
+        let members: Vec<Endpoint> = (0..value.backend_count)
+            .filter_map(|slot| slots.get(&(value.service_id, slot)))
+            .map(|b| b.endpoint())
+            .collect();
+        for endpoint in dump
+            .maglev
+            .get(&value.service_id)
+            .into_iter()
+            .flat_map(|t| t.keys())
+        {
+            if !members.contains(endpoint) {
+                out.push(format!(
+                    "frontend {frontend}: the Maglev table sends flows to {}, which is none of its backends",
+                    sock(endpoint.addr, endpoint.port)
+                ));
+            }
+        }
+    }
     for frontend in in_map.keys() {
         if !intent.owners.contains_key(frontend) {
             out.push(format!(
@@ -164,6 +193,21 @@ pub fn differences(dump: &MapDump, intent: &Programmed) -> Vec<String> {
         ));
     }
     out
+}
+
+/// Each Maglev table in summary: size and the share of each backend.
+fn maglev_json(dump: &MapDump, frontends: &BTreeMap<u32, String>) -> Value {
+    dump.maglev
+        .iter()
+        .map(|(id, table)| {
+            let size: u32 = table.values().sum();
+            let backends: serde_json::Map<String, Value> = table
+                .iter()
+                .map(|(e, n)| (sock(e.addr, e.port).to_string(), json!(n)))
+                .collect();
+            json!({"service_id": id, "frontend": frontends.get(id), "size": size, "slots": backends})
+        })
+        .collect()
 }
 
 /// The listing, as JSON.
@@ -204,6 +248,11 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
             })
         })
         .collect();
+    let frontends_by_id: BTreeMap<u32, String> = dump
+        .services
+        .iter()
+        .filter_map(|e| Some((e.value.service_id, frontend_of(&e.key)?.to_string())))
+        .collect();
     let (replies, flows): (Vec<_>, Vec<_>) = dump
         .conntrack
         .iter()
@@ -220,6 +269,21 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
         "backends": backends,
         "flows": flows.iter().map(|e| flow_json(e, dump)).collect::<Vec<_>>(),
         "reverse_flows": replies.iter().map(|e| flow_json(e, dump)).collect::<Vec<_>>(),
+        "maglev": maglev_json(dump, &frontends_by_id),
+        "affinity": dump.affinity.iter().map(|e| {
+            let client = if e.key.scope == affinity_scope::ADDRESS {
+                ip(e.key.client as u32).to_string()
+            } else {
+                format!("netns cookie {}", e.key.client)
+            };
+            json!({
+                "service_id": e.key.service_id,
+                "frontend": frontends_by_id.get(&e.key.service_id),
+                "client": client,
+                "backend": sock(e.value.backend.addr, e.value.backend.port).to_string(),
+                "idle_s": dump.monotonic_ns.saturating_sub(e.value.last_seen_ns) as f64 / 1e9,
+            })
+        }).collect::<Vec<_>>(),
         "source_ranges": dump.source_ranges.iter().map(|(id, net)| json!({"service_id": id, "range": net.to_string()})).collect::<Vec<_>>(),
         "differences": differences(dump, intent),
     });
@@ -228,6 +292,7 @@ pub fn lb_list(dump: &MapDump, intent: &Programmed, raw: bool) -> Value {
             "SERVICES": raw_json(dump.services.iter().map(MapEntry::raw)),
             "BACKENDS": raw_json(dump.backends.iter().map(MapEntry::raw)),
             "CONNTRACK": raw_json(dump.conntrack.iter().map(MapEntry::raw)),
+            "AFFINITY": raw_json(dump.affinity.iter().map(MapEntry::raw)),
             "CONFIG": raw_json(std::iter::once(RawEntry {
                 key: 0u32.to_ne_bytes().to_vec(),
                 value: vipr_dataplane::bytes_of(&dump.config).to_vec(),

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{Value, json};
-use vipr_balancer::{NodeDefaults, ServiceAffinitySpec, ServiceBalancing};
+use vipr_balancer::ServiceBalancing;
 use vipr_dataplane::{BackendAddr, ExternalTrafficPolicy, FlowStats, Frontend, FrontendStats};
 use vipr_store::{
     Kind, ObjectKey, Store,
@@ -51,22 +51,6 @@ pub fn endpoint_groups(
         .filter(|s| endpoints::slice_service_name(s) == Some(name.1.as_str()))
         .filter_map(endpoints::from_endpoint_slice)
         .collect()
-}
-
-/// The balancing a service asks for, or why it cannot have it.
-pub fn balancing_of(service: &Service) -> Result<ServiceBalancing, String> {
-    let spec = service.spec.as_ref();
-    let affinity = ServiceAffinitySpec {
-        session_affinity: spec.and_then(|s| s.session_affinity.as_deref()),
-        timeout_seconds: spec
-            .and_then(|s| s.session_affinity_config.as_ref())
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .map(i64::from),
-    };
-    let annotations = service.metadata.annotations.clone().unwrap_or_default();
-    ServiceBalancing::from_service(&annotations, affinity, &NodeDefaults::default())
-        .map_err(|e| e.to_string())
 }
 
 fn counters_json(stats: &FlowStats) -> Value {
@@ -178,17 +162,21 @@ pub fn service_list(
             .as_ref()
             .map(|s| endpoint_groups(store, computed, s, name))
             .unwrap_or_default();
-        let balancing = service.as_ref().map(balancing_of);
         for (frontend, spec) in table {
             if owners.get(frontend) != Some(name) {
                 continue;
             }
             let frontend_stats = stats.get(frontend).copied();
-            let (algorithm, affinity) = match &balancing {
-                Some(Ok(b)) => (b.algorithm.to_string(), affinity_name(b)),
-                Some(Err(e)) => (format!("invalid: {e}"), "-".into()),
-                None => ("-".into(), "-".into()),
+            // What the reconciler programmed (annotations over the node's
+            // --lb-algorithm default).
+            let balancing = &spec.options.balancing;
+            let algorithm = match balancing.algorithm {
+                vipr_balancer::Algorithm::Maglev => {
+                    format!("maglev({})", balancing.maglev_table_size)
+                }
+                other => other.to_string(),
             };
+            let affinity = affinity_name(balancing);
             frontends.push(json!({
                 "namespace": name.0,
                 "service": name.1,

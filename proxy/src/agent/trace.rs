@@ -139,8 +139,11 @@ pub fn trace(
             "socket",
             format!(
                 "the client is pod {} of this node: its connect()/sendmsg() to a frontend is \
-                 translated by the cgroup socket hooks, before any packet, from the same maps \
-                 and the same pick as below; such sockets make no conntrack entry",
+                 translated by the cgroup socket hooks, before any packet, from the same maps; \
+                 such sockets make no conntrack entry, and where the pick below hashes the \
+                 client address (sh, maglev) or remembers it (ClientIP affinity), the socket \
+                 path uses the pod's network namespace instead, so only the XDP path's pick \
+                 is predicted exactly",
                 pod.key
             ),
         );

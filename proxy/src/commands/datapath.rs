@@ -220,6 +220,39 @@ fn print_decoded(value: &Value) {
         flow_row,
     );
     section(
+        "MAGLEV (tables in summary)",
+        &value["maglev"],
+        &["SERVICE-ID", "FRONTEND", "SIZE", "SLOTS PER BACKEND"],
+        |e| {
+            let shares: Vec<String> = e["slots"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(b, n)| format!("{b}={n}"))
+                .collect();
+            vec![
+                s(&e["service_id"]),
+                s(&e["frontend"]),
+                s(&e["size"]),
+                shares.join(" "),
+            ]
+        },
+    );
+    section(
+        "AFFINITY (ClientIP)",
+        &value["affinity"],
+        &["SERVICE-ID", "FRONTEND", "CLIENT", "BACKEND", "IDLE"],
+        |e| {
+            vec![
+                s(&e["service_id"]),
+                s(&e["frontend"]),
+                s(&e["client"]),
+                s(&e["backend"]),
+                format!("{:.1}s", e["idle_s"].as_f64().unwrap_or(0.0)),
+            ]
+        },
+    );
+    section(
         "SOURCE_RANGES",
         &value["source_ranges"],
         &["SERVICE-ID", "RANGE"],
