@@ -300,6 +300,39 @@ impl AgentNode {
     }
 }
 
+/// A `vipr-netexec` pod (HTTP on 8080 as port `http`, UDP on 8081 as
+/// `udp`, ready by `/ready` every second) labelled `app: APP`.
+pub fn netexec_pod(name: &str, app: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: {app}}}}}
+spec:
+  containers:
+  - name: netexec
+    image: host
+    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
+    ports: [{{name: http, containerPort: 8080}}, {{name: udp, containerPort: 8081, protocol: UDP}}]
+    readinessProbe: {{httpGet: {{path: /ready, port: http}}, periodSeconds: 1}}
+---
+"#
+    )
+}
+
+/// A pod named `client` that only waits, to run commands in.
+pub const CLIENT_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  containers:
+  - name: shell
+    image: host
+    command: [sleep, "3600"]
+---
+"#;
+
 pub fn is_ready(pod: &Value) -> bool {
     pod["status"]["conditions"].as_array().is_some_and(|cs| {
         cs.iter()

@@ -18,43 +18,12 @@ use std::{
 use anyhow::{Context, Result};
 use serde_json::Value;
 use vipr_e2e::{
-    agent::{AgentNode, NODE_IP, OUTSIDE_IP, bin_dir},
+    agent::{AgentNode, CLIENT_POD, NODE_IP, OUTSIDE_IP, bin_dir, netexec_pod},
     maps::PinnedServices,
     require_root,
 };
 
-const MANIFEST: &str = r#"
-apiVersion: v1
-kind: Pod
-metadata: {name: web-1, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, labels: {app: web}}
-spec:
-  containers:
-  - name: netexec
-    image: host
-    command: [vipr-netexec, --http-port, "8080", --udp-port, "8081"]
-    ports: [{name: http, containerPort: 8080}, {name: udp, containerPort: 8081, protocol: UDP}]
-    readinessProbe: {httpGet: {path: /ready, port: http}, periodSeconds: 1}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client}
-spec:
-  containers:
-  - name: shell
-    image: host
-    command: [sleep, "3600"]
----
+const SERVICES: &str = r#"
 apiVersion: v1
 kind: Service
 metadata: {name: web}
@@ -79,7 +48,9 @@ const UNKNOWN_VIP: &str = "10.96.200.200";
 fn start() -> Result<AgentNode> {
     require_root();
     let node = AgentNode::start("dbg")?;
-    node.apply(MANIFEST)?;
+    let manifest =
+        netexec_pod("web-1", "web") + &netexec_pod("web-2", "web") + CLIENT_POD + SERVICES;
+    node.apply(&manifest)?;
     node.wait_ready(&["web-1", "web-2", "client"], Duration::from_secs(30))?;
     Ok(node)
 }
