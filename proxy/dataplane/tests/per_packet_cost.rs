@@ -229,57 +229,68 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[ignore = "benchmark: run with --ignored --nocapture, ideally --release on an idle machine"]
 fn idle_monitor_cost() {
     let mut dp = dataplane();
-    let hit = Ipv4Packet::tcp((CLIENT, 40001), (IDEMPOTENT_VIP, 80)).build();
-    let mut out = vec![0u8; hit.len() + 64];
-    // Open the flow, load the bare program, warm both up.
-    dp.test_run(&hit, &mut out, 1000).unwrap();
-    dp.test_run_without_events(&hit, &mut out, 1000).unwrap();
-    let before = dp.counters().unwrap();
-
-    // Per round and program: the kernel's figure (it stops its clock while
-    // the thread is preempted, but rounds to whole ns, so rounds are
-    // averaged) and the wall time of the call (sub-ns, but it counts time
-    // other processes take).
-    let (mut kernel, mut wall) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
-    for round in 0..ROUNDS {
-        // Alternate which goes first, so drift hits both alike.
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for which in order {
-            let started = std::time::Instant::now();
-            let result = if which == 0 {
-                dp.test_run_without_events(&hit, &mut out, REPEAT)
-            } else {
-                dp.test_run(&hit, &mut out, REPEAT)
+    let syn = Ipv4Packet::tcp((CLIENT, 40001), (IDEMPOTENT_VIP, 80));
+    let mut out = vec![0u8; 256];
+    // Open the flow, load the bare program.
+    dp.test_run(&syn.build(), &mut out, 1).unwrap();
+    dp.test_run_without_events(&syn.build(), &mut out, 1)
+        .unwrap();
+    let cases = [
+        (
+            "forward hit",
+            Counter::FlowHit,
+            syn.clone().with_tcp(TCP_ACK, 2, 2).build(),
+        ),
+        (
+            "reply hit",
+            Counter::ReplyTranslated,
+            syn.reply().with_tcp(TCP_ACK, 2, 2).build(),
+        ),
+    ];
+    println!("conntrack hits, ns/packet, {ROUNDS} interleaved rounds of {REPEAT} runs each");
+    println!(
+        "{:<12} {:>22} {:>22} {:>9} {:>12}",
+        "case", "no_events kernel/wall", "vipr_xdp kernel/wall", "kernel", "wall"
+    );
+    for (name, counter, packet) in cases {
+        // Per round and program: the kernel's figure (it stops its clock
+        // while the thread is preempted, but rounds to whole ns, so rounds
+        // are averaged) and the wall time of the call (sub-ns, but it
+        // counts time other processes take).
+        let (mut kernel, mut wall) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        let before = dp.counters().unwrap().packets(counter);
+        for round in 0..ROUNDS {
+            // Alternate which goes first, so drift hits both alike.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let started = std::time::Instant::now();
+                let result = if which == 0 {
+                    dp.test_run_without_events(&packet, &mut out, REPEAT)
+                } else {
+                    dp.test_run(&packet, &mut out, REPEAT)
+                }
+                .unwrap();
+                wall[which].push(ns(started.elapsed()) / f64::from(REPEAT));
+                kernel[which].push(ns(result.duration));
             }
-            .unwrap();
-            wall[which].push(ns(started.elapsed()) / f64::from(REPEAT));
-            kernel[which].push(ns(result.duration));
         }
+        assert_eq!(
+            dp.counters().unwrap().packets(counter) - before,
+            2 * ROUNDS as u64 * u64::from(REPEAT),
+            "every {name} run was counted as {}",
+            counter.name()
+        );
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let kernel = [mean(&kernel[0]), mean(&kernel[1])];
+        let wall = [median(wall[0].clone()), median(wall[1].clone())];
+        println!(
+            "{name:<12} {:>10.2} / {:>9.2} {:>10.2} / {:>9.2} {:>+8.2}% {:>+11.2}%",
+            kernel[0],
+            wall[0],
+            kernel[1],
+            wall[1],
+            (kernel[1] / kernel[0] - 1.0) * 100.0,
+            (wall[1] / wall[0] - 1.0) * 100.0
+        );
     }
-    let after = dp.counters().unwrap();
-    assert_eq!(
-        after.packets(Counter::FlowHit) - before.packets(Counter::FlowHit),
-        2 * ROUNDS as u64 * u64::from(REPEAT),
-        "every run was a conntrack hit"
-    );
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let kernel = [mean(&kernel[0]), mean(&kernel[1])];
-    let wall = [median(wall[0].clone()), median(wall[1].clone())];
-    println!("conntrack hit, ns/packet, {ROUNDS} interleaved rounds of {REPEAT} runs");
-    println!("{:<46} {:>12} {:>12}", "", "kernel mean", "wall median");
-    println!(
-        "{:<46} {:>12.2} {:>12.2}",
-        "vipr_xdp_no_events (event code compiled out)", kernel[0], wall[0]
-    );
-    println!(
-        "{:<46} {:>12.2} {:>12.2}",
-        "vipr_xdp, no monitor attached", kernel[1], wall[1]
-    );
-    println!(
-        "idle event code: kernel {:+.2} ns ({:+.2}%), wall {:+.2} ns ({:+.2}%)",
-        kernel[1] - kernel[0],
-        (kernel[1] / kernel[0] - 1.0) * 100.0,
-        wall[1] - wall[0],
-        (wall[1] / wall[0] - 1.0) * 100.0
-    );
 }
