@@ -326,6 +326,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     let client = pod_ip(&node, "client")?;
     let monitor = Monitor::start(&node, &["--service", "web"])?;
     let drops = Monitor::start(&node, &["--type", "drop"])?;
+    let of_client = Monitor::start(&node, &["--pod", "client"])?;
 
     // A UDP flow from outside, from a fixed port, through the NodePort: it
     // stays in conntrack.
@@ -488,6 +489,11 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     });
     assert_eq!(event["reason"], "drop_unknown_vip");
     assert_eq!(event["path"], "xdp");
+    // The pod filter: that drop is the client pod's; nothing of outside's.
+    let mine = of_client.expect("the client pod's drop", |e| {
+        e["destination"] == format!("{UNKNOWN_VIP}:80")
+    });
+    assert_eq!(mine["reason"], "drop_unknown_vip");
     assert_eq!(
         event["source"]
             .as_str()
@@ -510,9 +516,13 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     )?;
     assert_eq!(trace["verdict"], "passed");
 
-    // The service filter kept the other services' events away.
+    // The service filter kept the other services' events away, the pod
+    // filter the outside client's.
     while let Ok(event) = monitor.lines.try_recv() {
         assert_eq!(event["service"], "default/web", "{event}");
+    }
+    while let Ok(event) = of_client.lines.try_recv() {
+        assert_ne!(event["client"], outside_client, "{event}");
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! port with its conditions (and whether the data plane uses it), and the
 //! counters the data plane keeps per frontend and backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{Value, json};
@@ -21,16 +21,38 @@ use super::{
 };
 
 /// The stored Service named `name`, if any.
-pub fn stored_service(store: &Store, name: &ServiceName) -> Option<Service> {
+fn stored_service(store: &Store, name: &ServiceName) -> Option<Service> {
     let key = ObjectKey::namespaced(Kind::Service, &name.0, name.1.clone());
     store.get(&key)?.as_service().cloned()
 }
 
+/// The user's EndpointSlices (selector-less services) as groups, by the
+/// service they name: one pass over the slices for the whole list.
+fn user_slice_groups(store: &Store) -> HashMap<ServiceName, Vec<EndpointGroup>> {
+    let mut out: HashMap<ServiceName, Vec<EndpointGroup>> = HashMap::new();
+    for object in store.list(Kind::EndpointSlice, None) {
+        let Some(slice) = object.as_endpoint_slice() else {
+            continue;
+        };
+        let (Some(service), Some(group)) = (
+            endpoints::slice_service_name(slice),
+            endpoints::from_endpoint_slice(slice),
+        ) else {
+            continue;
+        };
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        out.entry((namespace, service.to_owned()))
+            .or_default()
+            .push(group);
+    }
+    out
+}
+
 /// The endpoint groups of a service as the reconciler sees them: computed
 /// from pods for selector services, the user's slices otherwise.
-pub fn endpoint_groups(
-    store: &Store,
+fn endpoint_groups(
     computed: &ComputedSlices,
+    user_slices: &HashMap<ServiceName, Vec<EndpointGroup>>,
     service: &Service,
     name: &ServiceName,
 ) -> Vec<EndpointGroup> {
@@ -44,13 +66,7 @@ pub fn endpoint_groups(
             .filter_map(endpoints::from_endpoint_slice)
             .collect();
     }
-    store
-        .list(Kind::EndpointSlice, Some(&name.0))
-        .iter()
-        .filter_map(|o| o.as_endpoint_slice())
-        .filter(|s| endpoints::slice_service_name(s) == Some(name.1.as_str()))
-        .filter_map(endpoints::from_endpoint_slice)
-        .collect()
+    user_slices.get(name).cloned().unwrap_or_default()
 }
 
 fn counters_json(stats: &FlowStats) -> Value {
@@ -155,12 +171,13 @@ pub fn service_list(
     let stats: BTreeMap<Frontend, &FrontendStats> = stats.iter().map(|s| (s.frontend, s)).collect();
     let owners = &intent.owners;
     let programmed: BTreeMap<&ServiceName, _> = intent.by_service.iter().collect();
+    let user_slices = user_slice_groups(store);
     let mut frontends = Vec::new();
     for (name, table) in programmed {
         let service = stored_service(store, name);
         let groups = service
             .as_ref()
-            .map(|s| endpoint_groups(store, computed, s, name))
+            .map(|s| endpoint_groups(computed, &user_slices, s, name))
             .unwrap_or_default();
         for (frontend, spec) in table {
             if owners.get(frontend) != Some(name) {

@@ -5,9 +5,12 @@
 //! traffic policy, the balancing algorithm and its pick, the NAT applied
 //! and the route to the backend.
 //!
-//! The data plane balances new flows with `random` (one draw per flow,
-//! uniform over the backend slots), so for a new flow the trace lists the
-//! candidates and their odds; an existing flow's backend is certain.
+//! The pick is computed as the data plane computes it, from its maps: the
+//! Maglev slot of the 5-tuple's hash, the sh/dh hash scaled onto the slots'
+//! weight ranges, the rr/wrr turn counter, the lc/sed/nq connection counts,
+//! the ClientIP affinity entry. `random` has no pick to predict: the trace
+//! lists the candidates and their odds. An existing flow's backend is
+//! certain whatever the algorithm.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
