@@ -264,6 +264,10 @@ pub struct AgentArgs {
     /// Service frontends (VIP, port, protocol) the data plane holds.
     #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_SERVICES, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
     pub max_services: u32,
+    /// Addresses for LoadBalancer services (LB IPAM): each gets one in
+    /// status.loadBalancer.ingress. The pool must be routed to the node.
+    #[arg(long)]
+    pub lb_ip_pool: Option<Ipv4Net>,
     /// Backend slots over all frontends.
     #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_BACKENDS, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
     pub max_backends: u32,

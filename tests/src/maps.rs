@@ -7,7 +7,8 @@ use std::{net::Ipv4Addr, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray};
 use vipr_common::{
-    Counter, CounterValue, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, ServiceValue, map_names,
+    Counter, CounterValue, Endpoint, IPPROTO_TCP, IPPROTO_UDP, MaglevKey, ServiceKey, ServiceValue,
+    map_names,
 };
 
 /// Packets counted under `counter` on all CPUs, from the pinned STATS map.
@@ -22,6 +23,33 @@ pub fn pinned_counter(pin_dir: &Path, counter: Counter) -> Result<u64> {
 /// The pinned SERVICES map of the agent whose pin folder is `pin_dir`.
 pub struct PinnedServices(BpfHashMap<MapData, ServiceKey, ServiceValue>);
 
+/// The Maglev table the kernel holds for TCP frontend `addr:port`, slot by
+/// slot as (backend address, port); empty when it has none.
+pub fn pinned_maglev_table(
+    pin_dir: &Path,
+    addr: Ipv4Addr,
+    port: u16,
+) -> Result<Vec<(Ipv4Addr, u16)>> {
+    let Some(service) = PinnedServices::open(pin_dir)?.value(addr, port, true)? else {
+        return Ok(Vec::new());
+    };
+    let path = pin_dir.join(map_names::MAGLEV);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let table: BpfHashMap<_, MaglevKey, Endpoint> = BpfHashMap::try_from(Map::HashMap(data))?;
+    (0..service.maglev_size)
+        .map(|slot| {
+            let key = MaglevKey {
+                service_id: service.service_id,
+                slot,
+            };
+            let e = table
+                .get(&key, 0)
+                .with_context(|| format!("Maglev slot {slot}"))?;
+            Ok((Ipv4Addr::from(u32::from_be(e.addr)), u16::from_be(e.port)))
+        })
+        .collect()
+}
+
 impl PinnedServices {
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let path = pin_dir.join("SERVICES");
@@ -32,6 +60,11 @@ impl PinnedServices {
 
     /// The backend count of frontend `addr:port/proto`, if programmed.
     pub fn backends(&self, addr: Ipv4Addr, port: u16, tcp: bool) -> Result<Option<u32>> {
+        Ok(self.value(addr, port, tcp)?.map(|v| v.backend_count))
+    }
+
+    /// The service value of frontend `addr:port/proto`, if programmed.
+    pub fn value(&self, addr: Ipv4Addr, port: u16, tcp: bool) -> Result<Option<ServiceValue>> {
         let key = ServiceKey {
             addr: u32::from(addr).to_be(),
             port: port.to_be(),
@@ -39,7 +72,7 @@ impl PinnedServices {
             _pad: 0,
         };
         match self.0.get(&key, 0) {
-            Ok(value) => Ok(Some(value.backend_count)),
+            Ok(value) => Ok(Some(value)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -110,6 +110,13 @@ fn outside_get(node: &AgentNode, addr: Ipv4Addr, port: u16, path: &str) -> Resul
     ))
 }
 
+/// The client address the pod behind `addr:port` saw for a request from outside.
+fn source_seen(node: &AgentNode, addr: Ipv4Addr, port: u16) -> Result<Ipv4Addr> {
+    let (ok, seen) = outside_get(node, addr, port, "/clientip")?;
+    ensure!(ok, "{addr}:{port} did not answer from outside");
+    client_ip(&seen)
+}
+
 /// The hostnames that answered `n` fresh HTTP connections to the NodePort.
 fn outside_hostnames(node: &AgentNode, n: usize) -> Result<BTreeSet<String>> {
     let mut seen = BTreeSet::new();
@@ -181,12 +188,16 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
 
     // externalTrafficPolicy Cluster: SNAT to the node, so the reply returns
     // through it; Local: the client's own address is kept.
-    let (ok, seen) = outside_get(&node, NODE_IP, HTTP_NODEPORT, "/clientip")?;
-    ensure!(ok, "NodePort (Cluster) did not answer");
-    assert_eq!(client_ip(&seen)?, NODE_IP, "Cluster: backend saw {seen}");
-    let (ok, seen) = outside_get(&node, NODE_IP, LOCAL_NODEPORT, "/clientip")?;
-    ensure!(ok, "NodePort (Local) did not answer");
-    assert_eq!(client_ip(&seen)?, OUTSIDE_IP, "Local: backend saw {seen}");
+    assert_eq!(
+        source_seen(&node, NODE_IP, HTTP_NODEPORT)?,
+        NODE_IP,
+        "NodePort, Cluster"
+    );
+    assert_eq!(
+        source_seen(&node, NODE_IP, LOCAL_NODEPORT)?,
+        OUTSIDE_IP,
+        "NodePort, Local"
+    );
 
     let udp = outside_udp(&node, SocketAddr::from((NODE_IP, UDP_NODEPORT)))?;
     assert_eq!(
@@ -203,12 +214,10 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
         "via",
         &NODE_IP.to_string(),
     ])?;
-    let (ok, seen) = outside_get(&node, EXTERNAL_IP, 80, "/clientip")?;
-    ensure!(ok, "externalIP did not answer");
     assert_eq!(
-        client_ip(&seen)?,
+        source_seen(&node, EXTERNAL_IP, 80)?,
         NODE_IP,
-        "externalIP (Cluster): backend saw {seen}"
+        "externalIP, Cluster"
     );
     let (ok, host) = outside_get(&node, EXTERNAL_IP, 80, "/hostname")?;
     assert!(ok && host == "web-1", "externalIP reached {host:?}");
@@ -372,5 +381,80 @@ fn an_unready_pod_leaves_within_its_probe_period() -> Result<()> {
     eprintln!("unready web-1 left the service after {took:?} (probe period 1 s)");
     // One period, plus the probe's own timing and the curls that observed it.
     assert!(took < Duration::from_millis(1800), "took {took:?}");
+    Ok(())
+}
+
+const LB_POOL: &str = "198.18.0.0/29";
+
+/// The pool address in a service's status.loadBalancer.ingress, once assigned.
+fn wait_ingress(node: &AgentNode, service: &str) -> Result<Ipv4Addr> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let svc: serde_json::Value =
+            serde_json::from_str(&node.vipr_ok(&["get", "svc", service, "-o", "json"])?)?;
+        if let Some(ip) = svc["status"]["loadBalancer"]["ingress"][0]["ip"].as_str() {
+            return Ok(ip.parse()?);
+        }
+        ensure!(Instant::now() < deadline, "{service} got no ingress: {svc}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn load_balancers_get_pool_addresses_served_from_outside() -> Result<()> {
+    require_root();
+    let node = AgentNode::start_with("asb", &["--lb-ip-pool", LB_POOL])?;
+    let lb = |name: &str, policy: &str, kind: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: {kind}\n  \
+             externalTrafficPolicy: {policy}\n  selector: {{app: web}}\n  \
+             ports: [{{port: 80, targetPort: http}}]\n---\n"
+        )
+    };
+    node.apply(
+        &(web_pod("web-1")
+            + &lb("lb", "Cluster", "LoadBalancer")
+            + &lb("lb-local", "Local", "LoadBalancer")),
+    )?;
+    node.wait_ready(&["web-1"], Duration::from_secs(30))?;
+    let cluster = wait_ingress(&node, "lb")?;
+    let local = wait_ingress(&node, "lb-local")?;
+    let pool: Vec<Ipv4Addr> = (1..=6).map(|i| Ipv4Addr::new(198, 18, 0, i)).collect();
+    assert!(pool.contains(&cluster) && pool.contains(&local) && cluster != local);
+
+    // The pool routes to the node, as the network in front of it would.
+    node.outside
+        .ip(&["route", "add", LB_POOL, "via", &NODE_IP.to_string()])?;
+    assert_eq!(
+        source_seen(&node, cluster, 80)?,
+        NODE_IP,
+        "LoadBalancer, Cluster"
+    );
+    assert_eq!(
+        source_seen(&node, local, 80)?,
+        OUTSIDE_IP,
+        "LoadBalancer, Local"
+    );
+
+    // No longer a LoadBalancer: the address goes back and stops answering.
+    node.apply(&lb("lb", "Cluster", "NodePort"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let svc: serde_json::Value =
+            serde_json::from_str(&node.vipr_ok(&["get", "svc", "lb", "-o", "json"])?)?;
+        if svc["status"]["loadBalancer"]["ingress"].is_null() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "ingress kept after type change: {svc}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, _) = outside_get(&node, cluster, 80, "/hostname")?;
+    assert!(
+        !ok,
+        "{cluster} still answers after the service left LoadBalancer"
+    );
     Ok(())
 }

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use vipr_common::Counter;
 use vipr_e2e::{
     agent::{AgentNode, NODE_IP},
-    maps::pinned_counter,
+    maps::{pinned_counter, pinned_maglev_table},
     require_root,
 };
 
@@ -95,6 +95,16 @@ fn from_outside(node: &AgentNode, node_port: u16, n: usize) -> Result<Vec<String
 
 fn distinct(names: &[String]) -> BTreeSet<&str> {
     names.iter().map(String::as_str).collect()
+}
+
+/// Makes netexec pod `pod` answer its readiness probe with `ready`.
+fn set_ready(node: &AgentNode, pod: &str, ready: bool) -> Result<()> {
+    let url = format!("http://127.0.0.1:8080/ready?set={ready}");
+    let (ok, _) = node.exec(pod, &["curl", "-s", "-m", "2", &url])?;
+    if !ok {
+        bail!("setting {pod} ready={ready} failed");
+    }
+    Ok(())
 }
 
 /// Waits until the frontend of `service` has `count` backends.
@@ -222,33 +232,13 @@ fn client_ip_affinity_sticks_follows_readiness_and_expires() -> Result<()> {
     assert_eq!(distinct(&outside).len(), 1, "from outside: {outside:?}");
 
     // The pod turns unready: the client moves to a ready pod, and stays.
-    let (ok, _) = node.exec(
-        &sticky,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "http://127.0.0.1:8080/ready?set=false",
-        ],
-    )?;
-    assert!(ok);
+    set_ready(&node, &sticky, false)?;
     wait_backends(&node, &vip, 2)?;
     let seen = from_client(&node, &url, 6)?;
     assert_eq!(distinct(&seen).len(), 1, "after unready: {seen:?}");
     assert_ne!(seen[0], sticky, "still sent to the unready pod");
     let moved = seen[0].clone();
-    let (ok, _) = node.exec(
-        &sticky,
-        &[
-            "curl",
-            "-s",
-            "-m",
-            "2",
-            "http://127.0.0.1:8080/ready?set=true",
-        ],
-    )?;
-    assert!(ok);
+    set_ready(&node, &sticky, true)?;
     wait_backends(&node, &vip, 3)?;
     assert_eq!(from_client(&node, &url, 3)?, vec![moved.clone(); 3]);
 
@@ -265,5 +255,116 @@ fn client_ip_affinity_sticks_follows_readiness_and_expires() -> Result<()> {
     let seen = from_client(&node, &url, 4)?;
     assert_eq!(hits()? - before, 4);
     assert_eq!(seen, vec![fresh[0].clone(); 4], "sticks again after expiry");
+    Ok(())
+}
+
+/// A selector-less maglev service over ten fixed addresses (an
+/// EndpointSlice of its own): no pods needed, the same backends anywhere.
+fn maglev_service(weights_from_slice_order: &str) -> String {
+    let endpoints: String = (1..=10)
+        .map(|i| format!("- addresses: [10.244.50.{i}]\n"))
+        .collect();
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: consistent, annotations: {{vipr.io/lb-algorithm: maglev, vipr.io/maglev-table-size: "4093"}}}}
+spec:
+  clusterIP: 10.96.77.7
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: consistent-1, labels: {{kubernetes.io/service-name: consistent}}}}
+addressType: IPv4
+endpoints:
+{weights_from_slice_order}{endpoints}ports:
+- {{port: 8080}}
+"#
+    )
+}
+
+/// Waits for the Maglev table of 10.96.77.7:80 on `node`.
+fn maglev_table(node: &AgentNode) -> Result<Vec<(std::net::Ipv4Addr, u16)>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = pinned_maglev_table(&node.pin_dir(), [10, 96, 77, 7].into(), 80)?;
+        if table.len() == 4093 {
+            return Ok(table);
+        }
+        if Instant::now() > deadline {
+            bail!("no Maglev table programmed (have {} slots)", table.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every node with the same `--maglev-seed` builds the same table (so a
+/// flow gets the same backend whichever node it enters), whatever order
+/// the endpoints are listed in; another seed builds another table.
+#[test]
+fn maglev_tables_agree_across_agents_with_one_seed() -> Result<()> {
+    require_root();
+    let a = AgentNode::start_with("mgla", &["--maglev-seed", "0x5eed"])?;
+    let b = AgentNode::start_with("mglb", &["--maglev-seed", "0x5eed"])?;
+    let other = AgentNode::start_with("mglc", &["--maglev-seed", "42"])?;
+    a.apply(&maglev_service(""))?;
+    // b lists the endpoints in another order (one moved to the front).
+    b.apply(&maglev_service("- addresses: [10.244.50.10]\n").replacen(
+        "- addresses: [10.244.50.10]\nports",
+        "ports",
+        1,
+    ))?;
+    other.apply(&maglev_service(""))?;
+    let (ta, tb, tc) = (maglev_table(&a)?, maglev_table(&b)?, maglev_table(&other)?);
+    assert_eq!(ta, tb, "same seed, same table");
+    let backends: BTreeSet<_> = ta.iter().collect();
+    assert_eq!(backends.len(), 10, "every backend has slots");
+    let differing = ta.iter().zip(&tc).filter(|(x, y)| x != y).count();
+    assert!(
+        differing > 4093 / 2,
+        "another seed moved only {differing} slots"
+    );
+    Ok(())
+}
+
+/// `lc` on the socket path: a pod's open connections count for their pod
+/// until the socket is released, so new ones go to the least loaded.
+#[test]
+fn least_connection_counts_a_pods_open_connections() -> Result<()> {
+    require_root();
+    let node = AgentNode::start("lbleast")?;
+    node.apply(&pods())?;
+    node.apply(&service("least", 30094, "vipr.io/lb-algorithm: lc", ""))?;
+    let mut all = WEB.to_vec();
+    all.push("client");
+    node.wait_ready(&all, Duration::from_secs(30))?;
+    let vip = node.cluster_ip("least")?;
+    wait_backends(&node, &vip, 3)?;
+    let url = format!("http://{vip}/hostname");
+
+    // Nothing open: each request's connection is gone before the next one,
+    // so every one goes to the first pod in the slots (ties go first).
+    let idle = from_client(&node, &url, 4)?;
+    assert_eq!(distinct(&idle).len(), 1, "{idle:?}");
+    let first = idle[0].clone();
+
+    // Two connections held open (for 6 s) take the first two pods; new
+    // ones, made while they are open, go to the third, the least loaded.
+    let script = format!(
+        "timeout 6 nc {vip} 80 </dev/null >/dev/null & sleep 0.3; \
+         timeout 6 nc {vip} 80 </dev/null >/dev/null & sleep 0.3; \
+         for i in 1 2 3 4; do curl -s -m 2 {url}; echo; done"
+    );
+    let (ok, out) = node.exec("client", &["sh", "-c", &script])?;
+    assert!(ok, "{out}");
+    let loaded: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(loaded.len(), 4, "{out}");
+    assert_eq!(distinct(&loaded).len(), 1, "{loaded:?}");
+    assert_ne!(loaded[0], first, "the held connections were not counted");
+
+    // Released, they count no more: back to the first pod.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_eq!(from_client(&node, &url, 3)?, vec![first; 3]);
     Ok(())
 }

@@ -89,6 +89,31 @@ pub fn jhash_words(words: &[u32], initval: u32) -> u32 {
     c
 }
 
+/// `jhash_words(&[a], initval)` as straight-line code: the data plane's
+/// `sh` and `dh` hash (the slice form compiles to a loop on the BPF target).
+#[inline(always)]
+pub fn jhash_1word(w: u32, initval: u32) -> u32 {
+    let mut a = JHASH_GOLDEN.wrapping_add(1 << 2).wrapping_add(initval);
+    let (mut b, mut c) = (a, a);
+    a = a.wrapping_add(w);
+    jhash_final(&mut a, &mut b, &mut c);
+    c
+}
+
+/// `jhash_words(&words, initval)` for three words as straight-line code:
+/// the data plane's 5-tuple (`maglev`) hash. Three words need no mixing
+/// round, only the final one (four would take both).
+#[inline(always)]
+pub fn jhash_3words(words: [u32; 3], initval: u32) -> u32 {
+    let mut a = JHASH_GOLDEN.wrapping_add(3 << 2).wrapping_add(initval);
+    let (mut b, mut c) = (a, a);
+    a = a.wrapping_add(words[0]);
+    b = b.wrapping_add(words[1]);
+    c = c.wrapping_add(words[2]);
+    jhash_final(&mut a, &mut b, &mut c);
+    c
+}
+
 /// Maps a 32-bit hash or draw onto `0..total` by multiply-shift
 /// (`hash * total >> 32`) rather than `hash % total`: the high bits of a
 /// one-word jhash are well mixed, its low bits measurably less so over
@@ -118,6 +143,17 @@ mod tests {
             assert_ne!(jhash_words(&w, 7), base, "word {i}");
         }
         assert_ne!(jhash_words(&[1, 2, 3, 4, 5], 8), base);
+    }
+
+    #[test]
+    fn straight_line_forms_equal_the_slice_form() {
+        for seed in [0u32, 1, 0x7669_7072, u32::MAX] {
+            for w in [0u32, 1, 0x0a00_0001, u32::MAX] {
+                assert_eq!(jhash_1word(w, seed), jhash_words(&[w], seed));
+                let three = [w, w ^ 0x1234_5678, w.rotate_left(7)];
+                assert_eq!(jhash_3words(three, seed), jhash_words(&three, seed));
+            }
+        }
     }
 
     #[test]

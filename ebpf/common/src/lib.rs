@@ -47,6 +47,10 @@ pub mod map_names {
     /// Round-robin turn counter (u32) of each service, indexed by service id
     /// (`rr`, `wrr`).
     pub const BALANCE_TURNS: &str = "BALANCE_TURNS";
+    /// Socket-path connections counted in `ACTIVE_CONNECTIONS`: socket
+    /// cookie (u64) -> [`Endpoint`], removed (and uncounted) when the
+    /// socket is released.
+    pub const SOCK_CONNECTIONS: &str = "SOCK_CONNECTIONS";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
@@ -75,6 +79,9 @@ pub mod sock_programs {
     pub const GETPEERNAME4: &str = "vipr_getpeername4";
     /// Every sock_addr program, in attach order.
     pub const ALL: [&str; 4] = [CONNECT4, SENDMSG4, RECVMSG4, GETPEERNAME4];
+    /// cgroup `sock_release` (a cgroup sock program, not sock_addr): a TCP
+    /// socket counted for `lc` / `sed` / `nq` at connect is uncounted.
+    pub const SOCK_RELEASE: &str = "vipr_sock_release";
 }
 
 /// Default capacity of the service (frontend) map.
@@ -165,6 +172,23 @@ pub mod lb_algorithm {
     pub const NEVER_QUEUE: u8 = 7;
     /// jhash of the 5-tuple modulo the table size, looked up in `MAGLEV`.
     pub const MAGLEV: u8 = 8;
+
+    /// The `vipr.io/lb-algorithm` name of a code, for tools decoding the
+    /// maps (`vipr lb list`); `None` for a code this build does not know.
+    pub const fn name(code: u8) -> Option<&'static str> {
+        Some(match code {
+            RANDOM => "random",
+            ROUND_ROBIN => "rr",
+            WEIGHTED_ROUND_ROBIN => "wrr",
+            LEAST_CONNECTION => "lc",
+            SOURCE_HASH => "sh",
+            DESTINATION_HASH => "dh",
+            SHORTEST_EXPECTED_DELAY => "sed",
+            NEVER_QUEUE => "nq",
+            MAGLEV => "maglev",
+            _ => return None,
+        })
+    }
 }
 
 /// What the data plane needs to pick a backend for a frontend.
@@ -352,8 +376,8 @@ pub mod flow_flags {
     /// The entry is the flow's reply direction (backend to client), so one
     /// lookup serves both directions and still tells them apart.
     pub const REPLY: u8 = 1 << 2;
-    /// A packet after the first was translated with this entry; on the
-    /// reply entry it means the backend answered (the flow is established).
+    /// A packet was translated with this entry after the flow opened: on
+    /// the reply entry, the backend answered (the flow is established).
     pub const SEEN: u8 = 1 << 3;
     /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
     /// balances by load): its close takes the count down again.

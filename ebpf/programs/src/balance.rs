@@ -4,7 +4,7 @@
 //! This mirrors `vipr_balancer::select_backend` (the userspace reference
 //! `vipr trace` runs). The deterministic algorithms agree with it exactly:
 //! `sh`, `dh` and `maglev` hash the same words with the same
-//! `vipr_common::hash::jhash_words`, scale them the same way onto the slots'
+//! `vipr_common::hash` jhash (straight-line forms of `jhash_words`), scale them the same way onto the slots'
 //! weight ranges (`Backend::weight_start`), and read the Maglev table
 //! userspace built with `vipr_balancer::MaglevTable`. The stateful ones
 //! follow the same rules with data-plane state: `rr` / `wrr` a per-service
@@ -23,7 +23,10 @@ use aya_ebpf::{
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counter, Endpoint, FlowKey,
     LEAST_LOADED_SCAN, MaglevKey, MemberKey, ServiceValue, affinity_scope,
-    hash::{DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL, jhash_words, scale},
+    hash::{
+        DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL, jhash_1word,
+        jhash_3words, scale,
+    },
     lb_algorithm, service_flags,
 };
 
@@ -140,14 +143,14 @@ fn balance(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
         | lb_algorithm::SHORTEST_EXPECTED_DELAY
         | lb_algorithm::NEVER_QUEUE => least_loaded(service),
         lb_algorithm::SOURCE_HASH => {
-            hashed_endpoint(service, jhash_words(&[flow.src], SOURCE_HASH_INITVAL))
+            hashed_endpoint(service, jhash_1word(flow.src, SOURCE_HASH_INITVAL))
         }
         lb_algorithm::DESTINATION_HASH => {
-            hashed_endpoint(service, jhash_words(&[flow.dst], DESTINATION_HASH_INITVAL))
+            hashed_endpoint(service, jhash_1word(flow.dst, DESTINATION_HASH_INITVAL))
         }
         lb_algorithm::MAGLEV => {
-            let words = [flow.src, flow.dst, flow.ports, flow.proto];
-            maglev_endpoint(service, jhash_words(&words, FLOW_HASH_INITVAL))
+            let words = [flow.src, flow.dst, flow.ports];
+            maglev_endpoint(service, jhash_3words(words, FLOW_HASH_INITVAL ^ flow.proto))
         }
         // SAFETY: a plain helper call.
         _ => hashed_endpoint(service, unsafe { bpf_get_prandom_u32() }),

@@ -40,9 +40,9 @@ mod stats;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
-    macros::{cgroup_sock_addr, map, xdp},
+    macros::{cgroup_sock, cgroup_sock_addr, map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, XdpContext},
+    programs::{SockAddrContext, SockContext, XdpContext},
 };
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_AFFINITY,
@@ -112,6 +112,11 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 static ACTIVE_CONNECTIONS: HashMap<Endpoint, u32> =
     HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// Socket-path TCP connections of counting services: cookie -> backend.
+#[map(name = "SOCK_CONNECTIONS")]
+static SOCK_CONNECTIONS: HashMap<u64, Endpoint> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCK_REVNAT, 0);
+
 /// Round-robin turn of each service, by service id.
 #[map(name = "BALANCE_TURNS")]
 static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
@@ -168,6 +173,12 @@ pub fn vipr_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg4)]
 pub fn vipr_sendmsg4(ctx: SockAddrContext) -> i32 {
     sock::translate_destination(&ctx, sock::Hook::Sendmsg)
+}
+
+/// A socket closes: a connection counted at connect() is uncounted.
+#[cgroup_sock(sock_release)]
+pub fn vipr_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx)
 }
 
 /// recvmsg() of UDP with a source address asked for: replies show the VIP.

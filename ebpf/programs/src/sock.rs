@@ -19,8 +19,9 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use vipr_common::{
     Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue,
@@ -28,7 +29,7 @@ use vipr_common::{
 };
 
 use crate::{
-    SERVICES, SOCK_REVNAT,
+    SERVICES, SOCK_CONNECTIONS, SOCK_REVNAT,
     balance::{self, NewFlow},
     count, monitor, stats,
 };
@@ -107,12 +108,24 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         monitor::emit_socket(Counter::SockRejected, &before, &before);
         return SYS_REJECT;
     };
+    // SAFETY: the helper accepts a sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // A TCP connection of a service balanced by load counts until its
+    // socket is released (`release`). Unconnected UDP has no connection.
+    if hook == Hook::Connect
+        && proto == u32::from(IPPROTO_TCP)
+        && balance::counts_connections(&service)
+        && SOCK_CONNECTIONS
+            .insert(&cookie, &backend, u64::from(BPF_NOEXIST))
+            .is_ok()
+    {
+        balance::connection_opened(&backend);
+    }
     // Record before rewriting: getpeername and recvmsg need the way back.
     // Losing the record (map full is impossible for an LRU) only costs the
     // application seeing the backend's address.
     let rev_key = SockRevNatKey {
-        // SAFETY: the helper accepts a sock_addr context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        cookie,
         addr: backend.addr,
         port: backend.port,
         _pad: 0,
@@ -140,6 +153,21 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         ..before
     };
     monitor::emit_socket(counter, &before, &after);
+    SYS_PROCEED
+}
+
+/// sock_release: a socket counted for its backend's load at connect is
+/// uncounted. Must always let the release proceed.
+#[inline(always)]
+pub fn release(ctx: &SockContext) -> i32 {
+    // SAFETY: the helper accepts a cgroup sock context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data.
+    if let Some(backend) = unsafe { SOCK_CONNECTIONS.get(&cookie) }.copied()
+        && SOCK_CONNECTIONS.remove(&cookie).is_ok()
+    {
+        balance::connection_closed(&backend);
+    }
     SYS_PROCEED
 }
 

@@ -18,6 +18,10 @@
 //!    1.28), the 1.28+ partial sync (KUBE-SERVICES plus the changed
 //!    service's chains), and a single-service update (best case).
 //!
+//! D. Removing one backend of a UDP frontend while conntrack holds F flows
+//!    (half of them to that backend, cleared at once), F = 10,000 and
+//!    262,144 (the default capacity). `-- --udp-cleanup` runs only this.
+//!
 //! Every figure is the median over repetitions with [min-max] across them;
 //! the machine this is meant for has 2 shared cores, so single numbers lie.
 
@@ -82,6 +86,7 @@ impl Config {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let udp_cleanup_only = std::env::args().any(|a| a == "--udp-cleanup");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("programming bench: needs root (eBPF maps, network namespaces); skipped");
@@ -91,6 +96,11 @@ fn main() {
     remove_leftovers();
     let config = Config::new(quick);
     let mut out = String::new();
+    if udp_cleanup_only {
+        section_udp_cleanup(&mut out);
+        print!("{out}");
+        return;
+    }
     let _ = writeln!(
         out,
         "vipr-dataplane programming bench{} -- figures: median [min-max] over repetitions",
@@ -118,7 +128,93 @@ fn main() {
 
     let iptables = iptables_all(&config);
     section_iptables(&mut out, &iptables, &config);
+    section_udp_cleanup(&mut out);
     print!("{out}");
+}
+
+// ---------------------------------------------------------------------------
+// D. UDP flows of a removed backend
+
+/// Conntrack fill levels for the UDP cleanup case.
+const UDP_CLEANUP_FLOWS: [u32; 2] = [10_000, 262_144];
+
+/// An Ethernet + IPv4 + UDP datagram (checksum 0: none) from `client:port` to `vip:53`.
+fn udp_datagram(client: Ipv4Addr, port: u16, vip: Ipv4Addr) -> Vec<u8> {
+    let mut frame = vec![0u8; 12];
+    frame.extend([0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0];
+    ip.extend(client.octets());
+    ip.extend(vip.octets());
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let check = !((sum & 0xffff) + (sum >> 16)) as u16;
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+    frame.extend(ip);
+    frame.extend(port.to_be_bytes());
+    frame.extend(53u16.to_be_bytes());
+    frame.extend([0, 8, 0, 0]);
+    frame
+}
+
+/// Seconds of one idle-flow expiry pass (nothing idle) and of removing one
+/// of two backends of a UDP frontend, with `flows` flows open; flows cleared.
+fn udp_cleanup(flows: u32) -> (f64, f64, usize) {
+    let mut dp = Dataplane::load(&DataplaneOptions {
+        max_flows: flows,
+        ebpf_log_level: log::LevelFilter::Off,
+        ..DataplaneOptions::default()
+    })
+    .expect("loading the data plane (needs root)");
+    let vip = Ipv4Addr::new(10, 96, 0, 53);
+    let fe = Frontend {
+        addr: vip,
+        port: Port::new(53).unwrap(),
+        protocol: Protocol::Udp,
+    };
+    let (a, b) = (spare_backend(1), spare_backend(2));
+    dp.program_service(fe, &[a, b]).unwrap();
+    let mut out = vec![0u8; 128];
+    for i in 0..flows {
+        check_interrupted();
+        let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 64, 0, 0)) + i / 50_000);
+        let packet = udp_datagram(client, 1024 + (i % 50_000) as u16, vip);
+        dp.test_run(&packet, &mut out, 1).expect("test run");
+    }
+    let before = dp.flows().unwrap().len();
+    let mut expirer = dp.flow_expirer().unwrap();
+    let started = Instant::now();
+    let expiry = expirer.expire_idle(&Default::default()).unwrap();
+    let expiry_secs = started.elapsed().as_secs_f64();
+    assert_eq!((expiry.flows, expiry.expired), (before, 0));
+    let started = Instant::now();
+    dp.program_service(fe, &[a]).unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    (expiry_secs, secs, before - dp.flows().unwrap().len())
+}
+
+fn section_udp_cleanup(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "\nD. conntrack holding F flows: one idle-flow expiry pass (nothing idle), and removing\n   \
+         one of 2 backends of a UDP frontend (its flows are cleared in the same call)"
+    );
+    let _ = writeln!(
+        out,
+        "   {:>9}  {:>16}  {:>16}  {:>14}",
+        "F flows", "expiry pass ms", "removal ms", "flows cleared"
+    );
+    for flows in UDP_CLEANUP_FLOWS {
+        let (expiry, removal, cleared) = udp_cleanup(flows);
+        let _ = writeln!(
+            out,
+            "   {flows:>9}  {:>16.1}  {:>16.1}  {cleared:>14}",
+            expiry * 1e3,
+            removal * 1e3
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -17,11 +17,11 @@ use vipr_balancer::{
     SessionAffinity, Weight,
 };
 use vipr_common::{
-    AffinityKey, AffinityValue, Backend, Endpoint, FlowKey, MaglevKey, MemberKey, NatEntry,
+    AffinityKey, AffinityValue, Backend, Endpoint, MaglevKey, MemberKey, ServiceKey, ServiceValue,
     flow_flags, lb_algorithm, map_names,
 };
 
-use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions};
+use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions, flows};
 
 /// `BPF_NOEXIST`: insert only if absent.
 const BPF_NOEXIST: u64 = 1;
@@ -302,6 +302,22 @@ pub(crate) fn ensure_counters(ebpf: &mut Ebpf, slots: &Slots) -> Result<(), Data
     Ok(())
 }
 
+/// Removes the connection counters of `backends` (no counting frontend
+/// has them any more).
+pub(crate) fn remove_counters(
+    ebpf: &mut Ebpf,
+    backends: &[BackendAddr],
+) -> Result<(), DataplaneError> {
+    if backends.is_empty() {
+        return Ok(());
+    }
+    let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
+    for backend in backends {
+        let _ = counts.remove(&backend.endpoint());
+    }
+    Ok(())
+}
+
 /// Removes every session affinity of `service_id` (its id may be reused).
 pub(crate) fn forget_affinities(ebpf: &mut Ebpf, service_id: u32) -> Result<(), DataplaneError> {
     let mut affinity: BpfHashMap<_, AffinityKey, AffinityValue> = map(ebpf, map_names::AFFINITY)?;
@@ -318,26 +334,30 @@ pub(crate) fn forget_affinities(ebpf: &mut Ebpf, service_id: u32) -> Result<(), 
 
 impl Dataplane {
     /// Sets every backend's active connection count (`lc`, `sed`, `nq`) to
-    /// the number of counted flows conntrack holds for it. The data plane
-    /// counts opens and closes; this forgets the flows that left conntrack
-    /// without a close (expired idle, UDP flows cleared with their backend). A flow opening or closing
+    /// the number of counted flows conntrack holds for it plus the counted
+    /// sockets of node-local clients. The data plane counts opens and
+    /// closes; this forgets the flows that left conntrack without a close
+    /// (expired idle, UDP flows cleared with their backend). A flow opening or closing
     /// during the walk may be missed until the next recount. Returns the
     /// number of counted flows found.
     pub fn recount_active_connections(&mut self) -> Result<u64, DataplaneError> {
         let ebpf = self.ebpf_mut();
         let mut open: HashMap<Endpoint, u32> = HashMap::new();
+        for (_, entry) in flows::read_conntrack(flows::conntrack_fd(ebpf)?)? {
+            // The forward entry's destination is the backend.
+            if entry.flags & flow_flags::COUNTED != 0 && !flows::is_reply(&entry) {
+                let backend = Endpoint {
+                    addr: entry.dst_addr,
+                    port: entry.dst_port,
+                    _pad: 0,
+                };
+                *open.entry(backend).or_default() += 1;
+            }
+        }
         {
-            let flows: BpfHashMap<_, FlowKey, NatEntry> = map(ebpf, map_names::CONNTRACK)?;
-            for (_, entry) in flows.iter().filter_map(Result::ok) {
-                // The forward entry's destination is the backend.
-                if entry.flags & flow_flags::COUNTED != 0 && entry.flags & flow_flags::REPLY == 0 {
-                    let backend = Endpoint {
-                        addr: entry.dst_addr,
-                        port: entry.dst_port,
-                        _pad: 0,
-                    };
-                    *open.entry(backend).or_default() += 1;
-                }
+            let sockets: BpfHashMap<_, u64, Endpoint> = map(ebpf, map_names::SOCK_CONNECTIONS)?;
+            for backend in sockets.iter().filter_map(Result::ok).map(|(_, b)| b) {
+                *open.entry(backend).or_default() += 1;
             }
         }
         let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
@@ -353,6 +373,26 @@ impl Dataplane {
         Ok(open.values().map(|&n| u64::from(n)).sum())
     }
 
+    /// The Maglev table the kernel holds for `frontend`, slot by slot
+    /// (empty unless it balances with Maglev). Reads the map, not the
+    /// userspace copy: for diagnostics and tests.
+    pub fn maglev_table(&self, frontend: &crate::Frontend) -> Vec<BackendAddr> {
+        let Some(Ok(services)) = self
+            .ebpf()
+            .map(map_names::SERVICES)
+            .map(BpfHashMap::<_, ServiceKey, ServiceValue>::try_from)
+        else {
+            return Vec::new();
+        };
+        let Ok(service) = services.get(&frontend.key(), 0) else {
+            return Vec::new();
+        };
+        read_maglev(self.ebpf(), service.service_id, service.maglev_size)
+            .iter()
+            .filter_map(|e| BackendAddr::from_endpoint(e.addr, e.port))
+            .collect()
+    }
+
     /// The active connection count the data plane holds for `backend`
     /// (`None` when no counting service has it).
     pub fn active_connections(
@@ -362,5 +402,20 @@ impl Dataplane {
         let counts: BpfHashMap<_, Endpoint, u32> =
             map(self.ebpf_mut(), map_names::ACTIVE_CONNECTIONS)?;
         Ok(counts.get(&backend.endpoint(), 0).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn algorithm_codes_round_trip_and_carry_the_annotation_names() {
+        for algorithm in Algorithm::ALL {
+            let code = algorithm_code(algorithm);
+            assert_eq!(lb_algorithm::name(code), Some(algorithm.name()));
+            assert_eq!(balancing_from_map(code, 0, 0).algorithm, algorithm);
+        }
+        assert_eq!(lb_algorithm::name(200), None);
     }
 }

@@ -1,7 +1,8 @@
 //! Socket-level load balancing for the node's own clients: attaching the
 //! cgroup v2 sock_addr programs (connect4, sendmsg4, recvmsg4,
-//! getpeername4) to a cgroup folder, detaching them, and, when links are
-//! pinned, keeping them attached across an agent restart.
+//! getpeername4) and the sock_release program (uncounting connections for
+//! `lc` / `sed` / `nq`) to a cgroup folder, detaching them, and, when links
+//! are pinned, keeping them attached across an agent restart.
 //!
 //! XDP never sees what the node itself sends, so a process on the node
 //! dialing a ClusterIP is translated where the address is chosen instead
@@ -25,8 +26,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        cgroup_sock_addr::CgroupSockAddrLinkId,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramFd,
         links::{FdLink, PinnedLink},
     },
 };
@@ -34,10 +34,19 @@ use vipr_common::sock_programs;
 
 use crate::{Dataplane, DataplaneError};
 
+/// Every program attached to a cgroup: the sock_addr ones, then release.
+const CGROUP_PROGRAMS: [&str; 5] = [
+    sock_programs::CONNECT4,
+    sock_programs::SENDMSG4,
+    sock_programs::RECVMSG4,
+    sock_programs::GETPEERNAME4,
+    sock_programs::SOCK_RELEASE,
+];
+
 /// How one program is attached to one cgroup.
 pub(crate) enum ProgramLink {
-    /// Owned by the loaded program: detached when the data plane drops.
-    Owned(CgroupSockAddrLinkId),
+    /// Held by the data plane only: detached when it drops (or on detach).
+    Owned(FdLink),
     /// Pinned at `path`: outlives the data plane until detached.
     Pinned { link: FdLink, path: PathBuf },
 }
@@ -69,14 +78,60 @@ fn sock_program<'a>(
         .map_err(|source| DataplaneError::Program { name, source })
 }
 
-/// Loads (verifies) every sock_addr program of the object.
+fn release_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, DataplaneError> {
+    let name = sock_programs::SOCK_RELEASE;
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Loads (verifies) every cgroup program of the object.
 pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for name in sock_programs::ALL {
         sock_program(ebpf, name)?
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
-    Ok(())
+    let name = sock_programs::SOCK_RELEASE;
+    release_program(ebpf)?
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// The loaded program `name`'s fd (for a link update).
+fn program_fd<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a ProgramFd, DataplaneError> {
+    let fd = if name == sock_programs::SOCK_RELEASE {
+        release_program(ebpf)?.fd()
+    } else {
+        sock_program(ebpf, name)?.fd()
+    };
+    fd.map_err(|source| DataplaneError::Program { name, source })
+}
+
+/// Attaches program `name` to `cgroup` (at `cgroup_path`) with a link of
+/// its own, held by the returned fd.
+fn attach_link(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    cgroup_path: &Path,
+) -> Result<FdLink, DataplaneError> {
+    let program_error = |source| DataplaneError::Program { name, source };
+    let link_error = |e| cgroup_error(cgroup_path, e);
+    if name == sock_programs::SOCK_RELEASE {
+        let program = release_program(ebpf)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        FdLink::try_from(program.take_link(id).map_err(program_error)?).map_err(link_error)
+    } else {
+        let program = sock_program(ebpf, name)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        FdLink::try_from(program.take_link(id).map_err(program_error)?).map_err(link_error)
+    }
 }
 
 /// One file name for a cgroup path: `/` and `%` percent-escaped, so the
@@ -100,16 +155,13 @@ fn unescape(name: &str) -> PathBuf {
 /// Points the link pinned at `path` at another program. aya 0.14 offers
 /// this for XDP and tc links only, and keeps a link's fd private, so both
 /// the pin lookup (BPF_OBJ_GET) and BPF_LINK_UPDATE are made here.
-fn link_update(path: &Path, program: &CgroupSockAddr) -> std::io::Result<()> {
+fn link_update(path: &Path, prog_fd: &ProgramFd) -> std::io::Result<()> {
     use std::os::{
         fd::{FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     };
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    let prog_fd = program
-        .fd()
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
     let get_attr: [u64; 2] = [c_path.as_ptr() as u64, 0];
@@ -180,13 +232,19 @@ impl Dataplane {
             links: Vec::new(),
             pin_dir,
         };
-        for name in sock_programs::ALL {
-            match attach_one(self.ebpf_mut(), name, &cgroup, &attachment.pin_dir) {
+        for name in CGROUP_PROGRAMS {
+            match attach_one(
+                self.ebpf_mut(),
+                name,
+                &cgroup,
+                cgroup_path,
+                &attachment.pin_dir,
+            ) {
                 Ok(link) => attachment.links.push((name, link)),
                 Err(error) => {
                     // All or nothing: a half-attached cgroup would translate
                     // requests but not replies.
-                    let _ = release(self.ebpf_mut(), attachment, cgroup_path);
+                    let _ = release(attachment, cgroup_path);
                     return Err(error);
                 }
             }
@@ -202,7 +260,7 @@ impl Dataplane {
             .cgroups
             .remove(cgroup_path)
             .ok_or_else(|| DataplaneError::CgroupNotAttached(cgroup_path.to_owned()))?;
-        release(self.ebpf_mut(), attachment, cgroup_path)
+        release(attachment, cgroup_path)
     }
 
     /// Cgroups the socket-level programs are attached to, sorted.
@@ -217,20 +275,14 @@ fn attach_one(
     ebpf: &mut Ebpf,
     name: &'static str,
     cgroup: &File,
+    cgroup_path: &Path,
     pin_dir: &Option<PathBuf>,
 ) -> Result<ProgramLink, DataplaneError> {
-    let program = sock_program(ebpf, name)?;
-    let id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(|source| DataplaneError::Program { name, source })?;
+    let fd = attach_link(ebpf, name, cgroup, cgroup_path)?;
     let Some(dir) = pin_dir else {
-        return Ok(ProgramLink::Owned(id));
+        return Ok(ProgramLink::Owned(fd));
     };
     let path = dir.join(name);
-    let link = program
-        .take_link(id)
-        .map_err(|source| DataplaneError::Program { name, source })?;
-    let fd = FdLink::try_from(link).map_err(|e| cgroup_error(&path, e))?;
     let pinned = fd.pin(&path).map_err(|e| cgroup_error(&path, e))?;
     Ok(ProgramLink::Pinned {
         link: FdLink::from(pinned),
@@ -238,19 +290,15 @@ fn attach_one(
     })
 }
 
-fn release(
-    ebpf: &mut Ebpf,
-    attachment: CgroupAttachment,
-    cgroup_path: &Path,
-) -> Result<(), DataplaneError> {
+fn release(attachment: CgroupAttachment, cgroup_path: &Path) -> Result<(), DataplaneError> {
     let mut first_error = None;
-    for (name, link) in attachment.links {
+    for (_, link) in attachment.links {
         let result = match link {
-            ProgramLink::Owned(id) => sock_program(ebpf, name).and_then(|program| {
-                program
-                    .detach(id)
-                    .map_err(|source| DataplaneError::Program { name, source })
-            }),
+            // The only holder of an unpinned link: closing it detaches.
+            ProgramLink::Owned(link) => {
+                drop(link);
+                Ok(())
+            }
             ProgramLink::Pinned { link, path } => {
                 // The pin and our fd are the only holders; both go, so does
                 // the attachment.
@@ -303,17 +351,16 @@ pub(crate) fn adopt(
             links: Vec::new(),
             pin_dir: Some(pin_dir.clone()),
         };
-        for name in sock_programs::ALL {
+        for name in CGROUP_PROGRAMS {
             let path = pin_dir.join(name);
             let link = if path.exists() {
                 let pinned = PinnedLink::from_pin(&path).map_err(|e| cgroup_error(&path, e))?;
                 let link = FdLink::from(pinned);
-                link_update(&path, sock_program(ebpf, name)?)
-                    .map_err(|e| cgroup_error(&path, e))?;
+                link_update(&path, program_fd(ebpf, name)?).map_err(|e| cgroup_error(&path, e))?;
                 ProgramLink::Pinned { link, path }
             } else {
                 let cgroup = File::open(&cgroup_path).map_err(|e| cgroup_error(&cgroup_path, e))?;
-                attach_one(ebpf, name, &cgroup, &attachment.pin_dir)?
+                attach_one(ebpf, name, &cgroup, &cgroup_path, &attachment.pin_dir)?
             };
             attachment.links.push((name, link));
         }

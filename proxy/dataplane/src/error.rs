@@ -44,6 +44,12 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("batch access to map {map}")]
+    MapBatch {
+        map: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating the pin directory {path}")]
     PinDir {
         path: PathBuf,

@@ -7,15 +7,15 @@
 //! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
 //! in `expiry`.)
 
-use std::net::{Ipv4Addr, SocketAddrV4};
-
-use aya::{
-    Ebpf,
-    maps::{HashMap as BpfHashMap, MapData},
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd, BorrowedFd},
 };
+
+use aya::{Ebpf, maps::Map};
 use vipr_common::{FlowKey, IPPROTO_UDP, NatEntry, flow_flags, map_names};
 
-use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol};
+use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol, batch};
 
 /// One translated flow, as its forward conntrack entry records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -44,39 +44,57 @@ fn sock(addr: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
 }
 
-fn conntrack(
-    ebpf: &mut Ebpf,
-) -> Result<BpfHashMap<&mut MapData, FlowKey, NatEntry>, DataplaneError> {
+/// The conntrack map's file descriptor, for batch access.
+pub(crate) fn conntrack_fd(ebpf: &Ebpf) -> Result<BorrowedFd<'_>, DataplaneError> {
     let name = map_names::CONNTRACK;
-    let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-    BpfHashMap::try_from(map).map_err(DataplaneError::map(name))
+    match ebpf.map(name) {
+        Some(Map::HashMap(data)) => Ok(data.fd().as_fd()),
+        _ => Err(DataplaneError::MissingMap(name)),
+    }
 }
 
-fn is_reply(entry: &NatEntry) -> bool {
+/// Every conntrack entry, both directions, in batches (see `batch`).
+pub(crate) fn read_conntrack(
+    fd: BorrowedFd<'_>,
+) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
+    batch::lookup_all(fd).map_err(|source| DataplaneError::MapBatch {
+        map: map_names::CONNTRACK,
+        source,
+    })
+}
+
+/// Deletes conntrack entries by key (gone ones skipped); returns how many went.
+pub(crate) fn delete_from_conntrack(
+    fd: BorrowedFd<'_>,
+    keys: &[FlowKey],
+) -> Result<usize, DataplaneError> {
+    batch::delete(fd, keys).map_err(|source| DataplaneError::MapBatch {
+        map: map_names::CONNTRACK,
+        source,
+    })
+}
+
+pub(crate) fn is_reply(entry: &NatEntry) -> bool {
     entry.flags & flow_flags::REPLY != 0
 }
 
 /// The forward (client to frontend) entries: one per flow.
-fn forward_entries(ebpf: &mut Ebpf) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
-    let map = conntrack(ebpf)?;
-    // An entry evicted or removed while we walk is simply skipped.
-    Ok(map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, entry)| !is_reply(entry))
-        .collect())
+fn forward_entries(ebpf: &Ebpf) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
+    let mut entries = read_conntrack(conntrack_fd(ebpf)?)?;
+    entries.retain(|(_, entry)| !is_reply(entry));
+    Ok(entries)
 }
 
 /// Removes the UDP flows to `frontend` whose backend is not in `live`, both
 /// directions; returns how many flows went.
 pub(crate) fn clear_udp_flows(
-    ebpf: &mut Ebpf,
+    ebpf: &Ebpf,
     frontend: &Frontend,
     live: &[BackendAddr],
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
     let live: Vec<_> = live.iter().map(|b| b.endpoint()).collect();
-    let doomed: Vec<(FlowKey, FlowKey)> = forward_entries(ebpf)?
+    let doomed: Vec<FlowKey> = forward_entries(ebpf)?
         .into_iter()
         .filter(|(key, entry)| {
             key.proto == IPPROTO_UDP
@@ -86,24 +104,21 @@ pub(crate) fn clear_udp_flows(
                     .iter()
                     .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port)
         })
-        .map(|(key, entry)| (key, entry.tuple(key.proto).reversed()))
+        .flat_map(|(key, entry)| [key, entry.tuple(key.proto).reversed()])
         .collect();
-    let mut map = conntrack(ebpf)?;
-    for (key, reply_key) in &doomed {
-        let _ = map.remove(key);
-        let _ = map.remove(reply_key);
+    delete_from_conntrack(conntrack_fd(ebpf)?, &doomed)?;
+    let flows = doomed.len() / 2;
+    if flows > 0 {
+        tracing::debug!(frontend = %frontend, flows, "cleared UDP flows of removed backends");
     }
-    if !doomed.is_empty() {
-        tracing::debug!(frontend = %frontend, flows = doomed.len(), "cleared UDP flows of removed backends");
-    }
-    Ok(doomed.len())
+    Ok(flows)
 }
 
 impl Dataplane {
     /// Every translated flow in conntrack (forward entries), sorted. Walks
     /// the whole map: for diagnostics and tests, not for a hot loop.
     pub fn flows(&mut self) -> Result<Vec<Flow>, DataplaneError> {
-        let mut flows: Vec<Flow> = forward_entries(self.ebpf_mut())?
+        let mut flows: Vec<Flow> = forward_entries(self.ebpf())?
             .into_iter()
             .filter_map(|(key, entry)| {
                 Some(Flow {
@@ -123,7 +138,7 @@ impl Dataplane {
     /// How many conntrack entries each direction holds now.
     pub fn flow_counts(&mut self) -> Result<FlowCounts, DataplaneError> {
         let mut counts = FlowCounts::default();
-        for (_, entry) in conntrack(self.ebpf_mut())?.iter().filter_map(Result::ok) {
+        for (_, entry) in read_conntrack(conntrack_fd(self.ebpf())?)? {
             if is_reply(&entry) {
                 counts.reverse += 1;
             } else {

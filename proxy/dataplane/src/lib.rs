@@ -33,6 +33,7 @@
 //!   the node from every pod (a link-local address no one owns works).
 
 mod balance;
+mod batch;
 mod cgroup;
 mod error;
 mod expiry;

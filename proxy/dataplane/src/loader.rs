@@ -31,7 +31,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 14] = [
+const PERSISTENT_MAPS: [&str; 15] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
@@ -46,6 +46,7 @@ const PERSISTENT_MAPS: [&str; 14] = [
     map_names::AFFINITY,
     map_names::ACTIVE_CONNECTIONS,
     map_names::BALANCE_TURNS,
+    map_names::SOCK_CONNECTIONS,
 ];
 
 /// SNAT source ports by default: above Linux's default ephemeral range.
@@ -486,6 +487,7 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
         map_names::ACTIVE_CONNECTIONS => (size_of::<Endpoint>(), size_of::<u32>()),
         map_names::BALANCE_TURNS => (size_of::<u32>(), size_of::<u32>()),
+        map_names::SOCK_CONNECTIONS => (size_of::<u64>(), size_of::<Endpoint>()),
         _ => return None,
     })
 }

@@ -17,7 +17,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use ipnet::Ipv4Net;
-use vipr_balancer::Weight;
+use vipr_balancer::{SessionAffinity, Weight};
 use vipr_common::{
     Backend, BackendKey, Endpoint, ServiceKey, ServiceValue, SourceRangeKey, map_names,
     service_flags,
@@ -45,6 +45,19 @@ impl Programmed {
     fn backend_count(&self) -> u32 {
         self.slots.len() as u32
     }
+
+    /// The slots whose flows are counted (`lc`, `sed`, `nq`), if any.
+    fn counted(&self) -> &[BackendAddr] {
+        counted_slots(&self.options, &self.slots)
+    }
+}
+
+fn counted_slots<'a>(options: &FrontendOptions, slots: &'a [BackendAddr]) -> &'a [BackendAddr] {
+    if options.balancing.algorithm.uses_active_connections() {
+        slots
+    } else {
+        &[]
+    }
 }
 
 /// Userspace's copy of which frontend holds which id, backends and options.
@@ -56,6 +69,9 @@ pub(crate) struct ServiceTable {
     backend_slots: u64,
     /// Counter slots of (frontend, backend) pairs.
     pub(crate) stats: StatsIds,
+    /// How many counting frontends have each backend: its connection
+    /// counter goes when none has it any more.
+    counters: HashMap<BackendAddr, u32>,
 }
 
 impl ServiceTable {
@@ -123,6 +139,12 @@ impl ServiceTable {
         }
         let used: HashSet<u32> = table.frontends.values().map(|p| p.id).collect();
         table.free_ids = (0..table.next_id).filter(|id| !used.contains(id)).collect();
+        let counted: Vec<BackendAddr> = table
+            .frontends
+            .values()
+            .flat_map(|p| p.counted().iter().copied())
+            .collect();
+        table.count_backends(&counted, &[]);
         table.stats.finish_adopting();
         Ok(table)
     }
@@ -130,6 +152,29 @@ impl ServiceTable {
     /// Every programmed frontend with what it holds.
     pub(crate) fn programmed(&self) -> impl Iterator<Item = (Frontend, &Programmed)> {
         self.frontends.iter().map(|(f, p)| (*f, p))
+    }
+
+    /// Records that counting frontends gained `added` and lost `dropped`
+    /// backends; returns the backends no counting frontend has any more.
+    fn count_backends(
+        &mut self,
+        added: &[BackendAddr],
+        dropped: &[BackendAddr],
+    ) -> Vec<BackendAddr> {
+        for backend in added {
+            *self.counters.entry(*backend).or_default() += 1;
+        }
+        let mut gone = Vec::new();
+        for backend in dropped {
+            if let Some(n) = self.counters.get_mut(backend) {
+                *n -= 1;
+                if *n == 0 {
+                    self.counters.remove(backend);
+                    gone.push(*backend);
+                }
+            }
+        }
+        gone
     }
 
     fn allocate_id(&mut self) -> u32 {
@@ -273,6 +318,11 @@ impl Dataplane {
             tracing::debug!(%frontend, entries = maglev_written, size = maglev.len(), "Maglev table written");
         }
 
+        let dropped = previous.as_ref().map_or(&[][..], Programmed::counted);
+        let gone = self
+            .services
+            .count_backends(counted_slots(options, &new_slots), dropped);
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
         self.services.stats.release_except(&frontend, &new_slots);
@@ -290,7 +340,7 @@ impl Dataplane {
             .as_ref()
             .is_some_and(|p| p.backends.iter().any(|b| !backends.contains(b)));
         if frontend.protocol == Protocol::Udp && lost_backend {
-            flows::clear_udp_flows(self.ebpf_mut(), &frontend, backends)?;
+            flows::clear_udp_flows(self.ebpf(), &frontend, backends)?;
         }
         Ok(())
     }
@@ -309,11 +359,15 @@ impl Dataplane {
         }
         balance::remove_members(ebpf, programmed.id, &programmed.slots, &[])?;
         balance::trim_maglev(ebpf, programmed.id, 0, programmed.maglev.len())?;
-        balance::forget_affinities(ebpf, programmed.id)?;
+        if programmed.options.balancing.affinity != SessionAffinity::None {
+            balance::forget_affinities(ebpf, programmed.id)?;
+        }
         write_source_ranges(ebpf, programmed.id, &[], &programmed.options.source_ranges)?;
         if frontend.protocol == Protocol::Udp {
             flows::clear_udp_flows(ebpf, frontend, &[])?;
         }
+        let gone = self.services.count_backends(&[], programmed.counted());
+        balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots -= u64::from(programmed.backend_count());
         self.services.free_ids.push(programmed.id);
         self.services.stats.release_except(frontend, &[]);

@@ -66,10 +66,14 @@ fn backend(addr: Ipv4Addr, p: u16) -> BackendAddr {
 /// VIP:53/UDP -> UDP_BACKEND:5353, VIP_NO_ENDPOINTS:80/TCP -> none; service
 /// CIDR 10.96.0.0/12.
 fn dataplane() -> Dataplane {
-    let options = DataplaneOptions {
+    dataplane_with(DataplaneOptions {
         service_cidr: Some("10.96.0.0/12".parse().unwrap()),
         ..DataplaneOptions::default()
-    };
+    })
+}
+
+/// [`dataplane`] loaded with `options`.
+fn dataplane_with(options: DataplaneOptions) -> Dataplane {
     let mut dp = Dataplane::load(&options).expect("load the XDP program (needs root)");
     dp.program_service(
         frontend(VIP, 80, Protocol::Tcp),

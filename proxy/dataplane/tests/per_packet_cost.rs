@@ -218,6 +218,147 @@ fn per_packet_cost() {
     );
 }
 
+/// Backends behind each service of the per-algorithm table.
+const ALGORITHM_BACKENDS: u8 = 16;
+/// New flows timed per algorithm (each a fresh packet: one single run each).
+const ALGORITHM_RUNS: u16 = 10_000;
+
+/// New-flow cost of each balancing algorithm, ns/packet: `single` runs, each
+/// on a packet of its own flow (new source address and port), so every run
+/// opens a flow and none sees a packet an earlier run rewrote; the counters
+/// prove it. One frontend per case, 16 backends, weights 1..=16 for the
+/// weighted cases; the floor is `vipr_pass` on the same packets.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, ideally on an idle machine"]
+fn per_packet_cost_by_algorithm() {
+    use vipr_balancer::{
+        AffinityTimeout, Algorithm, MaglevTableSize, ServiceBalancing, SessionAffinity, Weight,
+    };
+    use vipr_dataplane::FrontendOptions;
+
+    let mut dp = Dataplane::load(&DataplaneOptions {
+        ebpf_log_level: log::LevelFilter::Off,
+        max_flows: 400_000,
+        max_maglev_entries: 32_768,
+        ..DataplaneOptions::default()
+    })
+    .expect("load (needs root)");
+    let port = Port::new(80).unwrap();
+    let backends: Vec<BackendAddr> = (1..=ALGORITHM_BACKENDS)
+        .map(|i| BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 9, i),
+            port,
+        })
+        .collect();
+    let weights = |on: bool| {
+        if on {
+            backends
+                .iter()
+                .zip(1..)
+                .map(|(b, w)| (*b, Weight::new(w)))
+                .collect()
+        } else {
+            Default::default()
+        }
+    };
+    let affinity = SessionAffinity::ClientIp {
+        timeout: AffinityTimeout::DEFAULT,
+    };
+    // (case, algorithm, weighted, affinity, one client for every flow)
+    let cases = [
+        ("random", Algorithm::Random, false, false, false),
+        ("random, weighted", Algorithm::Random, true, false, false),
+        ("rr", Algorithm::RoundRobin, false, false, false),
+        (
+            "wrr, weighted",
+            Algorithm::WeightedRoundRobin,
+            true,
+            false,
+            false,
+        ),
+        ("lc", Algorithm::LeastConnection, false, false, false),
+        (
+            "sed, weighted",
+            Algorithm::ShortestExpectedDelay,
+            true,
+            false,
+            false,
+        ),
+        ("nq, weighted", Algorithm::NeverQueue, true, false, false),
+        ("sh", Algorithm::SourceHash, false, false, false),
+        ("sh, weighted", Algorithm::SourceHash, true, false, false),
+        ("dh", Algorithm::DestinationHash, false, false, false),
+        ("maglev (16381)", Algorithm::Maglev, false, false, false),
+        ("maglev, weighted", Algorithm::Maglev, true, false, false),
+        (
+            "random + ClientIP, new clients",
+            Algorithm::Random,
+            false,
+            true,
+            false,
+        ),
+        (
+            "random + ClientIP, same client",
+            Algorithm::Random,
+            false,
+            true,
+            true,
+        ),
+    ];
+    println!(
+        "new-flow cost by algorithm, ns/packet (BPF_PROG_TEST_RUN, XDP, {ALGORITHM_BACKENDS} backends, {ALGORITHM_RUNS} flows each)"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>8}",
+        "algorithm", "vipr_xdp", "floor", "- floor"
+    );
+    for (i, (case, algorithm, weighted, sticky, one_client)) in cases.into_iter().enumerate() {
+        let vip = Ipv4Addr::new(10, 96, 10, i as u8 + 1);
+        let options = FrontendOptions {
+            balancing: ServiceBalancing {
+                algorithm,
+                maglev_table_size: MaglevTableSize::DEFAULT,
+                affinity: if sticky {
+                    affinity
+                } else {
+                    SessionAffinity::None
+                },
+                ..ServiceBalancing::default()
+            },
+            weights: weights(weighted),
+            ..FrontendOptions::default()
+        };
+        let frontend = Frontend {
+            addr: vip,
+            port,
+            protocol: Protocol::Tcp,
+        };
+        dp.program_service_with(frontend, &backends, &options)
+            .unwrap();
+        let packets: Vec<Vec<u8>> = (0..ALGORITHM_RUNS)
+            .map(|n| {
+                let client = if one_client {
+                    CLIENT
+                } else {
+                    Ipv4Addr::new(10, 245, (n >> 8) as u8, n as u8)
+                };
+                Ipv4Packet::tcp((client, 10000 + n), (vip, 80)).build()
+            })
+            .collect();
+        let floor = single(&mut dp, true, &packets);
+        let (cost, opened) = counted(&mut dp, Counter::NewFlow, |dp| single(dp, false, &packets));
+        assert_eq!(
+            opened,
+            u64::from(ALGORITHM_RUNS),
+            "{case}: every run opened a flow"
+        );
+        println!(
+            "{case:<34} {cost:>10.1} {floor:>10.1} {:>8.1}",
+            cost - floor
+        );
+    }
+}
+
 const ROUNDS: usize = 31;
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -13,6 +13,7 @@ mod api_handler;
 mod dns_snapshot;
 mod frontends;
 mod health_check;
+mod lb_ipam;
 mod lb_list;
 mod monitor;
 mod node;
@@ -47,6 +48,7 @@ use reconciler::{ComputedSlices, Reconciler};
 pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
     // The only source so far; the flag keeps DESIGN.md's contract.
     let Source::Local = args.source;
+    check_address_ranges(&args)?;
     let node = node::NodeIdentity::resolve(&args)?;
     if args.cleanup {
         node::cleanup(&args, &node, &api_socket)?;
@@ -58,6 +60,21 @@ pub fn run(args: AgentArgs, api_socket: PathBuf) -> Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(serve(args, node, api_socket))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Address ranges that must not overlap, named by their flags.
+fn check_address_ranges(args: &AgentArgs) -> Result<()> {
+    if let Some(pool) = args.lb_ip_pool {
+        for (flag, net) in [
+            ("--service-cidr", args.service_cidr),
+            ("--pod-cidr", args.pod_cidr),
+        ] {
+            if pool.contains(&net.network()) || net.contains(&pool.network()) {
+                anyhow::bail!("--lb-ip-pool {pool} overlaps {flag} {net}");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -> Result<()> {
@@ -161,6 +178,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     let monitor = monitor::MonitorHub::start(dataplane.clone(), intent.clone(), store.clone());
     tokio::spawn(recount_active_connections(dataplane.clone()));
     tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
+    if let Some(pool) = args.lb_ip_pool {
+        tokio::spawn(lb_ipam::run(store.clone(), pool));
+    }
     for addr in [args.metrics_addr, args.healthz_addr] {
         let metrics = metrics.clone();
         tokio::spawn(async move {

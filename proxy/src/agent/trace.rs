@@ -22,11 +22,7 @@ use vipr_dataplane::{
     Dataplane, Frontend, Port, Protocol, monotonic_ns,
     vipr_common::{
         AffinityKey, Backend, DataplaneConfig, FlowKey, LEAST_LOADED_SCAN, NatEntry, ServiceValue,
-        affinity_scope, flow_flags,
-        hash::{
-            DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL, jhash_words, scale,
-        },
-        lb_algorithm, service_flags,
+        affinity_scope, flow_flags, hash::scale, lb_algorithm, service_flags,
     },
 };
 use vipr_pod_runtime::PodInfo;
@@ -413,6 +409,20 @@ fn route_text(context: &TraceContext<'_>, addr: Ipv4Addr) -> String {
     }
 }
 
+/// The packet as the reference balancer sees it: its hashes are the ones
+/// the data plane computes (the client port 0 when not given).
+fn balancer_flow(packet: &TracedPacket) -> vipr_balancer::Flow {
+    let protocol = match packet.protocol {
+        Protocol::Tcp => vipr_balancer::Protocol::Tcp,
+        Protocol::Udp => vipr_balancer::Protocol::Udp,
+    };
+    vipr_balancer::Flow::new(
+        protocol,
+        std::net::SocketAddr::V4(SocketAddrV4::new(packet.src, packet.src_port.unwrap_or(0))),
+        std::net::SocketAddr::V4(packet.dst),
+    )
+}
+
 /// ClientIP session affinity, as the data plane checks it: the client's
 /// entry, if young enough and its backend still a member, decides.
 fn affinity_pick(
@@ -495,8 +505,6 @@ fn pick(
     let err = |e: vipr_dataplane::DataplaneError| e.to_string();
     let name = Dataplane::balancing_of(service).algorithm;
     let at = |i: Option<usize>| i.and_then(|i| slots.get(i)).map(|b| sock(b.addr, b.port));
-    let src = u32::from(packet.src);
-    let dst = u32::from(*packet.dst.ip());
     let (chosen, why) = match service.algorithm {
         lb_algorithm::ROUND_ROBIN | lb_algorithm::WEIGHTED_ROUND_ROBIN => {
             let turn = dataplane.balance_turn(service.service_id).map_err(err)?;
@@ -517,7 +525,7 @@ fn pick(
             )
         }
         lb_algorithm::SOURCE_HASH => {
-            let hash = jhash_words(&[src], SOURCE_HASH_INITVAL);
+            let hash = balancer_flow(packet).source_hash();
             (
                 at(hashed_slot(service, slots, hash)),
                 format!(
@@ -527,7 +535,7 @@ fn pick(
             )
         }
         lb_algorithm::DESTINATION_HASH => {
-            let hash = jhash_words(&[dst], DESTINATION_HASH_INITVAL);
+            let hash = balancer_flow(packet).destination_hash();
             (
                 at(hashed_slot(service, slots, hash)),
                 format!(
@@ -644,14 +652,8 @@ fn maglev_pick(
         );
         return Ok((None, Value::Null));
     }
-    if let Some(src_port) = packet.src_port {
-        let words = [
-            u32::from(packet.src),
-            u32::from(*packet.dst.ip()),
-            (u32::from(src_port) << 16) | u32::from(packet.dst.port()),
-            u32::from(packet.protocol.ip_proto()),
-        ];
-        let hash = jhash_words(&words, FLOW_HASH_INITVAL);
+    if packet.src_port.is_some() {
+        let hash = balancer_flow(packet).hash();
         let slot = hash % size;
         let chosen = dataplane
             .lookup_maglev(service.service_id, slot)
