@@ -3,7 +3,9 @@
 //! both traffic policies and externalIPs with the client address each
 //! backend saw, a refused NodePort without endpoints, a long TCP flow that
 //! keeps its pod while pods come and go, a UDP flow that moves when its pod
-//! is deleted, and an unready pod leaving within its probe period.
+//! is deleted, an unready pod leaving within its probe period, LoadBalancer
+//! addresses from `--lb-ip-pool`, and a full conntrack (`--max-flows`)
+//! refusing new flows, counted, while the live ones keep working.
 //!
 //! Pods run vipr-netexec: HTTP for one-shot requests, UDP datagrams, and its
 //! TCP line server for a flow that stays open.
@@ -456,5 +458,60 @@ fn load_balancers_get_pool_addresses_served_from_outside() -> Result<()> {
         !ok,
         "{cluster} still answers after the service left LoadBalancer"
     );
+    Ok(())
+}
+
+/// `vipr_datapath_packets_total` of one outcome, from the agent's metrics.
+fn datapath_packets(node: &AgentNode, outcome: &str) -> Result<u64> {
+    let out = node
+        .node
+        .command("curl")
+        .args(["-s", "-m", "2", "http://127.0.0.1:10249/metrics"])
+        .output()?;
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let prefix = format!("vipr_datapath_packets_total{{outcome=\"{outcome}\"}} ");
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(Ok(0), str::parse)?)
+}
+
+#[test]
+fn a_full_conntrack_refuses_new_flows_and_says_so() -> Result<()> {
+    require_root();
+    let node = node_with_flags("asf", &["web-1"], &["--max-flows", "2"])?;
+    let to = SocketAddr::from((NODE_IP, LINES_NODEPORT));
+    let mut first = LineFlow::open(&node, to)?;
+    let mut second = LineFlow::open(&node, to)?;
+    assert_eq!(first.ask("hostname")?, "web-1");
+    assert_eq!(second.ask("hostname")?, "web-1");
+
+    // Full: a third connection is dropped (never a live flow evicted).
+    let third = node
+        .outside
+        .enter(move || TcpStream::connect_timeout(&to, Duration::from_millis(1500)))?;
+    assert!(third.is_err(), "a third flow got in with room for two");
+    assert_eq!(first.ask("hostname")?, "web-1", "live flows keep working");
+    assert_eq!(second.ask("hostname")?, "web-1");
+    // The drop is counted by reason (exported every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while datapath_packets(&node, "drop_flow_map_full")? == 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "no drop_flow_map_full in the metrics"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // A flow that closes makes room.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut next = loop {
+        match LineFlow::open(&node, to) {
+            Ok(flow) => break flow,
+            Err(e) => ensure!(Instant::now() < deadline, "no room after a close: {e}"),
+        }
+    };
+    assert_eq!(next.ask("hostname")?, "web-1");
     Ok(())
 }

@@ -397,39 +397,30 @@ pub struct NatEntry {
     pub dst_port: u16,
     /// [`flow_flags`] bits.
     pub flags: u8,
-    /// The (frontend, backend) counters this flow's packets count in, both
-    /// directions (`map_names::MEMBERS` gives it at open): 24 bits, high byte first, in
-    /// what was padding (a wider entry made LLVM merge stores the verifier
-    /// rejects as misaligned on the stack). See [`NatEntry::stats_id`].
-    pub stats_hi: u8,
-    pub stats_lo: u16,
+    pub _pad: u8,
+    /// Low 16 bits of the kernel's jiffies at the last stamp: the hit path
+    /// reads the (inlined, nearly free) jiffies and calls the clock helper
+    /// for `last_seen` only when the tick moved on.
+    pub stamp_tick: u16,
     /// The rewrite's change to the IPv4 header checksum (addresses), and to
     /// the TCP/UDP checksum (addresses, as part of the pseudo-header, and
     /// ports): folded ones' complement sums, computed once when the flow
     /// opens so a conntrack hit only adds them.
     pub ip_check_delta: u16,
     pub l4_check_delta: u16,
-    /// When a packet last used this entry, in [`FLOW_CLOCK_SHIFT`] ticks:
-    /// userspace removes flows idle for longer than their timeout.
+    /// When a packet last used this entry (to a kernel tick), in
+    /// [`FLOW_CLOCK_SHIFT`] ticks: userspace removes flows idle for longer
+    /// than their timeout.
     pub last_seen: u32,
+    /// The (frontend, backend) counters this flow's packets count in, both
+    /// directions: the pair's `BACKEND_STATS` slot (a u32), which
+    /// `map_names::MEMBERS` gives when the flow opens. Widened to a u64 of
+    /// its own: as a u32 next to `last_seen`, LLVM merged the two stores
+    /// into one the verifier rejects as misaligned on the stack.
+    pub stats_id: u64,
 }
 
-/// Stats ids fit in the 24 bits a conntrack entry has for them.
-pub const MAX_STATS_ID: u32 = (1 << 24) - 1;
-
 impl NatEntry {
-    /// The `BACKEND_STATS` slot of this flow.
-    #[inline(always)]
-    pub const fn stats_id(&self) -> u32 {
-        ((self.stats_hi as u32) << 16) | self.stats_lo as u32
-    }
-
-    /// Splits a stats id (at most [`MAX_STATS_ID`]) into its two fields.
-    #[inline(always)]
-    pub const fn stats_fields(stats_id: u32) -> (u8, u16) {
-        ((stats_id >> 16) as u8, stats_id as u16)
-    }
-
     /// The rewritten tuple as a flow key of protocol `proto`.
     #[inline(always)]
     pub const fn tuple(&self, proto: u8) -> FlowKey {
@@ -733,7 +724,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 24);
+        assert_eq!(size_of::<NatEntry>(), 32);
         assert_eq!(size_of::<FlowStats>(), 24);
         assert_eq!(size_of::<ServiceDropKey>(), 8);
         assert_eq!(size_of::<MonitorEvent>(), 48);

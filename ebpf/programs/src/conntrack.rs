@@ -13,7 +13,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     maps::{LpmTrie, lpm_trie::Key},
     programs::XdpContext,
 };
@@ -53,7 +53,7 @@ pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(&entry);
-    stats::count_flow_packet(entry.stats_id(), packet);
+    stats::count_flow_packet(entry.stats_id as u32, packet);
     stamp(entry_ptr, &entry);
     track_close(packet, tuple, entry_ptr, &entry);
     let counter = if entry.flags & flow_flags::REPLY != 0 {
@@ -64,14 +64,28 @@ pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
     Some((counter, xdp_action::XDP_PASS))
 }
 
-/// Records that the entry was used now. Writes only when the tick changed
-/// (every ~17 ms at most), so a busy flow's entry is rarely dirtied.
+/// The low bits of jiffies: the verifier inlines `bpf_jiffies64` into a
+/// load, where the clock helper behind `now` is a call.
+#[inline(always)]
+fn tick() -> u16 {
+    // SAFETY: a plain helper call with no arguments.
+    unsafe { bpf_jiffies64() as u16 }
+}
+
+/// Records that the entry was used now: at most once per kernel tick (1-10
+/// ms), so the common hit costs a load and a compare, and a busy flow's
+/// entry is rarely dirtied. (A flow whose packets all land 2^16 ticks apart
+/// would skip its stamps; no flow paces itself to the jiffy.)
 #[inline(always)]
 fn stamp(entry_ptr: *mut NatEntry, entry: &NatEntry) {
-    let now = now();
-    if entry.last_seen != now {
-        // SAFETY: live map value; a racing writer stores the same tick.
-        unsafe { (*entry_ptr).last_seen = now };
+    let tick = tick();
+    if entry.stamp_tick != tick {
+        let now = now();
+        // SAFETY: live map value; a racing writer stores the same values.
+        unsafe {
+            (*entry_ptr).stamp_tick = tick;
+            (*entry_ptr).last_seen = now;
+        }
     }
     if entry.flags & flow_flags::SEEN == 0 {
         // SAFETY: as above; set once per entry.
@@ -158,18 +172,18 @@ pub fn open(
     let counted_flag = if counted { flow_flags::COUNTED } else { 0 };
 
     let stats_id = balance::stats_id(service.service_id, &backend);
-    let (stats_hi, stats_lo) = NatEntry::stats_fields(stats_id);
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,
         src_port: tuple.src_port,
         dst_port: backend.port,
         flags: counted_flag,
-        stats_hi,
-        stats_lo,
+        _pad: 0,
+        stamp_tick: tick(),
         ip_check_delta: 0,
         l4_check_delta: 0,
         last_seen: now(),
+        stats_id: u64::from(stats_id),
     };
     let mut reverse = NatEntry {
         src_addr: tuple.dst_addr,
@@ -177,11 +191,12 @@ pub fn open(
         src_port: tuple.dst_port,
         dst_port: tuple.src_port,
         flags: flow_flags::REPLY | counted_flag,
-        stats_hi,
-        stats_lo,
+        _pad: 0,
+        stamp_tick: tick(),
         ip_check_delta: 0,
         l4_check_delta: 0,
         last_seen: forward.last_seen,
+        stats_id: u64::from(stats_id),
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {

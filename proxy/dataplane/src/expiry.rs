@@ -215,11 +215,12 @@ mod tests {
             src_port: 3,
             dst_port: 4,
             flags,
-            stats_hi: 0,
-            stats_lo: 0,
+            _pad: 0,
+            stamp_tick: 0,
             ip_check_delta: 0,
             l4_check_delta: 0,
             last_seen: 0,
+            stats_id: 0,
         }
     }
 

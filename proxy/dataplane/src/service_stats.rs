@@ -14,7 +14,7 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
-use vipr_common::{Counter, CounterValue, FlowStats, MAX_STATS_ID, ServiceDropKey, map_names};
+use vipr_common::{Counter, CounterValue, FlowStats, ServiceDropKey, map_names};
 
 use crate::{BackendAddr, Dataplane, DataplaneError, Frontend};
 
@@ -34,8 +34,7 @@ impl StatsIds {
             ids: HashMap::new(),
             free: VecDeque::new(),
             next: 1,
-            // Conntrack entries carry 24 bits of it.
-            capacity: capacity.min(MAX_STATS_ID + 1),
+            capacity,
         }
     }
 
