@@ -123,12 +123,6 @@ static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES,
 
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
-    // Kept on the stack, not in a register across `translate`: only the
-    // rare event path below needs the context again, and a register held
-    // for it would be missed in the translation's hot path.
-    let mut saved = core::ptr::null_mut();
-    // SAFETY: a store to a local.
-    unsafe { core::ptr::write_volatile(&mut saved, ctx.ctx) };
     let bytes = ctx.data_end() - ctx.data();
     let (counter, action) = translate(&ctx);
     count(counter, bytes);
@@ -138,8 +132,6 @@ pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     if counter != Counter::FlowHit {
         let wanted = monitor::wanted();
         if wanted != 0 {
-            // SAFETY: the context pointer stored above, valid for this run.
-            let ctx = XdpContext::new(unsafe { core::ptr::read_volatile(&saved) });
             monitor::emit(&ctx, wanted, counter);
         }
     }
