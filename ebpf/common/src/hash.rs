@@ -100,18 +100,39 @@ pub fn jhash_1word(w: u32, initval: u32) -> u32 {
     c
 }
 
-/// `jhash_words(&words, initval)` for three words as straight-line code:
-/// the data plane's 5-tuple (`maglev`) hash. Three words need no mixing
-/// round, only the final one (four would take both).
+/// `jhash_words(&words, initval)` for four words as straight-line code.
 #[inline(always)]
-pub fn jhash_3words(words: [u32; 3], initval: u32) -> u32 {
-    let mut a = JHASH_GOLDEN.wrapping_add(3 << 2).wrapping_add(initval);
+pub fn jhash_4words(words: [u32; 4], initval: u32) -> u32 {
+    let mut a = JHASH_GOLDEN.wrapping_add(4 << 2).wrapping_add(initval);
     let (mut b, mut c) = (a, a);
     a = a.wrapping_add(words[0]);
     b = b.wrapping_add(words[1]);
     c = c.wrapping_add(words[2]);
+    jhash_mix(&mut a, &mut b, &mut c);
+    a = a.wrapping_add(words[3]);
     jhash_final(&mut a, &mut b, &mut c);
     c
+}
+
+/// The `maglev` hash of an IPv4 flow: `jhash_words(&[src, dst, (src_port
+/// << 16) | dst_port, protocol], FLOW_HASH_INITVAL)`, everything in host
+/// order. `dst` is the frontend the client asked for (before translation).
+#[inline(always)]
+pub fn flow_hash_v4(src: u32, dst: u32, src_port: u16, dst_port: u16, protocol: u8) -> u32 {
+    let ports = ((src_port as u32) << 16) | dst_port as u32;
+    jhash_4words([src, dst, ports, protocol as u32], FLOW_HASH_INITVAL)
+}
+
+/// The `sh` hash of an IPv4 client address (host order).
+#[inline(always)]
+pub fn source_hash_v4(src: u32) -> u32 {
+    jhash_1word(src, SOURCE_HASH_INITVAL)
+}
+
+/// The `dh` hash of an IPv4 frontend address (host order).
+#[inline(always)]
+pub fn destination_hash_v4(dst: u32) -> u32 {
+    jhash_1word(dst, DESTINATION_HASH_INITVAL)
 }
 
 /// Maps a 32-bit hash or draw onto `0..total` by multiply-shift
@@ -150,10 +171,27 @@ mod tests {
         for seed in [0u32, 1, 0x7669_7072, u32::MAX] {
             for w in [0u32, 1, 0x0a00_0001, u32::MAX] {
                 assert_eq!(jhash_1word(w, seed), jhash_words(&[w], seed));
-                let three = [w, w ^ 0x1234_5678, w.rotate_left(7)];
-                assert_eq!(jhash_3words(three, seed), jhash_words(&three, seed));
+                let four = [w, w ^ 0x1234_5678, w.rotate_left(7), 6];
+                assert_eq!(jhash_4words(four, seed), jhash_words(&four, seed));
             }
         }
+    }
+
+    #[test]
+    fn flow_hashes_are_the_documented_words() {
+        let (src, dst) = (0x0a00_0001, 0x0a60_000a);
+        assert_eq!(
+            flow_hash_v4(src, dst, 1234, 80, 6),
+            jhash_words(&[src, dst, (1234 << 16) | 80, 6], FLOW_HASH_INITVAL)
+        );
+        assert_eq!(
+            source_hash_v4(src),
+            jhash_words(&[src], SOURCE_HASH_INITVAL)
+        );
+        assert_eq!(
+            destination_hash_v4(dst),
+            jhash_words(&[dst], DESTINATION_HASH_INITVAL)
+        );
     }
 
     #[test]

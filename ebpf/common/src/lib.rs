@@ -101,8 +101,10 @@ pub const DEFAULT_MAX_SOURCE_RANGES: u32 = 16_384;
 /// Default capacity of the socket-level reverse translation map (LRU).
 pub const DEFAULT_MAX_SOCK_REVNAT: u32 = 131_072;
 /// Default capacity of the Maglev map: all maglev services' slots together
-/// (128 services at the default table size 16381). Not preallocated.
-pub const DEFAULT_MAX_MAGLEV_ENTRIES: u32 = 2_097_152;
+/// (64 services at the default table size 16381, 4,000 at 251). Entries
+/// are not preallocated, but the kernel sizes the bucket array from this
+/// (16 MiB at 2^20).
+pub const DEFAULT_MAX_MAGLEV_ENTRIES: u32 = 1_048_576;
 /// Default capacity of the session affinity map (LRU).
 pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 /// At most this many backend slots are compared by `lc`, `sed` and `nq`

@@ -4,7 +4,8 @@
 //! This mirrors `vipr_balancer::select_backend` (the userspace reference
 //! `vipr trace` runs). The deterministic algorithms agree with it exactly:
 //! `sh`, `dh` and `maglev` hash the same words with the same
-//! `vipr_common::hash` jhash (straight-line forms of `jhash_words`), scale them the same way onto the slots'
+//! `vipr_common::hash` functions (`source_hash_v4`, `destination_hash_v4`,
+//! `flow_hash_v4`), scale them the same way onto the slots'
 //! weight ranges (`Backend::weight_start`), and read the Maglev table
 //! userspace built with `vipr_balancer::MaglevTable`. The stateful ones
 //! follow the same rules with data-plane state: `rr` / `wrr` a per-service
@@ -23,10 +24,7 @@ use aya_ebpf::{
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counter, Endpoint, FlowKey,
     LEAST_LOADED_SCAN, MaglevKey, MemberKey, ServiceValue, affinity_scope,
-    hash::{
-        DESTINATION_HASH_INITVAL, FLOW_HASH_INITVAL, SOURCE_HASH_INITVAL, jhash_1word,
-        jhash_3words, scale,
-    },
+    hash::{destination_hash_v4, flow_hash_v4, scale, source_hash_v4},
     lb_algorithm, service_flags,
 };
 
@@ -47,9 +45,9 @@ pub struct NewFlow {
     pub src: u32,
     /// The frontend address the client asked for.
     pub dst: u32,
-    /// `(src_port << 16) | dst_port`.
-    pub ports: u32,
-    pub proto: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
     /// One of [`affinity_scope`].
     pub client_scope: u32,
     pub client: u64,
@@ -62,9 +60,9 @@ impl NewFlow {
         NewFlow {
             src: u32::from_be(tuple.src_addr),
             dst: u32::from_be(tuple.dst_addr),
-            ports: (u32::from(u16::from_be(tuple.src_port)) << 16)
-                | u32::from(u16::from_be(tuple.dst_port)),
-            proto: u32::from(tuple.proto),
+            src_port: u16::from_be(tuple.src_port),
+            dst_port: u16::from_be(tuple.dst_port),
+            proto: tuple.proto,
             client_scope: affinity_scope::ADDRESS,
             client: u64::from(tuple.src_addr),
         }
@@ -77,8 +75,9 @@ impl NewFlow {
         NewFlow {
             src: (netns_cookie ^ (netns_cookie >> 32)) as u32,
             dst: u32::from_be(dst_addr),
-            ports: u32::from(u16::from_be(dst_port)),
-            proto: u32::from(proto),
+            src_port: 0,
+            dst_port: u16::from_be(dst_port),
+            proto,
             client_scope: affinity_scope::NETNS,
             client: netns_cookie,
         }
@@ -143,14 +142,14 @@ fn balance(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
         | lb_algorithm::SHORTEST_EXPECTED_DELAY
         | lb_algorithm::NEVER_QUEUE => least_loaded(service),
         lb_algorithm::SOURCE_HASH => {
-            hashed_endpoint(service, jhash_1word(flow.src, SOURCE_HASH_INITVAL))
+            hashed_endpoint(service, source_hash_v4(flow.src))
         }
         lb_algorithm::DESTINATION_HASH => {
-            hashed_endpoint(service, jhash_1word(flow.dst, DESTINATION_HASH_INITVAL))
+            hashed_endpoint(service, destination_hash_v4(flow.dst))
         }
         lb_algorithm::MAGLEV => {
-            let words = [flow.src, flow.dst, flow.ports];
-            maglev_endpoint(service, jhash_3words(words, FLOW_HASH_INITVAL ^ flow.proto))
+            let hash = flow_hash_v4(flow.src, flow.dst, flow.src_port, flow.dst_port, flow.proto);
+            maglev_endpoint(service, hash)
         }
         // SAFETY: a plain helper call.
         _ => hashed_endpoint(service, unsafe { bpf_get_prandom_u32() }),

@@ -7,10 +7,10 @@
 //!   (`u32::from_be_bytes(octets)`, i.e. `bpf_ntohl(iph->saddr)`);
 //! - an IPv6 address is four such words, most significant first;
 //! - ports are combined as `(src_port << 16) | dst_port`, in host order;
-//! - the protocol (its IP protocol number) is folded into the initval of
-//!   the 5-tuple hash (`FLOW_HASH_INITVAL ^ protocol`), not hashed as a
-//!   word: an IPv4 5-tuple is then three words, which jhash finishes
-//!   without a mixing round (a fourth word costs the data plane one).
+//! - the protocol is its IP protocol number.
+//!
+//! For IPv4 these are `vipr_common::hash::{flow_hash_v4, source_hash_v4,
+//! destination_hash_v4}`, the very functions the data plane runs.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -77,16 +77,16 @@ pub struct Flow {
     pub dst: SocketAddr,
 }
 
-/// Up to 9 words: two IPv6 addresses and the ports.
+/// Up to 10 words: two IPv6 addresses, the ports, the protocol.
 struct Words {
-    buf: [u32; 9],
+    buf: [u32; 10],
     len: usize,
 }
 
 impl Words {
     fn new() -> Self {
         Words {
-            buf: [0; 9],
+            buf: [0; 10],
             len: 0,
         }
     }
@@ -123,7 +123,8 @@ impl Flow {
         w.push_ip(self.src.ip());
         w.push_ip(self.dst.ip());
         w.push((u32::from(self.src.port()) << 16) | u32::from(self.dst.port()));
-        w.hash(FLOW_HASH_INITVAL ^ u32::from(self.protocol.number()))
+        w.push(u32::from(self.protocol.number()));
+        w.hash(FLOW_HASH_INITVAL)
     }
 
     /// Hash of the client address only (`sh`): every connection of a client
@@ -163,8 +164,12 @@ mod tests {
     #[test]
     fn flow_hash_uses_the_documented_word_layout() {
         let f = flow("10.0.0.1:1234", "10.96.0.10:80");
-        let words = [0x0a00_0001, 0x0a60_000a, (1234 << 16) | 80];
-        assert_eq!(f.hash(), jhash_words(&words, FLOW_HASH_INITVAL ^ 6));
+        let words = [0x0a00_0001, 0x0a60_000a, (1234 << 16) | 80, 6];
+        assert_eq!(f.hash(), jhash_words(&words, FLOW_HASH_INITVAL));
+        assert_eq!(
+            f.hash(),
+            vipr_common::hash::flow_hash_v4(0x0a00_0001, 0x0a60_000a, 1234, 80, 6)
+        );
         assert_eq!(
             f.source_hash(),
             jhash_words(&[0x0a00_0001], SOURCE_HASH_INITVAL)
@@ -178,8 +183,8 @@ mod tests {
     #[test]
     fn ipv6_addresses_are_four_words() {
         let f = flow("[fd00::1]:1", "[fd00::2]:2");
-        let words = [0xfd00_0000, 0, 0, 1, 0xfd00_0000, 0, 0, 2, (1 << 16) | 2];
-        assert_eq!(f.hash(), jhash_words(&words, FLOW_HASH_INITVAL ^ 6));
+        let words = [0xfd00_0000, 0, 0, 1, 0xfd00_0000, 0, 0, 2, (1 << 16) | 2, 6];
+        assert_eq!(f.hash(), jhash_words(&words, FLOW_HASH_INITVAL));
     }
 
     #[test]

@@ -69,6 +69,15 @@ pub enum DataplaneError {
          more than the data plane's 32-bit total"
     )]
     WeightsTooLarge { frontend: String, total: u64 },
+    #[error(
+        "frontend {frontend} needs a Maglev table of {size} entries; the Maglev map holds \
+         {capacity} for all services (a smaller vipr.io/maglev-table-size fits more)"
+    )]
+    MaglevFull {
+        frontend: String,
+        size: usize,
+        capacity: u32,
+    },
 }
 
 impl DataplaneError {

@@ -136,6 +136,7 @@ pub struct Dataplane {
     pub(crate) services: ServiceTable,
     pub(crate) max_services: u32,
     pub(crate) max_backends: u32,
+    pub(crate) max_maglev_entries: u32,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -217,6 +218,7 @@ impl Dataplane {
             services,
             max_services: options.max_services,
             max_backends: options.max_backends,
+            max_maglev_entries: options.max_maglev_entries,
             logger,
         })
     }
@@ -501,6 +503,10 @@ fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
         map_names::SOURCE_RANGES => Some(options.max_source_ranges),
         map_names::STATS => Some(Counter::COUNT),
         map_names::BACKEND_STATS => Some(options.max_backend_stats),
+        map_names::MAGLEV => Some(options.max_maglev_entries),
+        map_names::MEMBERS | map_names::ACTIVE_CONNECTIONS => Some(options.max_backends),
+        map_names::BALANCE_TURNS => Some(options.max_services),
+        map_names::AFFINITY => Some(options.max_affinities),
         _ => None,
     }
 }

@@ -69,6 +69,8 @@ pub(crate) struct ServiceTable {
     backend_slots: u64,
     /// Counter slots of (frontend, backend) pairs.
     pub(crate) stats: StatsIds,
+    /// Maglev table entries of all frontends together.
+    maglev_slots: u64,
     /// How many counting frontends have each backend: its connection
     /// counter goes when none has it any more.
     counters: HashMap<BackendAddr, u32>,
@@ -126,6 +128,7 @@ impl ServiceTable {
             }
             table.next_id = table.next_id.max(value.service_id + 1);
             table.backend_slots += backends.len() as u64;
+            table.maglev_slots += u64::from(value.maglev_size);
             table.frontends.insert(
                 frontend,
                 Programmed {
@@ -266,6 +269,7 @@ impl Dataplane {
             .map(|p| p.slots.clone())
             .unwrap_or_default();
         let maglev = plan.maglev_table(&options.balancing);
+        self.check_maglev_capacity(&frontend, old_maglev.len(), maglev.len())?;
         let new_slots: Vec<BackendAddr> = plan.backends.iter().map(|(b, _)| *b).collect();
         let mut stats_ids = Vec::with_capacity(new_slots.len());
         for backend in &new_slots {
@@ -326,6 +330,8 @@ impl Dataplane {
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
         self.services.stats.release_except(&frontend, &new_slots);
+        self.services.maglev_slots =
+            self.services.maglev_slots - old_maglev.len() as u64 + maglev.len() as u64;
         self.services.frontends.insert(
             frontend,
             Programmed {
@@ -369,6 +375,7 @@ impl Dataplane {
         let gone = self.services.count_backends(&[], programmed.counted());
         balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots -= u64::from(programmed.backend_count());
+        self.services.maglev_slots -= programmed.maglev.len() as u64;
         self.services.free_ids.push(programmed.id);
         self.services.stats.release_except(frontend, &[]);
         Ok(true)
@@ -392,6 +399,24 @@ impl Dataplane {
             .frontends
             .get(frontend)
             .map(|p| (p.backends.clone(), p.options.clone()))
+    }
+
+    fn check_maglev_capacity(
+        &self,
+        frontend: &Frontend,
+        old_size: usize,
+        new_size: usize,
+    ) -> Result<(), DataplaneError> {
+        let capacity = self.max_maglev_entries;
+        let after = self.services.maglev_slots - old_size as u64 + new_size as u64;
+        if after > u64::from(capacity) {
+            return Err(DataplaneError::MaglevFull {
+                frontend: frontend.to_string(),
+                size: new_size,
+                capacity,
+            });
+        }
+        Ok(())
     }
 
     fn check_capacity(
