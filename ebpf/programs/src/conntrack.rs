@@ -48,12 +48,13 @@ fn now() -> u32 {
 /// Translates a packet of a known flow, either direction; `None` when the
 /// flow is unknown.
 #[inline(always)]
-pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
+/// `frame_len` is the packet's length, counted for its flow's backend.
+pub fn established(packet: &Packet, tuple: &FlowKey, frame_len: usize) -> Option<(Counter, u32)> {
     let entry_ptr = CONNTRACK.get_ptr_mut(tuple)?;
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(&entry);
-    stats::count_flow_packet(entry.stats_id as u32, packet);
+    stats::count_flow_packet(entry.stats_id as u32, frame_len);
     stamp(entry_ptr, &entry);
     track_close(packet, tuple, entry_ptr, &entry);
     let counter = if entry.flags & flow_flags::REPLY != 0 {
@@ -235,7 +236,7 @@ pub fn open(
     if tuple.proto == IPPROTO_TCP && packet.tcp_flags() & tcp_flags::SYN == 0 {
         count(Counter::FlowOpenedMidStream, 0);
     }
-    stats::count_new_flow(stats_id, packet);
+    stats::count_new_flow(stats_id, ctx.data_end() - ctx.data());
     packet.rewrite(&forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
 }

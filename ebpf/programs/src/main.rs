@@ -209,7 +209,9 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
         }
     };
     let tuple = packet.tuple();
-    if let Some(verdict) = conntrack::established(&packet, &tuple) {
+    // The frame's length: what the wrapper counts too (the same registers).
+    let frame_len = ctx.data_end() - ctx.data();
+    if let Some(verdict) = conntrack::established(&packet, &tuple, frame_len) {
         return verdict;
     }
 
@@ -224,9 +226,8 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
     match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
             let service = *service;
-            let bytes = stats::packet_bytes(&packet);
             let verdict = conntrack::open(ctx, &packet, &tuple, &service);
-            stats::count_service_outcome(service.service_id, verdict.0, bytes);
+            stats::count_service_outcome(service.service_id, verdict.0, frame_len);
             verdict
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),

@@ -359,7 +359,7 @@ fn per_packet_cost_by_algorithm() {
     }
 }
 
-const ROUNDS: usize = 31;
+const ROUNDS: usize = 101;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
