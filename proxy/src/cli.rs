@@ -147,7 +147,8 @@ pub struct MonitorArgs {
     #[arg(short, long)]
     pub namespace: Option<String>,
     /// Event types (repeatable): translate, drop, reply (replies translated
-    /// back: many, so only when asked). Default: translate and drop.
+    /// back, of flows opened while such a monitor listens: many, so only
+    /// when asked). Default: translate and drop.
     #[arg(long = "type", value_enum)]
     pub types: Vec<MonitorType>,
     #[arg(short, long, value_enum)]

@@ -327,6 +327,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     let monitor = Monitor::start(&node, &["--service", "web"])?;
     let drops = Monitor::start(&node, &["--type", "drop"])?;
     let of_client = Monitor::start(&node, &["--pod", "client"])?;
+    let replies = Monitor::start(&node, &["--type", "reply", "--service", "web"])?;
 
     // A UDP flow from outside, from a fixed port, through the NodePort: it
     // stays in conntrack.
@@ -358,6 +359,11 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     // externalTrafficPolicy Cluster: the backend sees the node as source.
     let seen = event["source_seen"].as_str().unwrap();
     assert!(seen.starts_with(&format!("{NODE_IP}:")), "{event}");
+    // The backend's answer, translated back, on demand.
+    let reply = replies.expect("reply", |e| e["client"] == outside_client);
+    assert_eq!(reply["type"], "reply");
+    assert_eq!(reply["frontend"], format!("{NODE_IP}:30081"));
+    assert_eq!(reply["backend"], format!("{backend_ip}:8081"));
 
     // The trace of that tuple names the backend that answered, and so does
     // every datagram that follows.

@@ -384,6 +384,11 @@ pub mod flow_flags {
     /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
     /// balances by load): its close takes the count down again.
     pub const COUNTED: u8 = 1 << 4;
+    /// On a reply entry: a monitor asked for reply events when the flow
+    /// opened, so its replies are events (while a monitor still wants
+    /// them). A bit of an entry the hit path has loaded anyway: replies of
+    /// unmonitored flows pay nothing for the monitor.
+    pub const MONITORED: u8 = 1 << 5;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet

@@ -124,26 +124,17 @@ static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES,
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
-    let (counter, action) = translate(&ctx);
+    let (counter, action) = translate::<true>(&ctx);
     count(counter, bytes);
-    // A conntrack hit never makes an event: it pays one comparison of a
-    // value already in a register. Every other outcome reads the monitor
-    // flags (one load), and only with a monitor attached goes further.
-    if counter != Counter::FlowHit {
-        let wanted = monitor::wanted();
-        if wanted != 0 {
-            monitor::emit(&ctx, wanted, counter);
-        }
-    }
     action
 }
 
-/// `vipr_xdp` without the monitor's event code, for benchmarks only: the
-/// difference between the two is what the idle event check costs.
+/// `vipr_xdp` with the monitor's event code compiled out, for benchmarks
+/// only: the difference between the two is what the idle event code costs.
 #[xdp]
 pub fn vipr_xdp_no_events(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
-    let (counter, action) = translate(&ctx);
+    let (counter, action) = translate::<false>(&ctx);
     count(counter, bytes);
     action
 }
@@ -186,32 +177,41 @@ pub fn vipr_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Decides the packet's fate and rewrites it in place when it is translated.
+///
+/// With `EVENTS`, outcomes a monitor may want become events: every one but
+/// a conntrack hit reads the monitor flags (one load) and only goes further
+/// with a monitor attached; a hit pays nothing (a reply tests one bit of its
+/// entry, see `flow_flags::MONITORED`).
 #[inline(always)]
-fn translate(ctx: &XdpContext) -> (Counter, u32) {
+fn translate<const EVENTS: bool>(ctx: &XdpContext) -> (Counter, u32) {
     let packet = match Packet::parse(ctx) {
         Ok(packet) => packet,
         // Not IPv4, or too short to tell where it goes: the kernel's problem.
         Err(ParseError::NotOurs) => return (Counter::Passed, xdp_action::XDP_PASS),
         Err(ParseError::Malformed { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropMalformed);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropMalformed);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::Fragment { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropFragment);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropFragment);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::Icmp { dst_addr }) => {
             if icmp::translate_error(ctx) {
                 return (Counter::IcmpErrorTranslated, xdp_action::XDP_PASS);
             }
-            return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::OtherProtocol { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            return observed::<EVENTS>(ctx, verdict);
         }
     };
     let tuple = packet.tuple();
     // The frame's length: what the wrapper counts too (the same registers).
     let frame_len = ctx.data_end() - ctx.data();
-    if let Some(verdict) = conntrack::established(&packet, &tuple, frame_len) {
+    if let Some(verdict) = conntrack::established::<EVENTS>(ctx, &packet, &tuple, frame_len) {
         return verdict;
     }
 
@@ -223,15 +223,25 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
     };
     // SAFETY: map values are plain data; a concurrent update at worst yields
     // a stale but well-formed value.
-    match unsafe { SERVICES.get(service_key) } {
+    let verdict = match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
             let service = *service;
-            let verdict = conntrack::open(ctx, &packet, &tuple, &service);
+            let verdict = conntrack::open::<EVENTS>(ctx, &packet, &tuple, &service);
             stats::count_service_outcome(service.service_id, verdict.0, frame_len);
             verdict
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),
+    };
+    observed::<EVENTS>(ctx, verdict)
+}
+
+/// Hands an outcome (not a conntrack hit) to the monitor, with `EVENTS`.
+#[inline(always)]
+fn observed<const EVENTS: bool>(ctx: &XdpContext, verdict: (Counter, u32)) -> (Counter, u32) {
+    if EVENTS && verdict.0 != Counter::Passed {
+        monitor::observe(ctx, verdict.0);
     }
+    verdict
 }
 
 /// Drops a packet addressed into the service CIDR (counted under `reason`);

@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use vipr_common::{
-    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MONITOR_RING_BYTES, MonitorEvent, monitor_flags,
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MONITOR_RING_BYTES, MonitorEvent, NatEntry,
+    flow_flags, monitor_flags,
 };
 
 use crate::{CONNTRACK, headers::ipv4};
@@ -89,6 +90,45 @@ fn kind_of(counter: Counter) -> Option<u32> {
     }
 }
 
+/// An outcome of `translate` other than a conntrack hit: an event if a
+/// monitor wants its kind. Costs one load while none listens.
+#[inline(always)]
+pub fn observe(ctx: &XdpContext, counter: Counter) {
+    let wanted = wanted();
+    if wanted != 0 {
+        emit(ctx, wanted, counter);
+    }
+}
+
+/// The `flow_flags::MONITORED` bit for a new flow's reply entry: set while
+/// a monitor wants reply events.
+#[inline(always)]
+pub fn reply_flag() -> u8 {
+    if wanted() & monitor_flags::REPLY != 0 {
+        flow_flags::MONITORED
+    } else {
+        0
+    }
+}
+
+/// A reply of a flow opened under a monitor, translated back with `entry`
+/// (`before`: the tuple it arrived with): an event while replies are wanted.
+#[inline(always)]
+pub fn reply(ctx: &XdpContext, before: &FlowKey, entry: &NatEntry) {
+    if wanted() & monitor_flags::REPLY == 0 {
+        return;
+    }
+    // SAFETY: the context is valid for the program's run; the ifindex field
+    // of xdp_md is always readable.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    write(
+        ifindex,
+        Counter::ReplyTranslated,
+        before,
+        &entry.tuple(before.proto),
+    );
+}
+
 /// Writes the event for a packet `translate` counted under `counter`, if
 /// `wanted` asks for that kind. The packet has already been rewritten, so
 /// the tuple it arrived with comes from the conntrack entry just used (a
@@ -107,13 +147,8 @@ pub fn emit(ctx: &XdpContext, wanted: u32, counter: Counter) {
     };
     let before = match counter {
         // The reply entry of the new flow records the client and frontend.
-        // SAFETY (both lookups): map values are plain data.
+        // SAFETY: map values are plain data.
         Counter::NewFlow => match unsafe { CONNTRACK.get(now.reversed()) } {
-            Some(entry) => entry.tuple(now.proto).reversed(),
-            None => return,
-        },
-        // The forward entry of the flow records the tuple the backend saw.
-        Counter::ReplyTranslated => match unsafe { CONNTRACK.get(now.reversed()) } {
             Some(entry) => entry.tuple(now.proto).reversed(),
             None => return,
         },

@@ -4,6 +4,8 @@
 //! only while at least one monitor listens (the flags are the union of what
 //! the listeners want), and the number of events lost to a full ring or a
 //! slow client is streamed as a `lost` record, never dropped silently.
+//! Reply events cover the flows opened while a monitor wants them (the data
+//! plane marks those flows, so other replies cost nothing).
 
 use std::{
     collections::BTreeSet,
