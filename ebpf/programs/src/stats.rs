@@ -69,7 +69,7 @@ pub fn count_service_outcome(service_id: u32, counter: Counter, frame_len: usize
         service_id,
         reason: counter as u32,
     };
-    if let Some(value) = SERVICE_DROPS.get_ptr_mut(&key) {
+    if let Some(value) = SERVICE_DROPS.get_ptr_mut(key) {
         // SAFETY: this CPU's copy of the value.
         unsafe {
             (*value).packets += 1;
@@ -83,5 +83,5 @@ pub fn count_service_outcome(service_id: u32, counter: Counter, frame_len: usize
     };
     // Another CPU may have inserted it meanwhile; then this packet is lost
     // to the count, which is the price of never taking a lock here.
-    let _ = SERVICE_DROPS.insert(&key, &first, 0);
+    let _ = SERVICE_DROPS.insert(key, first, 0);
 }
