@@ -67,6 +67,15 @@ fn pod_ip(node: &AgentNode, pod: &str) -> Result<String> {
         .context("pod has no IP")
 }
 
+/// `vipr trace --src SRC --dst DST [--proto P] -o json`.
+fn trace_json(node: &AgentNode, src: &str, dst: &str, proto: Option<&str>) -> Result<Value> {
+    let mut args = vec!["trace", "--src", src, "--dst", dst, "-o", "json"];
+    if let Some(proto) = proto {
+        args.extend(["--proto", proto]);
+    }
+    json(node, &args)
+}
+
 /// The `service list` entry of frontend `frontend`.
 fn frontend(list: &Value, frontend: &str) -> Value {
     list["frontends"]
@@ -368,20 +377,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     // The trace of that tuple names the backend that answered, and so does
     // every datagram that follows.
     let dst = format!("{NODE_IP}:30081");
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &outside_client,
-            "--dst",
-            &dst,
-            "--proto",
-            "udp",
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &outside_client, &dst, Some("udp"))?;
     assert_eq!(trace["verdict"], "forwarded", "{trace:#}");
     assert_eq!(trace["backend"], format!("{backend_ip}:8081"), "{trace:#}");
     for _ in 0..3 {
@@ -400,18 +396,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
 
     // A new flow from a pod: random over both ready backends, even odds,
     // decided at connect() by the socket hook, which the monitor shows.
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &client,
-            "--dst",
-            &format!("{vip}:80"),
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &client, &format!("{vip}:80"), None)?;
     let candidates = trace["candidates"].as_array().unwrap();
     assert_eq!(candidates.len(), 2, "{trace:#}");
     for c in candidates {
@@ -439,18 +424,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     // No endpoints: the trace says refused, a real connection is refused at
     // once, and the monitor reports it with its reason.
     let empty = node.cluster_ip("empty")?;
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &client,
-            "--dst",
-            &format!("{empty}:80"),
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &client, &format!("{empty}:80"), None)?;
     assert_eq!(trace["verdict"], "refused: no endpoints", "{trace:#}");
     let started = Instant::now();
     assert!(!curl(&node, &format!("http://{empty}/"))?.0);
@@ -466,18 +440,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
 
     // An unknown address in the service CIDR: dropped by XDP on the pod's
     // veth, never routed.
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &client,
-            "--dst",
-            &format!("{UNKNOWN_VIP}:80"),
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &client, &format!("{UNKNOWN_VIP}:80"), None)?;
     assert_eq!(
         trace["verdict"], "dropped: unknown VIP in the service CIDR",
         "{trace:#}"
@@ -508,18 +471,7 @@ fn trace_predicts_real_traffic_and_monitor_shows_it() -> Result<()> {
     );
 
     // Outside the service CIDR: passed to the kernel untouched.
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &client,
-            "--dst",
-            "192.0.2.1:80",
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &client, "192.0.2.1:80", None)?;
     assert_eq!(trace["verdict"], "passed");
 
     // The service filter kept the other services' events away, the pod
@@ -581,7 +533,7 @@ fn answered_from_outside(node: &AgentNode, node_port: u16, port: Option<u16>) ->
 /// The backend address `vipr trace` predicts for a new flow.
 fn predicted(node: &AgentNode, src: &str, node_port: u16) -> Result<String> {
     let dst = format!("{NODE_IP}:{node_port}");
-    let trace = json(node, &["trace", "--src", src, "--dst", &dst, "-o", "json"])?;
+    let trace = trace_json(node, src, &dst, None)?;
     trace["backend"]
         .as_str()
         .map(str::to_owned)
@@ -658,18 +610,7 @@ fn trace_predicts_maglev_source_hash_and_affinity() -> Result<()> {
     // names its backend, which the next requests get.
     let first = ip_of(&answered_from_outside(&node, 30092, None)?)?;
     let dst = format!("{NODE_IP}:30092");
-    let trace = json(
-        &node,
-        &[
-            "trace",
-            "--src",
-            &OUTSIDE_IP.to_string(),
-            "--dst",
-            &dst,
-            "-o",
-            "json",
-        ],
-    )?;
+    let trace = trace_json(&node, &OUTSIDE_IP.to_string(), &dst, None)?;
     assert_eq!(trace["backend"], first, "{trace:#}");
     assert!(
         trace["steps"]
