@@ -87,6 +87,21 @@ pub enum Command {
     /// Follow, list, undo, pause and resume a Deployment's rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Service frontends as the data plane serves them.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// The data plane's BPF maps.
+    Lb {
+        #[command(subcommand)]
+        command: LbCommand,
+    },
+    /// Explain what the data plane does with one packet, step by step.
+    Trace(TraceArgs),
+    /// Stream data plane events: new flows translated, drops with their
+    /// reason, replies on demand (Ctrl-C to stop).
+    Monitor(MonitorArgs),
     /// Benchmark vipr against kube-proxy's iptables, nftables and IPVS modes
     /// on a rig of network namespaces it builds and removes (needs root).
     Bench(BenchArgs),
@@ -169,6 +184,75 @@ pub enum RolloutCommand {
         #[command(flatten)]
         deployment: DeploymentTarget,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Every frontend (VIP:port/proto, type, algorithm, affinity, traffic
+    /// policy) with its backends, their state and counters.
+    List {
+        #[arg(short, long, value_enum)]
+        output: Option<DataOutput>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LbCommand {
+    /// The pinned maps decoded (frontends, backends, conntrack with ages)
+    /// and where they differ from what the agent meant to program.
+    List {
+        /// Keys and values as hex bytes, as bpftool prints them.
+        #[arg(long)]
+        raw: bool,
+        #[arg(short, long, value_enum)]
+        output: Option<DataOutput>,
+    },
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    /// The client: IP or IP:PORT (with a port, an existing flow is found).
+    #[arg(long)]
+    pub src: String,
+    /// The destination: IP:PORT.
+    #[arg(long)]
+    pub dst: String,
+    #[arg(long = "proto", default_value = "tcp")]
+    pub protocol: String,
+    #[arg(short, long, value_enum)]
+    pub output: Option<DataOutput>,
+}
+
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// Only this service's events (NAME or NAMESPACE/NAME).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only events to or from this pod.
+    #[arg(long)]
+    pub pod: Option<String>,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Event types (repeatable): translate, drop, reply (replies translated
+    /// back, of flows opened while such a monitor listens: many, so only
+    /// when asked). Default: translate and drop.
+    #[arg(long = "type", value_enum)]
+    pub types: Vec<MonitorType>,
+    #[arg(short, long, value_enum)]
+    pub output: Option<DataOutput>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum MonitorType {
+    Translate,
+    Drop,
+    Reply,
+}
+
+/// Machine-readable output of the debugging commands.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum DataOutput {
+    Json,
 }
 
 #[derive(Args)]

@@ -29,10 +29,141 @@ pub struct Metrics {
     pub endpoint_changes: IntCounter,
     datapath_packets: IntCounterVec,
     datapath_bytes: IntCounterVec,
+    services: Arc<ServiceCollector>,
     conntrack_flows: IntGauge,
     conntrack_capacity: IntGauge,
     conntrack_expired: IntCounter,
     health: Mutex<Health>,
+}
+
+/// One frontend's counters with the service it belongs to.
+#[derive(Clone, Debug, Default)]
+pub struct FrontendSample {
+    pub namespace: String,
+    pub service: String,
+    /// `VIP:port/PROTO`.
+    pub frontend: String,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    /// Packets dropped or refused, by reason.
+    pub drops: Vec<(&'static str, u64)>,
+    /// Per backend (`IP:port`): packets, bytes, new flows.
+    pub backends: Vec<(String, u64, u64, u64)>,
+}
+
+/// Per-service and per-backend counters, exported from the latest snapshot
+/// as it is: series of removed services vanish instead of lingering.
+struct ServiceCollector {
+    descs: Vec<prometheus::core::Desc>,
+    snapshot: Mutex<Vec<FrontendSample>>,
+}
+
+const FRONTEND_LABELS: [&str; 3] = ["namespace", "service", "frontend"];
+
+fn frontend_vecs() -> prometheus::Result<[IntCounterVec; 7]> {
+    let frontend =
+        |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &FRONTEND_LABELS);
+    let with = |name: &str, help: &str, extra: &str| {
+        let mut labels = FRONTEND_LABELS.to_vec();
+        labels.push(extra);
+        IntCounterVec::new(Opts::new(name, help), &labels)
+    };
+    Ok([
+        frontend(
+            "vipr_service_packets_total",
+            "Packets of translated flows per service frontend, both directions",
+        )?,
+        frontend(
+            "vipr_service_bytes_total",
+            "Bytes of translated flows per service frontend, both directions",
+        )?,
+        frontend(
+            "vipr_service_new_flows_total",
+            "Flows opened per service frontend",
+        )?,
+        with(
+            "vipr_service_drops_total",
+            "Packets to a service frontend dropped or refused, by reason",
+            "reason",
+        )?,
+        with(
+            "vipr_backend_packets_total",
+            "Packets per service frontend and backend",
+            "backend",
+        )?,
+        with(
+            "vipr_backend_bytes_total",
+            "Bytes per service frontend and backend",
+            "backend",
+        )?,
+        with(
+            "vipr_backend_new_flows_total",
+            "Flows opened per service frontend and backend",
+            "backend",
+        )?,
+    ])
+}
+
+impl ServiceCollector {
+    fn new() -> prometheus::Result<Self> {
+        use prometheus::core::Collector;
+        let descs = frontend_vecs()?
+            .iter()
+            .flat_map(|v| v.desc().into_iter().cloned())
+            .collect();
+        Ok(ServiceCollector {
+            descs,
+            snapshot: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+impl prometheus::core::Collector for ServiceCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Ok(vecs) = frontend_vecs() else {
+            return Vec::new();
+        };
+        let [
+            packets,
+            bytes,
+            new_flows,
+            drops,
+            b_packets,
+            b_bytes,
+            b_new_flows,
+        ] = &vecs;
+        for sample in self.snapshot.lock().unwrap().iter() {
+            let labels = [
+                sample.namespace.as_str(),
+                sample.service.as_str(),
+                sample.frontend.as_str(),
+            ];
+            packets.with_label_values(&labels).inc_by(sample.packets);
+            bytes.with_label_values(&labels).inc_by(sample.bytes);
+            new_flows
+                .with_label_values(&labels)
+                .inc_by(sample.new_flows);
+            for (reason, count) in &sample.drops {
+                let [ns, svc, fe] = labels;
+                drops
+                    .with_label_values(&[ns, svc, fe, reason])
+                    .inc_by(*count);
+            }
+            for (backend, p, b, n) in &sample.backends {
+                let [ns, svc, fe] = labels;
+                let labels = [ns, svc, fe, backend.as_str()];
+                b_packets.with_label_values(&labels).inc_by(*p);
+                b_bytes.with_label_values(&labels).inc_by(*b);
+                b_new_flows.with_label_values(&labels).inc_by(*n);
+            }
+        }
+        vecs.iter().flat_map(|v| v.collect()).collect()
+    }
 }
 
 #[derive(Default)]
@@ -79,6 +210,8 @@ impl Metrics {
             Opts::new("vipr_datapath_bytes_total", "Bytes by data plane outcome"),
             &["outcome"],
         )?;
+        let services = Arc::new(ServiceCollector::new()?);
+        registry.register(Box::new(SharedCollector(services.clone())))?;
         let conntrack_flows = IntGauge::new(
             "vipr_conntrack_flows",
             "Flows in conntrack at the last expiry pass",
@@ -112,6 +245,7 @@ impl Metrics {
             endpoint_changes,
             datapath_packets,
             datapath_bytes,
+            services,
             conntrack_flows,
             conntrack_capacity,
             conntrack_expired,
@@ -140,6 +274,11 @@ impl Metrics {
         }
     }
 
+    /// Replaces the per-service counters with a fresh reading.
+    pub fn set_frontends(&self, samples: Vec<FrontendSample>) {
+        *self.services.snapshot.lock().unwrap() = samples;
+    }
+
     /// Records one conntrack expiry pass.
     pub fn set_conntrack(&self, expiry: &vipr_dataplane::Expiry) {
         self.conntrack_flows.set(expiry.flows as i64);
@@ -165,6 +304,19 @@ impl Metrics {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// Registers a collector the metrics also keep a handle on.
+struct SharedCollector(Arc<ServiceCollector>);
+
+impl prometheus::core::Collector for SharedCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }
 

@@ -78,3 +78,28 @@ impl PinnedServices {
         }
     }
 }
+
+impl PinnedServices {
+    /// Overwrites the backend count of frontend `addr:port/proto` (tests
+    /// tampering with the kernel's state behind the agent's back); returns
+    /// the count it had.
+    pub fn set_backends(
+        &mut self,
+        addr: Ipv4Addr,
+        port: u16,
+        tcp: bool,
+        count: u32,
+    ) -> Result<u32> {
+        let key = ServiceKey {
+            addr: u32::from(addr).to_be(),
+            port: port.to_be(),
+            proto: if tcp { IPPROTO_TCP } else { IPPROTO_UDP },
+            _pad: 0,
+        };
+        let mut value = self.0.get(&key, 0)?;
+        let old = value.backend_count;
+        value.backend_count = count;
+        self.0.insert(key, value, 0)?;
+        Ok(old)
+    }
+}

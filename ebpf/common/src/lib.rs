@@ -20,13 +20,22 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
     pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const SERVICE_DROPS: &str = "SERVICE_DROPS";
+    /// The data section holding the monitor's flags (`MONITOR_WANTED`),
+    /// which aya loads as a one-value array map of that name.
+    pub const MONITOR: &str = ".data.vipr_monitor";
+    pub const MONITOR_EVENTS: &str = "MONITOR_EVENTS";
+    pub const MONITOR_LOST: &str = "MONITOR_LOST";
     /// Maglev lookup tables of every `maglev` service: [`MaglevKey`]
     /// (service id, slot `0..ServiceValue::maglev_size`) -> [`Endpoint`].
     /// Hash map, not preallocated: only maglev services use entries.
     pub const MAGLEV: &str = "MAGLEV";
-    /// Which backends a service has now: [`MemberKey`] -> slot (u32). Lets
-    /// session affinity check in one lookup that a remembered backend is
-    /// still one of the service's (ready, weight > 0) backends.
+    /// Which backends a service has now: [`MemberKey`] -> the stats id (u32)
+    /// of the (frontend, backend) pair, see `BACKEND_STATS`. Lets session
+    /// affinity check in one lookup that a remembered backend is still one
+    /// of the service's (ready, weight > 0) backends, and a new flow find
+    /// where it counts.
     pub const MEMBERS: &str = "MEMBERS";
     /// ClientIP session affinity (LRU): [`AffinityKey`] -> [`AffinityValue`].
     pub const AFFINITY: &str = "AFFINITY";
@@ -56,6 +65,9 @@ pub const XDP_PROGRAM: &str = "vipr_xdp";
 /// floor for benchmarks, and the program a veth peer needs so that XDP_TX
 /// (and XDP_REDIRECT) frames sent towards it are received in native mode.
 pub const PASS_PROGRAM: &str = "vipr_pass";
+/// The translation with the monitor's event code compiled out: loaded only
+/// by benchmarks, to measure what the (idle) event code costs.
+pub const XDP_PROGRAM_WITHOUT_EVENTS: &str = "vipr_xdp_no_events";
 
 /// Names of the cgroup sock_addr programs that balance the node's own
 /// clients at the socket level (attached together to one cgroup v2 folder).
@@ -101,6 +113,13 @@ pub const DEFAULT_MAX_AFFINITY: u32 = 131_072;
 /// At most this many backend slots are compared by `lc`, `sed` and `nq`
 /// (the first ones); a bounded loop on the new-flow path.
 pub const LEAST_LOADED_SCAN: u32 = 256;
+
+/// Default capacity of the per-(frontend, backend) counters array.
+pub const DEFAULT_MAX_BACKEND_STATS: u32 = 65_536;
+/// Default capacity of the per-service drop counters (LRU, per CPU).
+pub const DEFAULT_MAX_SERVICE_DROPS: u32 = 16_384;
+/// Size of the monitor's event ring buffer, bytes (a power of two pages).
+pub const MONITOR_RING_BYTES: u32 = 1 << 20;
 
 /// IP protocol numbers the data plane looks at.
 pub const IPPROTO_ICMP: u8 = 1;
@@ -368,6 +387,11 @@ pub mod flow_flags {
     /// The flow counts in `ACTIVE_CONNECTIONS` of its backend (its service
     /// balances by load): its close takes the count down again.
     pub const COUNTED: u8 = 1 << 4;
+    /// On a reply entry: a monitor asked for reply events when the flow
+    /// opened, so its replies are events (while a monitor still wants
+    /// them). A bit of an entry the hit path has loaded anyway: replies of
+    /// unmonitored flows pay nothing for the monitor.
+    pub const MONITORED: u8 = 1 << 5;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -398,6 +422,12 @@ pub struct NatEntry {
     /// [`FLOW_CLOCK_SHIFT`] ticks: userspace removes flows idle for longer
     /// than their timeout.
     pub last_seen: u32,
+    /// The (frontend, backend) counters this flow's packets count in, both
+    /// directions: the pair's `BACKEND_STATS` slot (a u32), which
+    /// `map_names::MEMBERS` gives when the flow opens. Widened to a u64 of
+    /// its own: as a u32 next to `last_seen`, LLVM merged the two stores
+    /// into one the verifier rejects as misaligned on the stack.
+    pub stats_id: u64,
 }
 
 impl NatEntry {
@@ -461,6 +491,57 @@ pub mod config_flags {
 
 /// Default capacity of `REDIRECT_TARGETS` (the uplink and every pod veth).
 pub const DEFAULT_MAX_REDIRECT_TARGETS: u32 = 4_096;
+
+/// Per-CPU traffic of one (frontend, backend) pair, both directions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets: u64,
+    /// IP bytes plus the Ethernet header.
+    pub bytes: u64,
+    /// Flows opened to this backend through this frontend.
+    pub new_flows: u64,
+}
+
+/// Key of `SERVICE_DROPS`: a frontend's service id and the counter
+/// (a drop or refusal reason) a packet to it was counted under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceDropKey {
+    pub service_id: u32,
+    /// A [`Counter`] index.
+    pub reason: u32,
+}
+
+/// Bits of the monitor flags ([`map_names::MONITOR`]): which events the
+/// data plane emits into `MONITOR_EVENTS`. Zero (no monitor attached) costs
+/// one load and a branch.
+pub mod monitor_flags {
+    /// New flows translated to a backend.
+    pub const TRANSLATE: u32 = 1 << 0;
+    /// Drops and refusals, with their reason.
+    pub const DROP: u32 = 1 << 1;
+    /// Replies given their service address back (many: only on demand).
+    pub const REPLY: u32 = 1 << 2;
+}
+
+/// One event of `vipr monitor`, as the data plane writes it to the ring.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub timestamp_ns: u64,
+    /// Interface the packet arrived on; 0 for the socket-level translation
+    /// (cgroup hooks: no packet yet, and the client's address may still be
+    /// unbound, in which case `before`'s source is zero).
+    pub ifindex: u32,
+    /// The [`Counter`] the packet was counted under (the outcome).
+    pub counter: u32,
+    /// The packet's tuple as it arrived (ports 0 when unknown).
+    pub before: FlowKey,
+    /// Its tuple as it left (translations); equal to `before` otherwise.
+    pub after: FlowKey,
+}
 
 /// Why a packet got the verdict it got. Indexes the per-CPU `STATS` array.
 /// New counters are appended, so indexes stay stable across versions.
@@ -586,6 +667,24 @@ impl Counter {
         }
     }
 
+    /// The counter at `index`, if there is one.
+    pub const fn from_index(index: u32) -> Option<Counter> {
+        if index < Self::COUNT {
+            Some(Self::ALL[index as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Whether the packet was refused at once (TCP RST, ICMP unreachable):
+    /// not forwarded, like a drop, but answered.
+    pub const fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            Counter::RejectTcp | Counter::RejectUdp | Counter::SockRejected
+        )
+    }
+
     /// Whether the packet counted here was dropped.
     pub const fn is_drop(self) -> bool {
         matches!(
@@ -627,6 +726,9 @@ mod user {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for ServiceDropKey {}
+    unsafe impl aya::Pod for MonitorEvent {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for MemberKey {}
@@ -651,7 +753,10 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 16);
         assert_eq!(size_of::<AffinityValue>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16);
-        assert_eq!(size_of::<NatEntry>(), 24);
+        assert_eq!(size_of::<NatEntry>(), 32);
+        assert_eq!(size_of::<FlowStats>(), 24);
+        assert_eq!(size_of::<ServiceDropKey>(), 8);
+        assert_eq!(size_of::<MonitorEvent>(), 48);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<DataplaneConfig>(), 24);
         assert_eq!(size_of::<CounterValue>(), 16);

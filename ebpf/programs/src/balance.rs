@@ -362,6 +362,20 @@ fn is_member(service_id: u32, endpoint: &Endpoint) -> bool {
     unsafe { MEMBERS.get(&key) }.is_some()
 }
 
+/// The `BACKEND_STATS` slot of the (frontend, backend) pair, from the
+/// backend's member entry; 0 (counted nowhere) when it has none.
+#[inline(always)]
+pub fn stats_id(service_id: u32, endpoint: &Endpoint) -> u32 {
+    let key = MemberKey {
+        service_id,
+        addr: endpoint.addr,
+        port: endpoint.port,
+        _pad: 0,
+    };
+    // SAFETY: plain data read.
+    unsafe { MEMBERS.get(&key) }.copied().unwrap_or(0)
+}
+
 /// Whether the service's flows are counted per backend (`lc`, `sed`, `nq`).
 #[inline(always)]
 pub fn counts_connections(service: &ServiceValue) -> bool {

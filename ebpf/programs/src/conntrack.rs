@@ -28,7 +28,7 @@ use crate::{
     balance::{self, NewFlow},
     count,
     headers::{Packet, sealed, tcp_flags},
-    reject,
+    monitor, reject, stats,
 };
 
 /// Random SNAT ports tried before a new flow is refused.
@@ -48,14 +48,25 @@ fn now() -> u32 {
 /// Translates a packet of a known flow, either direction; `None` when the
 /// flow is unknown.
 #[inline(always)]
-pub fn established(packet: &Packet, tuple: &FlowKey) -> Option<(Counter, u32)> {
+/// `frame_len` is the packet's length, counted for its flow's backend.
+/// With `EVENTS`, replies of flows opened under a monitor are events.
+pub fn established<const EVENTS: bool>(
+    ctx: &XdpContext,
+    packet: &Packet,
+    tuple: &FlowKey,
+    frame_len: usize,
+) -> Option<(Counter, u32)> {
     let entry_ptr = CONNTRACK.get_ptr_mut(tuple)?;
     // SAFETY: the pointer is a live map value; plain data.
     let entry = unsafe { *entry_ptr };
     packet.rewrite(&entry);
+    stats::count_flow_packet(entry.stats_id as u32, frame_len);
     stamp(entry_ptr, &entry);
     track_close(packet, tuple, entry_ptr, &entry);
     let counter = if entry.flags & flow_flags::REPLY != 0 {
+        if EVENTS && entry.flags & flow_flags::MONITORED != 0 {
+            monitor::reply(ctx, tuple, &entry);
+        }
         Counter::ReplyTranslated
     } else {
         Counter::FlowHit
@@ -149,7 +160,7 @@ pub(crate) fn close(key: &FlowKey, other_key: &FlowKey, counted: Option<Endpoint
 /// First packet of a flow to a frontend: admit it, pick a backend (and an
 /// SNAT source when needed), record both directions, translate.
 #[inline(always)]
-pub fn open(
+pub fn open<const EVENTS: bool>(
     ctx: &XdpContext,
     packet: &Packet,
     tuple: &FlowKey,
@@ -169,7 +180,9 @@ pub fn open(
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let counted = balance::counts_connections(service);
     let counted_flag = if counted { flow_flags::COUNTED } else { 0 };
+    let monitored = if EVENTS { monitor::reply_flag() } else { 0 };
 
+    let stats_id = balance::stats_id(service.service_id, &backend);
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,
@@ -181,18 +194,20 @@ pub fn open(
         ip_check_delta: 0,
         l4_check_delta: 0,
         last_seen: now(),
+        stats_id: u64::from(stats_id),
     };
     let mut reverse = NatEntry {
         src_addr: tuple.dst_addr,
         dst_addr: tuple.src_addr,
         src_port: tuple.dst_port,
         dst_port: tuple.src_port,
-        flags: flow_flags::REPLY | counted_flag,
+        flags: flow_flags::REPLY | counted_flag | monitored,
         _pad: 0,
         stamp_tick: tick(),
         ip_check_delta: 0,
         l4_check_delta: 0,
         last_seen: forward.last_seen,
+        stats_id: u64::from(stats_id),
     };
     match snat_source(service, &config, tuple, &backend) {
         Some(addr) => {
@@ -231,6 +246,7 @@ pub fn open(
     if tuple.proto == IPPROTO_TCP && packet.tcp_flags() & tcp_flags::SYN == 0 {
         count(Counter::FlowOpenedMidStream, 0);
     }
+    stats::count_new_flow(stats_id, ctx.data_end() - ctx.data());
     packet.rewrite(&forward);
     (Counter::NewFlow, xdp_action::XDP_PASS)
 }

@@ -21,7 +21,8 @@
 //! of a new flow: per-service algorithm, session affinity), `reject` (RST / ICMP
 //! replies), `icmp` (errors about translated flows), `forward` (the fast
 //! path: translated packets routed and redirected from XDP), `sock`
-//! (socket-level translation for node-local clients).
+//! (socket-level translation for node-local clients), `stats` (per-service
+//! and per-backend counters), `monitor` (events for `vipr monitor`).
 #![no_std]
 #![no_main]
 // Atomic adds on map values (`balance`): the BPF target has no AtomicU32.
@@ -34,8 +35,10 @@ mod conntrack;
 mod forward;
 mod headers;
 mod icmp;
+mod monitor;
 mod reject;
 mod sock;
+mod stats;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
@@ -128,7 +131,17 @@ static REDIRECT_TARGETS: DevMapHash = DevMapHash::with_max_entries(DEFAULT_MAX_R
 #[xdp]
 pub fn vipr_xdp(ctx: XdpContext) -> u32 {
     let bytes = ctx.data_end() - ctx.data();
-    let (counter, action) = translate(&ctx);
+    let (counter, action) = translate::<true>(&ctx);
+    count(counter, bytes);
+    forward::fast_path(&ctx, counter, action)
+}
+
+/// `vipr_xdp` with the monitor's event code compiled out, for benchmarks
+/// only: the difference between the two is what the idle event code costs.
+#[xdp]
+pub fn vipr_xdp_no_events(ctx: XdpContext) -> u32 {
+    let bytes = ctx.data_end() - ctx.data();
+    let (counter, action) = translate::<false>(&ctx);
     count(counter, bytes);
     forward::fast_path(&ctx, counter, action)
 }
@@ -171,30 +184,41 @@ pub fn vipr_getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 /// Decides the packet's fate and rewrites it in place when it is translated.
+///
+/// With `EVENTS`, outcomes a monitor may want become events: every one but
+/// a conntrack hit reads the monitor flags (one load) and only goes further
+/// with a monitor attached; a hit pays nothing (a reply tests one bit of its
+/// entry, see `flow_flags::MONITORED`).
 #[inline(always)]
-fn translate(ctx: &XdpContext) -> (Counter, u32) {
+fn translate<const EVENTS: bool>(ctx: &XdpContext) -> (Counter, u32) {
     let packet = match Packet::parse(ctx) {
         Ok(packet) => packet,
         // Not IPv4, or too short to tell where it goes: the kernel's problem.
         Err(ParseError::NotOurs) => return (Counter::Passed, xdp_action::XDP_PASS),
         Err(ParseError::Malformed { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropMalformed);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropMalformed);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::Fragment { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropFragment);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropFragment);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::Icmp { dst_addr }) => {
             if icmp::translate_error(ctx) {
                 return (Counter::IcmpErrorTranslated, xdp_action::XDP_PASS);
             }
-            return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            return observed::<EVENTS>(ctx, verdict);
         }
         Err(ParseError::OtherProtocol { dst_addr }) => {
-            return reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            let verdict = reject_if_service_range(dst_addr, Counter::DropUnknownVip);
+            return observed::<EVENTS>(ctx, verdict);
         }
     };
     let tuple = packet.tuple();
-    if let Some(verdict) = conntrack::established(&packet, &tuple) {
+    // The frame's length: what the wrapper counts too (the same registers).
+    let frame_len = ctx.data_end() - ctx.data();
+    if let Some(verdict) = conntrack::established::<EVENTS>(ctx, &packet, &tuple, frame_len) {
         return verdict;
     }
 
@@ -206,13 +230,25 @@ fn translate(ctx: &XdpContext) -> (Counter, u32) {
     };
     // SAFETY: map values are plain data; a concurrent update at worst yields
     // a stale but well-formed value.
-    match unsafe { SERVICES.get(service_key) } {
+    let verdict = match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
             let service = *service;
-            conntrack::open(ctx, &packet, &tuple, &service)
+            let verdict = conntrack::open::<EVENTS>(ctx, &packet, &tuple, &service);
+            stats::count_service_outcome(service.service_id, verdict.0, frame_len);
+            verdict
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),
+    };
+    observed::<EVENTS>(ctx, verdict)
+}
+
+/// Hands an outcome (not a conntrack hit) to the monitor, with `EVENTS`.
+#[inline(always)]
+fn observed<const EVENTS: bool>(ctx: &XdpContext, verdict: (Counter, u32)) -> (Counter, u32) {
+    if EVENTS && verdict.0 != Counter::Passed {
+        monitor::observe(ctx, verdict.0);
     }
+    verdict
 }
 
 /// Drops a packet addressed into the service CIDR (counted under `reason`);

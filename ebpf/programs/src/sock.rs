@@ -24,13 +24,14 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use vipr_common::{
-    Counter, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue, service_flags,
+    Counter, FlowKey, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, SockRevNatKey, SockRevNatValue,
+    service_flags,
 };
 
 use crate::{
     SERVICES, SOCK_CONNECTIONS, SOCK_REVNAT,
     balance::{self, NewFlow},
-    count,
+    count, monitor, stats,
 };
 
 /// Verdicts of a sock_addr program: let the syscall go on, or fail it (with
@@ -87,12 +88,24 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         balance::choose(&service, &NewFlow::of_socket(netns, addr, port as u16, proto as u8))
     };
+    // What the monitor shows: the socket's source is not known yet.
+    let before = FlowKey {
+        src_addr: 0,
+        dst_addr: addr,
+        src_port: 0,
+        dst_port: port as u16,
+        proto: proto as u8,
+        _pad: 0,
+        _pad2: 0,
+    };
     let Some(backend) = backend else {
         // No endpoint (or a slot vanishing under an update): refuse now, as
         // the XDP path answers a remote client with RST / port unreachable.
         // SAFETY: plain helper call; a negative errno is what it takes.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         count(Counter::SockRejected, 0);
+        stats::count_service_outcome(service.service_id, Counter::SockRejected, 0);
+        monitor::emit_socket(Counter::SockRejected, &before, &before);
         return SYS_REJECT;
     };
     // SAFETY: the helper accepts a sock_addr context.
@@ -128,13 +141,18 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         (*sa).user_ip4 = backend.addr;
         (*sa).user_port = u32::from(backend.port);
     }
-    count(
-        match hook {
-            Hook::Connect => Counter::SockConnectTranslated,
-            Hook::Sendmsg => Counter::SockSendmsgTranslated,
-        },
-        0,
-    );
+    let counter = match hook {
+        Hook::Connect => Counter::SockConnectTranslated,
+        Hook::Sendmsg => Counter::SockSendmsgTranslated,
+    };
+    count(counter, 0);
+    stats::count_socket_flow(balance::stats_id(service.service_id, &backend));
+    let after = FlowKey {
+        dst_addr: backend.addr,
+        dst_port: backend.port,
+        ..before
+    };
+    monitor::emit_socket(counter, &before, &after);
     SYS_PROCEED
 }
 

@@ -230,19 +230,45 @@ fn member_key(service_id: u32, backend: &BackendAddr) -> MemberKey {
     }
 }
 
-/// Records the slots' backends as the service's members.
+/// Records the slots' backends as the service's members, each with the
+/// `BACKEND_STATS` slot of its (frontend, backend) pair (`stats_ids`, in
+/// slot order): the data plane reads it there for the flows it opens.
 pub(crate) fn add_members(
     ebpf: &mut Ebpf,
     service_id: u32,
     slots: &Slots,
+    stats_ids: &[u32],
 ) -> Result<(), DataplaneError> {
     let mut members: BpfHashMap<_, MemberKey, u32> = map(ebpf, map_names::MEMBERS)?;
-    for (slot, (backend, _)) in (0u32..).zip(&slots.backends) {
+    for ((backend, _), stats_id) in slots.backends.iter().zip(stats_ids) {
         members
-            .insert(member_key(service_id, backend), slot, 0)
+            .insert(member_key(service_id, backend), stats_id, 0)
             .map_err(DataplaneError::map(map_names::MEMBERS))?;
     }
     Ok(())
+}
+
+/// Every member with its stats id, by (service id, endpoint), to adopt.
+pub(crate) fn read_members(
+    ebpf: &Ebpf,
+) -> Result<std::collections::HashMap<(u32, Endpoint), u32>, DataplaneError> {
+    let members: BpfHashMap<&MapData, MemberKey, u32> = BpfHashMap::try_from(
+        ebpf.map(map_names::MEMBERS)
+            .ok_or(DataplaneError::MissingMap(map_names::MEMBERS))?,
+    )
+    .map_err(DataplaneError::map(map_names::MEMBERS))?;
+    Ok(members
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, stats_id)| {
+            let endpoint = Endpoint {
+                addr: key.addr,
+                port: key.port,
+                _pad: 0,
+            };
+            ((key.service_id, endpoint), stats_id)
+        })
+        .collect())
 }
 
 /// Forgets the members in `old` that `new` no longer has.

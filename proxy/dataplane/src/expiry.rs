@@ -97,7 +97,7 @@ impl Dataplane {
 
 /// Conntrack's clock now, as the eBPF side reads it
 /// (`bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`).
-fn flow_clock_now() -> u32 {
+pub(crate) fn flow_clock_now() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -114,7 +114,7 @@ fn ticks(d: Duration) -> u32 {
 
 /// Ticks since `last_seen`; a stamp from "after now" (a packet during the
 /// pass) counts as fresh.
-fn idle_ticks(now: u32, last_seen: u32) -> u32 {
+pub(crate) fn idle_ticks(now: u32, last_seen: u32) -> u32 {
     let age = now.wrapping_sub(last_seen);
     if age > u32::MAX / 2 { 0 } else { age }
 }
@@ -220,6 +220,7 @@ mod tests {
             ip_check_delta: 0,
             l4_check_delta: 0,
             last_seen: 0,
+            stats_id: 0,
         }
     }
 

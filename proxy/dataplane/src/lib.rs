@@ -11,7 +11,10 @@
 //! `services` (frontends, backends, source ranges), `balance` (what new-flow
 //! balancing reads: weight ranges, Maglev tables, members, connection
 //! counts), `flows` (conntrack reads and UDP pruning), `expiry` (idle flows
-//! out of conntrack), `stats` (counters), `types` (the API vocabulary). Like Katran's control library it knows nothing of
+//! out of conntrack), `stats` (counters), `service_stats` (counters per
+//! frontend and backend, drops per service), `monitor` (the event ring of
+//! `vipr monitor`), `inspect` (the maps decoded and raw, for `vipr lb list`
+//! and `vipr trace`), `types` (the API vocabulary). Like Katran's control library it knows nothing of
 //! Kubernetes: callers speak in frontends and backend addresses.
 //!
 //! # What the node must provide
@@ -45,9 +48,12 @@ mod cgroup;
 mod error;
 mod expiry;
 mod flows;
+mod inspect;
 mod links;
 mod loader;
 mod redirect;
+mod monitor;
+mod service_stats;
 mod services;
 mod stats;
 mod types;
@@ -55,13 +61,20 @@ mod types;
 pub use error::DataplaneError;
 pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
+pub use inspect::{MapDump, MapEntry, RawEntry};
+pub use inspect::{bytes_of, idle_now, monotonic_ns};
 pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
 pub use redirect::disable_tx_checksum_offload;
+pub use monitor::MonitorEvents;
+pub use service_stats::{BackendStats, FrontendStats};
 pub use stats::Counters;
 pub use types::{
     BackendAddr, ExternalTrafficPolicy, Frontend, FrontendOptions, InvalidPort, Port, Protocol,
 };
-pub use vipr_common::{Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES};
+pub use vipr_common::{
+    self, Counter, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_SERVICES, FlowStats,
+    MonitorEvent, monitor_flags,
+};
 
 /// Sysctls (key, value) the node's network namespace needs for every path
 /// of the data plane to work; the agent sets them where it attaches.

@@ -16,9 +16,10 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
-    Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS,
-    DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig,
-    PASS_PROGRAM, XDP_PROGRAM, config_flags, map_names,
+    Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKEND_STATS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES,
+    DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, XDP_PROGRAM_WITHOUT_EVENTS, config_flags,
+    map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -31,7 +32,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 13] = [
+const PERSISTENT_MAPS: [&str; 15] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
@@ -39,6 +40,8 @@ const PERSISTENT_MAPS: [&str; 13] = [
     map_names::CONFIG,
     map_names::STATS,
     map_names::SOCK_REVNAT,
+    map_names::BACKEND_STATS,
+    map_names::SERVICE_DROPS,
     map_names::MAGLEV,
     map_names::MEMBERS,
     map_names::AFFINITY,
@@ -64,6 +67,9 @@ pub struct DataplaneOptions {
     pub max_flows: u32,
     /// Capacity of the loadBalancerSourceRanges trie, all services together.
     pub max_source_ranges: u32,
+    /// (frontend, backend) pairs with counters of their own; pairs beyond
+    /// it are counted only in the node-wide totals.
+    pub max_backend_stats: u32,
     /// Capacity of the Maglev map: the table slots of all maglev services.
     pub max_maglev_entries: u32,
     /// Capacity of the session affinity map (LRU: the oldest go first).
@@ -107,6 +113,7 @@ impl Default for DataplaneOptions {
             max_backends: DEFAULT_MAX_BACKENDS,
             max_flows: DEFAULT_MAX_FLOWS,
             max_source_ranges: DEFAULT_MAX_SOURCE_RANGES,
+            max_backend_stats: DEFAULT_MAX_BACKEND_STATS,
             max_maglev_entries: DEFAULT_MAX_MAGLEV_ENTRIES,
             max_affinities: DEFAULT_MAX_AFFINITY,
             node_addr: None,
@@ -155,6 +162,7 @@ impl Dataplane {
             .map_max_entries(map_names::BACKENDS, options.max_backends)
             .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
+            .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats)
             .map_max_entries(map_names::MAGLEV, options.max_maglev_entries)
             .map_max_entries(map_names::MEMBERS, options.max_backends)
             .map_max_entries(map_names::ACTIVE_CONNECTIONS, options.max_backends)
@@ -178,7 +186,7 @@ impl Dataplane {
         cgroup::load_programs(&mut ebpf)?;
 
         write_config(&mut ebpf, options)?;
-        let services = ServiceTable::adopt(&ebpf)?;
+        let services = ServiceTable::adopt(&ebpf, options.max_backend_stats)?;
         let link_dir = options
             .pin_dir
             .as_ref()
@@ -339,6 +347,24 @@ impl Dataplane {
         self.run_program(PASS_PROGRAM, packet, out, repeat)
     }
 
+    /// [`Dataplane::test_run`] for the translation built without the
+    /// monitor's event code (loaded on first use): what the idle event check
+    /// costs is the difference.
+    pub fn test_run_without_events(
+        &mut self,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult, DataplaneError> {
+        let name = XDP_PROGRAM_WITHOUT_EVENTS;
+        let bare = program(&mut self.ebpf, name)?;
+        if bare.fd().is_err() {
+            bare.load()
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        self.run_program(name, packet, out, repeat)
+    }
+
     fn run_program(
         &mut self,
         name: &'static str,
@@ -463,8 +489,8 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
         AffinityKey, AffinityValue, Backend, BackendKey, CounterValue, Endpoint, FlowKey,
-        MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
-        SourceRangeKey,
+        FlowStats, MaglevKey, MemberKey, NatEntry, ServiceDropKey, ServiceKey, ServiceValue,
+        SockRevNatKey, SockRevNatValue, SourceRangeKey,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
@@ -475,6 +501,8 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
         map_names::STATS => (size_of::<u32>(), size_of::<CounterValue>()),
         map_names::SOCK_REVNAT => (size_of::<SockRevNatKey>(), size_of::<SockRevNatValue>()),
+        map_names::BACKEND_STATS => (size_of::<u32>(), size_of::<FlowStats>()),
+        map_names::SERVICE_DROPS => (size_of::<ServiceDropKey>(), size_of::<CounterValue>()),
         map_names::MAGLEV => (size_of::<MaglevKey>(), size_of::<Endpoint>()),
         map_names::MEMBERS => (size_of::<MemberKey>(), size_of::<u32>()),
         map_names::AFFINITY => (size_of::<AffinityKey>(), size_of::<AffinityValue>()),
@@ -493,6 +521,7 @@ fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
         map_names::CONNTRACK => Some(conntrack_entries(options.max_flows)),
         map_names::SOURCE_RANGES => Some(options.max_source_ranges),
         map_names::STATS => Some(Counter::COUNT),
+        map_names::BACKEND_STATS => Some(options.max_backend_stats),
         map_names::MAGLEV => Some(options.max_maglev_entries),
         map_names::MEMBERS | map_names::ACTIVE_CONNECTIONS => Some(options.max_backends),
         map_names::BALANCE_TURNS => Some(options.max_services),

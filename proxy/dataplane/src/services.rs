@@ -27,13 +27,14 @@ use crate::{
     BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol,
     balance::{self, Slots},
     flows,
+    service_stats::{self, StatsIds},
 };
 
 #[derive(Clone, Debug)]
-struct Programmed {
-    id: u32,
-    backends: Vec<BackendAddr>,
-    options: FrontendOptions,
+pub(crate) struct Programmed {
+    pub(crate) id: u32,
+    pub(crate) backends: Vec<BackendAddr>,
+    pub(crate) options: FrontendOptions,
     /// The backends holding slots, in slot order.
     slots: Vec<BackendAddr>,
     /// The Maglev table the map holds (empty unless Maglev).
@@ -66,6 +67,8 @@ pub(crate) struct ServiceTable {
     free_ids: Vec<u32>,
     next_id: u32,
     backend_slots: u64,
+    /// Counter slots of (frontend, backend) pairs.
+    pub(crate) stats: StatsIds,
     /// Maglev table entries of all frontends together.
     maglev_slots: u64,
     /// How many counting frontends have each backend: its connection
@@ -74,8 +77,9 @@ pub(crate) struct ServiceTable {
 }
 
 impl ServiceTable {
-    /// Rebuilds the table from (possibly pinned, already filled) maps.
-    pub(crate) fn adopt(ebpf: &Ebpf) -> Result<Self, DataplaneError> {
+    /// Rebuilds the table from (possibly pinned, already filled) maps;
+    /// `stats_capacity` is the size of the per-backend counters array.
+    pub(crate) fn adopt(ebpf: &Ebpf, stats_capacity: u32) -> Result<Self, DataplaneError> {
         let services: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
             ebpf.map(map_names::SERVICES)
                 .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?,
@@ -87,7 +91,11 @@ impl ServiceTable {
         )
         .map_err(DataplaneError::map(map_names::BACKENDS))?;
         let mut ranges = adopt_source_ranges(ebpf)?;
-        let mut table = ServiceTable::default();
+        let members = balance::read_members(ebpf)?;
+        let mut table = ServiceTable {
+            stats: StatsIds::new(stats_capacity),
+            ..ServiceTable::default()
+        };
         for entry in services.iter() {
             let (key, value) = entry.map_err(DataplaneError::map(map_names::SERVICES))?;
             let Some(frontend) = frontend_from_key(&key) else {
@@ -113,6 +121,9 @@ impl ServiceTable {
                 if b.weight != Weight::DEFAULT.get() {
                     options.weights.insert(addr, Weight::new(b.weight));
                 }
+                if let Some(stats_id) = members.get(&(value.service_id, b.endpoint())) {
+                    table.stats.adopt(frontend, addr, *stats_id);
+                }
                 backends.push(addr);
             }
             table.next_id = table.next_id.max(value.service_id + 1);
@@ -137,7 +148,13 @@ impl ServiceTable {
             .flat_map(|p| p.counted().iter().copied())
             .collect();
         table.count_backends(&counted, &[]);
+        table.stats.finish_adopting();
         Ok(table)
+    }
+
+    /// Every programmed frontend with what it holds.
+    pub(crate) fn programmed(&self) -> impl Iterator<Item = (Frontend, &Programmed)> {
+        self.frontends.iter().map(|(f, p)| (*f, p))
     }
 
     /// Records that counting frontends gained `added` and lost `dropped`
@@ -254,6 +271,14 @@ impl Dataplane {
         let maglev = plan.maglev_table(&options.balancing);
         self.check_maglev_capacity(&frontend, old_maglev.len(), maglev.len())?;
         let new_slots: Vec<BackendAddr> = plan.backends.iter().map(|(b, _)| *b).collect();
+        let mut stats_ids = Vec::with_capacity(new_slots.len());
+        for backend in &new_slots {
+            let (stats_id, fresh) = self.services.stats.get_or_allocate(frontend, *backend);
+            if fresh {
+                service_stats::reset_slot(self.ebpf_mut(), stats_id)?;
+            }
+            stats_ids.push(stats_id);
+        }
 
         let ebpf = self.ebpf_mut();
         let mut slots = backend_map(ebpf)?;
@@ -262,7 +287,7 @@ impl Dataplane {
                 .insert(backend_key(id, slot), value, 0)
                 .map_err(DataplaneError::map(map_names::BACKENDS))?;
         }
-        balance::add_members(ebpf, id, &plan)?;
+        balance::add_members(ebpf, id, &plan, &stats_ids)?;
         let maglev_written = balance::write_maglev(ebpf, id, &maglev, &old_maglev)?;
         if options.balancing.algorithm.uses_active_connections() {
             balance::ensure_counters(ebpf, &plan)?;
@@ -304,6 +329,7 @@ impl Dataplane {
         balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots =
             self.services.backend_slots - u64::from(old_count) + u64::from(new_count);
+        self.services.stats.release_except(&frontend, &new_slots);
         self.services.maglev_slots =
             self.services.maglev_slots - old_maglev.len() as u64 + maglev.len() as u64;
         self.services.frontends.insert(
@@ -351,6 +377,7 @@ impl Dataplane {
         self.services.backend_slots -= u64::from(programmed.backend_count());
         self.services.maglev_slots -= programmed.maglev.len() as u64;
         self.services.free_ids.push(programmed.id);
+        self.services.stats.release_except(frontend, &[]);
         Ok(true)
     }
 

@@ -127,7 +127,7 @@ impl BackendAddr {
     }
 
     /// The address as the maps hold it (network order).
-    pub(crate) fn endpoint(self) -> Endpoint {
+    pub fn endpoint(self) -> Endpoint {
         Endpoint {
             addr: u32::from(self.addr).to_be(),
             port: self.port.get().to_be(),
@@ -190,7 +190,8 @@ impl FrontendOptions {
         self.weights.get(backend).copied().unwrap_or_default()
     }
 
-    pub(crate) fn flags(&self) -> u32 {
+    /// The `service_flags` bits these options program.
+    pub fn flags(&self) -> u32 {
         let mut flags = match self.external_traffic_policy {
             None => 0,
             Some(ExternalTrafficPolicy::Cluster) => service_flags::SNAT,

@@ -10,6 +10,7 @@
 //! `fixtures/balance.rs` (algorithms, weights, session affinity);
 //! `fixtures/icmp.rs` (ICMP errors about translated flows);
 //! `fixtures/fast_path.rs` (translated packets forwarded from XDP).
+//! `fixtures/observe.rs` (counters per frontend and backend, monitor events).
 
 mod netns;
 mod packet;
@@ -24,6 +25,8 @@ mod external;
 mod fast_path;
 #[path = "fixtures/icmp.rs"]
 mod icmp;
+#[path = "fixtures/observe.rs"]
+mod observe;
 #[path = "fixtures/reject.rs"]
 mod reject;
 

@@ -21,6 +21,10 @@
 //! `fast_path_cost` measures a conntrack hit with the forwarding fast path
 //! (FIB lookup, MAC and TTL rewrite, redirect) against the same hit passed
 //! to the kernel, in a namespace of its own with the route and neighbour.
+//! `idle_monitor_cost` puts `vipr_xdp` (with the monitor's event check, no
+//! monitor attached) next to `vipr_xdp_no_events` (the same program with
+//! the event code compiled out) on the conntrack-hit path, in interleaved
+//! rounds (kernel figure averaged, wall time median).
 
 mod netns;
 mod packet;
@@ -404,4 +408,81 @@ fn fast_path_cost() {
             println!("{case:<40} {cost:>8.1}   (vipr_pass floor {floor:.1})");
         }
     });
+}
+
+const ROUNDS: usize = 101;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, ideally --release on an idle machine"]
+fn idle_monitor_cost() {
+    let mut dp = dataplane();
+    let syn = Ipv4Packet::tcp((CLIENT, 40001), (IDEMPOTENT_VIP, 80));
+    let mut out = vec![0u8; 256];
+    // Open the flow, load the bare program.
+    dp.test_run(&syn.build(), &mut out, 1).unwrap();
+    dp.test_run_without_events(&syn.build(), &mut out, 1)
+        .unwrap();
+    let cases = [
+        (
+            "forward hit",
+            Counter::FlowHit,
+            syn.clone().with_tcp(TCP_ACK, 2, 2).build(),
+        ),
+        (
+            "reply hit",
+            Counter::ReplyTranslated,
+            syn.reply().with_tcp(TCP_ACK, 2, 2).build(),
+        ),
+    ];
+    println!("conntrack hits, ns/packet, {ROUNDS} interleaved rounds of {REPEAT} runs each");
+    println!(
+        "{:<12} {:>22} {:>22} {:>9} {:>12}",
+        "case", "no_events kernel/wall", "vipr_xdp kernel/wall", "kernel", "wall"
+    );
+    for (name, counter, packet) in cases {
+        // Per round and program: the kernel's figure (it stops its clock
+        // while the thread is preempted, but rounds to whole ns, so rounds
+        // are averaged) and the wall time of the call (sub-ns, but it
+        // counts time other processes take).
+        let (mut kernel, mut wall) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        let before = dp.counters().unwrap().packets(counter);
+        for round in 0..ROUNDS {
+            // Alternate which goes first, so drift hits both alike.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let started = std::time::Instant::now();
+                let result = if which == 0 {
+                    dp.test_run_without_events(&packet, &mut out, REPEAT)
+                } else {
+                    dp.test_run(&packet, &mut out, REPEAT)
+                }
+                .unwrap();
+                wall[which].push(ns(started.elapsed()) / f64::from(REPEAT));
+                kernel[which].push(ns(result.duration));
+            }
+        }
+        assert_eq!(
+            dp.counters().unwrap().packets(counter) - before,
+            2 * ROUNDS as u64 * u64::from(REPEAT),
+            "every {name} run was counted as {}",
+            counter.name()
+        );
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let kernel = [mean(&kernel[0]), mean(&kernel[1])];
+        let wall = [median(wall[0].clone()), median(wall[1].clone())];
+        println!(
+            "{name:<12} {:>10.2} / {:>9.2} {:>10.2} / {:>9.2} {:>+8.2}% {:>+11.2}%",
+            kernel[0],
+            wall[0],
+            kernel[1],
+            wall[1],
+            (kernel[1] / kernel[0] - 1.0) * 100.0,
+            (wall[1] / wall[0] - 1.0) * 100.0
+        );
+    }
 }

@@ -1,12 +1,19 @@
 //! Answers the CLI's requests from the store and the runtime.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use vipr_dataplane::Dataplane;
 use vipr_pod_runtime::{PodKey, Runtime};
 use vipr_store::{DEFAULT_NAMESPACE, Kind, ObjectKey, Store, parse_manifests};
 
-use super::reconciler::ComputedSlices;
+use super::{
+    lb_list, monitor::MonitorHub, reconciler::ComputedSlices, service_list, sync::Intent, trace,
+};
 use crate::api::{Handler, Request, Response};
 
 /// How long `vipr exec` may run before it is killed.
@@ -17,9 +24,20 @@ pub struct AgentApi {
     pub store: Arc<Store>,
     pub runtime: Runtime,
     pub slices: ComputedSlices,
+    pub dataplane: Arc<Mutex<Dataplane>>,
+    /// What the reconciler has programmed.
+    pub intent: Intent,
+    pub monitor: MonitorHub,
 }
 
 impl Handler for AgentApi {
+    fn stream(&self, request: &Request) -> Option<Result<mpsc::Receiver<Response>, String>> {
+        match request {
+            Request::Monitor(filter) => Some(self.monitor.subscribe(filter)),
+            _ => None,
+        }
+    }
+
     async fn handle(&self, request: Request) -> Response {
         let api = self.clone();
         // Store writes fsync and exec blocks: keep them off the async workers.
@@ -89,7 +107,43 @@ impl AgentApi {
                 edit,
             )
             .map(|lines| Response::Done { lines }),
+            Request::ServiceList => self.service_list(),
+            Request::LbList { raw } => self.lb_list(raw),
+            Request::Trace { src, dst, protocol } => self.trace(&src, &dst, protocol.as_deref()),
+            Request::Monitor(_) => Err("monitor is a streaming request".into()),
         }
+    }
+
+    // The data plane is locked before the intent is read: the reconciler
+    // takes them in that order.
+    fn service_list(&self) -> Answer {
+        let dataplane = self.dataplane.lock().unwrap();
+        let stats = dataplane.frontend_stats().map_err(|e| e.to_string())?;
+        drop(dataplane);
+        let value =
+            service_list::service_list(&self.store, &self.slices, &self.intent.read(), &stats);
+        Ok(Response::Data { value })
+    }
+
+    fn lb_list(&self, raw: bool) -> Answer {
+        let dataplane = self.dataplane.lock().unwrap();
+        let dump = dataplane.dump_maps().map_err(|e| e.to_string())?;
+        drop(dataplane);
+        let value = lb_list::lb_list(&dump, &self.intent.read(), raw);
+        Ok(Response::Data { value })
+    }
+
+    fn trace(&self, src: &str, dst: &str, protocol: Option<&str>) -> Answer {
+        let packet = trace::TracedPacket::parse(src, dst, protocol)?;
+        let pods = self.runtime.list();
+        let mut dataplane = self.dataplane.lock().unwrap();
+        let intent = self.intent.read();
+        let context = trace::TraceContext {
+            intent: &intent,
+            pods: &pods,
+        };
+        let value = trace::trace(&mut dataplane, &context, &packet)?;
+        Ok(Response::Data { value })
     }
 
     fn apply(&self, manifests: String) -> Answer {

@@ -21,6 +21,31 @@ use vipr_store::endpoints::{self, EndpointGroup};
 pub struct FrontendSpec {
     pub backends: Vec<BackendAddr>,
     pub options: FrontendOptions,
+    /// Which of the service's addresses this frontend is.
+    pub kind: FrontendKind,
+    /// The service port it serves ("" for a single unnamed port).
+    pub port_name: String,
+}
+
+/// How a client reaches a frontend, as Kubernetes names the service types.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrontendKind {
+    #[default]
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+impl FrontendKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+            FrontendKind::NodePort => "NodePort",
+        }
+    }
 }
 
 /// Every frontend of one service.
@@ -142,7 +167,8 @@ pub fn service_frontends(
                 backends_for(service_port, protocol, groups, Some(&node.node_name))
             }
         };
-        let mut add = |addr: Ipv4Addr, port: Port, backends: &[BackendAddr], options| {
+        let port_name = service_port.name.clone().unwrap_or_default();
+        let mut add = |kind, addr: Ipv4Addr, port: Port, backends: &[BackendAddr], options| {
             let options = FrontendOptions {
                 balancing,
                 weights: backends
@@ -154,6 +180,8 @@ pub fn service_frontends(
             let spec = FrontendSpec {
                 backends: backends.to_vec(),
                 options,
+                kind,
+                port_name: port_name.clone(),
             };
             table.insert(
                 Frontend {
@@ -165,22 +193,35 @@ pub fn service_frontends(
             );
         };
         for addr in &cluster_ips {
-            add(*addr, port, &all, FrontendOptions::default());
+            add(
+                FrontendKind::ClusterIp,
+                *addr,
+                port,
+                &all,
+                FrontendOptions::default(),
+            );
         }
         for addr in &external_ips {
-            add(*addr, port, &external, FrontendOptions::external(policy));
+            add(
+                FrontendKind::ExternalIp,
+                *addr,
+                port,
+                &external,
+                FrontendOptions::external(policy),
+            );
         }
         for addr in &lb_ips {
             let options = FrontendOptions {
                 source_ranges: source_ranges.clone(),
                 ..FrontendOptions::external(policy)
             };
-            add(*addr, port, &external, options);
+            add(FrontendKind::LoadBalancer, *addr, port, &external, options);
         }
         if let (Some(node_ip), Some(node_port)) =
             (node.node_ip, service_port.node_port.and_then(port_of))
         {
             add(
+                FrontendKind::NodePort,
                 node_ip,
                 node_port,
                 &external,

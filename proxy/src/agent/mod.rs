@@ -18,11 +18,15 @@ mod frontends;
 mod health_check;
 mod lb_ipam;
 mod memory;
+mod lb_list;
+mod monitor;
 mod node;
 mod pods;
 mod reconciler;
+mod service_list;
 mod slice_index;
 mod sync;
+mod trace;
 
 use std::{
     path::PathBuf,
@@ -147,6 +151,8 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
     if let Some(node_ip) = node.node_ip {
         health_check::spawn(node_ip, wanted_health_checks);
     }
+    let sync = sync::DataplaneSync::default();
+    let intent = sync.intent();
     let mut reconciler = Reconciler {
         store: store.clone(),
         dataplane: dataplane.clone(),
@@ -166,7 +172,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         },
         cluster_dns: args.cluster_dns,
         slices: slices.clone(),
-        sync: Default::default(),
+        sync,
         health_checks,
         slice_index: Default::default(),
         last_sync: std::time::SystemTime::now(),
@@ -189,7 +195,12 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         pod_runtime.clone(),
         dataplane.clone(),
     ));
-    tokio::spawn(export_datapath_counters(dataplane.clone(), metrics.clone()));
+    tokio::spawn(export_datapath_counters(
+        dataplane.clone(),
+        intent.clone(),
+        metrics.clone(),
+    ));
+    let monitor = monitor::MonitorHub::start(dataplane.clone(), intent.clone(), store.clone());
     tokio::spawn(recount_active_connections(dataplane.clone()));
     tokio::spawn(expire_idle_flows(expirer, metrics.clone()));
     if let Some(pool) = args.lb_ip_pool {
@@ -207,6 +218,9 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         store: store.clone(),
         runtime: pod_runtime.clone(),
         slices,
+        dataplane: dataplane.clone(),
+        intent,
+        monitor,
     });
     let api = tokio::spawn({
         let api_socket = api_socket.clone();
@@ -289,16 +303,58 @@ fn runtime_config(args: &AgentArgs, node: &node::NodeIdentity) -> Result<Runtime
     Ok(config)
 }
 
-async fn export_datapath_counters(dataplane: Arc<Mutex<Dataplane>>, metrics: Arc<Metrics>) {
+async fn export_datapath_counters(
+    dataplane: Arc<Mutex<Dataplane>>,
+    intent: sync::Intent,
+    metrics: Arc<Metrics>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
-        let counters = dataplane.lock().unwrap().counters();
+        let (counters, frontends) = {
+            let dataplane = dataplane.lock().unwrap();
+            (dataplane.counters(), dataplane.frontend_stats())
+        };
         match counters {
             Ok(counters) => metrics.set_datapath(&counters),
             Err(error) => tracing::warn!(error = %error, "reading data plane counters"),
         }
+        match frontends {
+            Ok(frontends) => metrics.set_frontends(frontend_samples(&intent, &frontends)),
+            Err(error) => tracing::warn!(error = %error, "reading per-service counters"),
+        }
     }
+}
+
+/// Per-frontend counters labelled with the service that owns the frontend.
+fn frontend_samples(
+    intent: &sync::Intent,
+    frontends: &[vipr_dataplane::FrontendStats],
+) -> Vec<metrics::FrontendSample> {
+    let intent = intent.read();
+    frontends
+        .iter()
+        .filter_map(|stats| {
+            let (namespace, service) = intent.owners.get(&stats.frontend)?.clone();
+            Some(metrics::FrontendSample {
+                namespace,
+                service,
+                frontend: stats.frontend.to_string(),
+                packets: stats.total.packets,
+                bytes: stats.total.bytes,
+                new_flows: stats.total.new_flows,
+                drops: stats.drops.iter().map(|(r, v)| (*r, v.packets)).collect(),
+                backends: stats
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let s = b.stats;
+                        (b.backend.to_string(), s.packets, s.bytes, s.new_flows)
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// How often idle flows are looked for in conntrack.

@@ -26,7 +26,9 @@ use vipr_store::{
 use super::health_check::HealthChecks;
 use super::{
     dns_snapshot::cluster_snapshot,
-    frontends::{FrontendSpec, FrontendTable, NodeAddresses, pod_weights, service_frontends},
+    frontends::{
+        FrontendKind, FrontendSpec, FrontendTable, NodeAddresses, pod_weights, service_frontends,
+    },
     memory,
     slice_index::SliceIndex,
     sync::{DataplaneSync, ServiceName},
@@ -252,6 +254,7 @@ impl Reconciler {
                 .as_deref()
                 .unwrap_or("TCP")
                 .parse::<Protocol>();
+            let port_name = port.name.clone().unwrap_or_default();
             let port = u16::try_from(port.port).ok().and_then(Port::new);
             if let (Ok(protocol), Some(port)) = (protocol, port) {
                 let backend = BackendAddr {
@@ -267,6 +270,8 @@ impl Reconciler {
                     FrontendSpec {
                         backends: vec![backend],
                         options: Default::default(),
+                        kind: FrontendKind::ClusterIp,
+                        port_name,
                     },
                 );
             }

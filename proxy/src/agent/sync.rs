@@ -1,26 +1,42 @@
 //! Keeps the data plane's maps equal to the frontends the services want,
-//! touching only what one service's change affects.
+//! touching only what one service's change affects. What it has programmed
+//! is the agent's intent, shared (read-only) with the API and metrics so
+//! `vipr service list` and `vipr lb list` can compare it with the maps.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock, RwLockReadGuard},
+};
 
 use vipr_dataplane::{Dataplane, DataplaneError, Frontend};
 
-use super::frontends::{FrontendSpec, FrontendTable};
+use super::frontends::FrontendTable;
 
 /// A service by namespace and name.
 pub type ServiceName = (String, String);
 
-/// One service's programmed frontends, sorted by frontend. Kept for every
-/// service, so as tight as it gets: a `FrontendTable` (a B-tree) allocates
-/// room for eleven entries where a service usually has one or two.
-type Programmed = Box<[(Frontend, FrontendSpec)]>;
+/// What has been programmed, per service, and who owns each frontend.
+#[derive(Default)]
+pub struct Programmed {
+    pub by_service: HashMap<ServiceName, FrontendTable>,
+    /// Which service owns each frontend, so two services cannot fight over one.
+    pub owners: BTreeMap<Frontend, ServiceName>,
+}
+
+/// A read-only view of what the agent has programmed.
+#[derive(Clone, Default)]
+pub struct Intent(Arc<RwLock<Programmed>>);
+
+impl Intent {
+    pub fn read(&self) -> RwLockReadGuard<'_, Programmed> {
+        self.0.read().unwrap()
+    }
+}
 
 /// What has been programmed, per service, so a change is applied as a diff.
 #[derive(Default)]
 pub struct DataplaneSync {
-    programmed: HashMap<ServiceName, Programmed>,
-    /// Which service owns each frontend, so two services cannot fight over one.
-    owners: BTreeMap<Frontend, ServiceName>,
+    state: Intent,
 }
 
 /// How much one sync changed, for logs and metrics.
@@ -32,35 +48,32 @@ pub struct SyncStats {
 }
 
 impl DataplaneSync {
+    /// The intent this sync keeps, for readers elsewhere in the agent.
+    pub fn intent(&self) -> Intent {
+        self.state.clone()
+    }
+
     /// Programs `desired` for `service`, removing its frontends that are no
     /// longer wanted. An empty table removes the service.
     pub fn sync_service(
         &mut self,
         dataplane: &mut Dataplane,
         service: &ServiceName,
-        desired: FrontendTable,
+        mut desired: FrontendTable,
     ) -> Result<SyncStats, DataplaneError> {
+        let mut state = self.state.0.write().unwrap();
+        let Programmed { by_service, owners } = &mut *state;
         let mut stats = SyncStats::default();
-        let previous = self.programmed.remove(service).unwrap_or_default();
-        let previous_spec = |frontend: &Frontend| {
-            previous
-                .binary_search_by_key(frontend, |(f, _)| *f)
-                .ok()
-                .map(|i| &previous[i].1)
-        };
-        for frontend in previous
-            .iter()
-            .map(|(f, _)| f)
-            .filter(|f| !desired.contains_key(f))
-        {
-            if self.owners.get(frontend) == Some(service) {
+        let previous = by_service.remove(service).unwrap_or_default();
+        for frontend in previous.keys().filter(|f| !desired.contains_key(f)) {
+            if owners.get(frontend) == Some(service) {
                 dataplane.remove_service(frontend)?;
-                self.owners.remove(frontend);
+                owners.remove(frontend);
                 stats.removed += 1;
             }
         }
         for (frontend, spec) in &desired {
-            match self.owners.get(frontend) {
+            match owners.get(frontend) {
                 Some(owner) if owner != service => {
                     tracing::warn!(
                         %frontend,
@@ -72,23 +85,20 @@ impl DataplaneSync {
                 }
                 _ => {}
             }
-            if previous_spec(frontend) == Some(spec) {
+            if previous.get(frontend) == Some(spec) {
                 stats.unchanged += 1;
                 continue;
             }
             dataplane.program_service_with(*frontend, &spec.backends, &spec.options)?;
-            self.owners.insert(*frontend, service.clone());
+            owners.insert(*frontend, service.clone());
             stats.programmed += 1;
         }
         if !desired.is_empty() {
-            let programmed = desired
-                .into_iter()
-                .map(|(frontend, mut spec)| {
-                    spec.backends.shrink_to_fit();
-                    (frontend, spec)
-                })
-                .collect();
-            self.programmed.insert(service.clone(), programmed);
+            // Kept for every service: no spare capacity.
+            for spec in desired.values_mut() {
+                spec.backends.shrink_to_fit();
+            }
+            by_service.insert(service.clone(), desired);
         }
         Ok(stats)
     }
@@ -96,11 +106,12 @@ impl DataplaneSync {
     /// Frontends the data plane holds that no known service wants (left from
     /// before a restart): removed after the first full sync.
     pub fn remove_strays(&mut self, dataplane: &mut Dataplane) -> Result<usize, DataplaneError> {
+        let state = self.state.read();
         let strays: Vec<Frontend> = dataplane
             .frontends()
             .into_iter()
             .map(|(f, _)| f)
-            .filter(|f| !self.owners.contains_key(f))
+            .filter(|f| !state.owners.contains_key(f))
             .collect();
         for frontend in &strays {
             dataplane.remove_service(frontend)?;
@@ -109,6 +120,6 @@ impl DataplaneSync {
     }
 
     pub fn frontend_count(&self) -> usize {
-        self.owners.len()
+        self.state.read().owners.len()
     }
 }

@@ -9,7 +9,7 @@ mod server;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::call;
+pub use client::{call, stream};
 pub use server::{Handler, serve};
 
 /// Default socket path; `--api-socket` or `VIPR_SOCKET` override it.
@@ -64,6 +64,33 @@ pub enum Request {
         name: String,
         edit: DeploymentEdit,
     },
+    /// Every service frontend with its backends, their state and counters.
+    ServiceList,
+    /// The data plane's maps decoded (and raw, when asked), with the
+    /// differences from what the agent meant to program.
+    LbList { raw: bool },
+    /// What the data plane does with one packet, step by step.
+    Trace {
+        src: String,
+        dst: String,
+        protocol: Option<String>,
+    },
+    /// A stream of data plane events (one `Data` answer per line) until the
+    /// client goes away.
+    Monitor(MonitorFilter),
+}
+
+/// Which events a monitor wants.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MonitorFilter {
+    /// Only events of this service (`NAME` or `NAMESPACE/NAME`).
+    pub service: Option<String>,
+    /// Namespace of `service` and `pod` when they name none (default: default).
+    pub namespace: Option<String>,
+    /// Only events to or from this pod.
+    pub pod: Option<String>,
+    /// Event types: `translate`, `drop`, `reply`; empty: translate and drop.
+    pub types: Vec<String>,
 }
 
 /// One kubectl-like change to a Deployment.

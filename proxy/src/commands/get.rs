@@ -102,7 +102,7 @@ pub fn describe(
     Ok(ExitCode::SUCCESS)
 }
 
-type Rows = Vec<Vec<String>>;
+pub(super) type Rows = Vec<Vec<String>>;
 
 fn table(kind: Kind, items: &[Value], wide: bool, all_namespaces: bool) -> Result<Rows> {
     let mut rows = match kind {

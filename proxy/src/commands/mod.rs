@@ -1,6 +1,7 @@
 //! The client commands: each turns its arguments into one API request and
 //! prints the answer the way kubectl would.
 
+mod datapath;
 mod get;
 mod rollout;
 
@@ -18,7 +19,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::{
     api::{self, Request, Response},
-    cli::Command,
+    cli::{Command, LbCommand, ServiceCommand},
 };
 
 pub fn run(command: Command, socket: &Path) -> Result<ExitCode> {
@@ -76,6 +77,14 @@ pub fn run(command: Command, socket: &Path) -> Result<ExitCode> {
         Command::Scale(args) => rollout::scale(socket, args),
         Command::Set(command) => rollout::set(socket, command),
         Command::Rollout(command) => rollout::rollout(socket, command),
+        Command::Service {
+            command: ServiceCommand::List { output },
+        } => datapath::service_list(socket, output),
+        Command::Lb {
+            command: LbCommand::List { raw, output },
+        } => datapath::lb_list(socket, raw, output),
+        Command::Trace(args) => datapath::trace(socket, args),
+        Command::Monitor(args) => datapath::monitor(socket, args),
     }
 }
 
