@@ -48,8 +48,10 @@ const UNKNOWN_VIP: &str = "10.96.200.200";
 fn start() -> Result<AgentNode> {
     require_root();
     let node = AgentNode::start("dbg")?;
-    let manifest =
-        netexec_pod("web-1", "web") + &netexec_pod("web-2", "web") + &client_pod("client") + SERVICES;
+    let manifest = netexec_pod("web-1", "web")
+        + &netexec_pod("web-2", "web")
+        + &client_pod("client")
+        + SERVICES;
     node.apply(&manifest)?;
     node.wait_ready(&["web-1", "web-2", "client"], Duration::from_secs(30))?;
     Ok(node)
