@@ -334,6 +334,10 @@ fn frontend_samples(
     let intent = intent.read();
     frontends
         .iter()
+        // Likewise a frontend's series appear with its first packet or drop.
+        .filter(|stats| {
+            stats.total.packets != 0 || stats.total.new_flows != 0 || !stats.drops.is_empty()
+        })
         .filter_map(|stats| {
             let (namespace, service) = intent.owners.get(&stats.frontend)?.clone();
             Some(metrics::FrontendSample {
@@ -344,9 +348,13 @@ fn frontend_samples(
                 bytes: stats.total.bytes,
                 new_flows: stats.total.new_flows,
                 drops: stats.drops.iter().map(|(r, v)| (*r, v.packets)).collect(),
+                // A series per backend only once it has seen traffic: at
+                // 100,000 endpoints, idle ones would cost more memory than
+                // the rest of the agent.
                 backends: stats
                     .backends
                     .iter()
+                    .filter(|b| b.stats.packets != 0 || b.stats.new_flows != 0)
                     .map(|b| {
                         let s = b.stats;
                         (b.backend.to_string(), s.packets, s.bytes, s.new_flows)

@@ -10,7 +10,7 @@ use std::{
 
 use vipr_dataplane::{Dataplane, DataplaneError, Frontend};
 
-use super::frontends::FrontendTable;
+use super::frontends::{FrontendSpec, FrontendTable};
 
 /// A service by namespace and name.
 pub type ServiceName = (String, String);
@@ -18,9 +18,52 @@ pub type ServiceName = (String, String);
 /// What has been programmed, per service, and who owns each frontend.
 #[derive(Default)]
 pub struct Programmed {
-    pub by_service: HashMap<ServiceName, FrontendTable>,
+    pub by_service: HashMap<ServiceName, ServiceFrontends>,
     /// Which service owns each frontend, so two services cannot fight over one.
     pub owners: BTreeMap<Frontend, ServiceName>,
+}
+
+/// One service's programmed frontends, sorted by frontend. Kept for every
+/// service, so as tight as it gets: a `FrontendTable` (a B-tree) allocates
+/// room for eleven entries where a service usually has one or two.
+#[derive(Default)]
+pub struct ServiceFrontends(Box<[(Frontend, FrontendSpec)]>);
+
+impl ServiceFrontends {
+    fn from_table(table: FrontendTable) -> Self {
+        ServiceFrontends(
+            table
+                .into_iter()
+                .map(|(frontend, mut spec)| {
+                    spec.backends.shrink_to_fit();
+                    (frontend, spec)
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, frontend: &Frontend) -> Option<&FrontendSpec> {
+        self.0
+            .binary_search_by_key(frontend, |(f, _)| *f)
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Frontend, &FrontendSpec)> {
+        self.0.iter().map(|(f, s)| (f, s))
+    }
+}
+
+impl<'a> IntoIterator for &'a ServiceFrontends {
+    type Item = (&'a Frontend, &'a FrontendSpec);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (Frontend, FrontendSpec)>,
+        fn(&'a (Frontend, FrontendSpec)) -> (&'a Frontend, &'a FrontendSpec),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(f, s)| (f, s))
+    }
 }
 
 /// A read-only view of what the agent has programmed.
@@ -59,13 +102,13 @@ impl DataplaneSync {
         &mut self,
         dataplane: &mut Dataplane,
         service: &ServiceName,
-        mut desired: FrontendTable,
+        desired: FrontendTable,
     ) -> Result<SyncStats, DataplaneError> {
         let mut state = self.state.0.write().unwrap();
         let Programmed { by_service, owners } = &mut *state;
         let mut stats = SyncStats::default();
         let previous = by_service.remove(service).unwrap_or_default();
-        for frontend in previous.keys().filter(|f| !desired.contains_key(f)) {
+        for (frontend, _) in previous.iter().filter(|(f, _)| !desired.contains_key(f)) {
             if owners.get(frontend) == Some(service) {
                 dataplane.remove_service(frontend)?;
                 owners.remove(frontend);
@@ -94,11 +137,7 @@ impl DataplaneSync {
             stats.programmed += 1;
         }
         if !desired.is_empty() {
-            // Kept for every service: no spare capacity.
-            for spec in desired.values_mut() {
-                spec.backends.shrink_to_fit();
-            }
-            by_service.insert(service.clone(), desired);
+            by_service.insert(service.clone(), ServiceFrontends::from_table(desired));
         }
         Ok(stats)
     }
