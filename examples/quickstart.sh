@@ -90,6 +90,10 @@ step "from outside the node, through the NodePort (externalTrafficPolicy Cluster
 printf '$ curl -s http://172.31.255.2:30080/clientip  (from the outside namespace)  ->  '
 ip netns exec "$id-out" curl -s -m 2 http://172.31.255.2:30080/clientip; echo
 
+step "why a request went where it went"
+show vipr service list
+show vipr trace --src 172.31.255.1:40000 --dst 172.31.255.2:30080
+
 if [[ "${KEEP:-}" == 1 ]]; then
   step "the node keeps running: VIPR_SOCKET=$VIPR_SOCKET $bin/vipr get pods; Ctrl-C removes it"
   trap 'exit 0' INT

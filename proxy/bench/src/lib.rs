@@ -96,7 +96,8 @@ fn install_interrupt_handler() {
     }
 }
 
-fn check_interrupted() -> Result<()> {
+/// Fails once SIGINT / SIGTERM came; every wait loop of the run calls it.
+pub(crate) fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted: the rig was torn down");
     }

@@ -292,6 +292,7 @@ impl<'a> Programmer<'a> {
                     if Instant::now() > deadline {
                         bail!("vipr services still programmed after delete");
                     }
+                    crate::check_interrupted()?;
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Ok(())
@@ -383,6 +384,7 @@ fn wait_programmed(map: &PinnedServices, service: &KubeService, backends: usize)
                 service.name
             );
         }
+        crate::check_interrupted()?;
         std::thread::sleep(Duration::from_micros(200));
     }
 }

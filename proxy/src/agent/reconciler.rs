@@ -7,7 +7,7 @@
 //! service. Only frontends whose backends changed reach the maps.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
     sync::{Arc, Mutex, RwLock},
     time::{Instant, SystemTime},
@@ -73,7 +73,17 @@ impl Reconciler {
             .iter()
             .filter_map(|o| o.as_service().map(service_name))
             .collect();
-        for service in &services {
+        // Services gone from the store while the reconciler was not
+        // following it (it fell behind the change feed, or restarted) still
+        // have frontends programmed: syncing them removes those.
+        let stored: HashSet<&ServiceName> = services.iter().collect();
+        let gone: Vec<ServiceName> = self
+            .sync
+            .programmed_services()
+            .into_iter()
+            .filter(|s| !stored.contains(s))
+            .collect();
+        for service in services.iter().chain(&gone) {
             self.sync_service(service)?;
         }
         let strays = self

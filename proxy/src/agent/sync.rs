@@ -158,6 +158,11 @@ impl DataplaneSync {
         Ok(strays.len())
     }
 
+    /// Every service with programmed frontends.
+    pub fn programmed_services(&self) -> Vec<ServiceName> {
+        self.state.read().by_service.keys().cloned().collect()
+    }
+
     pub fn frontend_count(&self) -> usize {
         self.state.read().owners.len()
     }
