@@ -136,6 +136,7 @@ pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Resu
         cgroup_roots.extend(runtime.cgroup_roots());
         runtime.detach();
     }
+    kill_unrecorded_pods(&args.cgroup_root);
     if node.pin_dir.exists() {
         std::fs::remove_dir_all(&node.pin_dir)
             .with_context(|| format!("removing pinned maps {}", node.pin_dir.display()))?;
@@ -161,6 +162,21 @@ pub fn cleanup(args: &AgentArgs, node: &NodeIdentity, api_socket: &Path) -> Resu
     let _ = std::fs::remove_file(api_socket);
     eprintln!("vipr: removed pods, pinned maps and the cluster DNS address {dns}");
     Ok(())
+}
+
+/// Kills what still runs in a pod cgroup (`pod-*`) under `cgroup_root`: a
+/// pod being started when the agent was killed may not be in the runtime's
+/// records yet. Only pod folders: the root may hold the node's own processes.
+fn kill_unrecorded_pods(cgroup_root: &Path) {
+    let Ok(entries) = std::fs::read_dir(cgroup_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("pod-") {
+            // cgroup v2's cgroup.kill: SIGKILL to the whole subtree.
+            let _ = std::fs::write(entry.path().join("cgroup.kill"), "1");
+        }
+    }
 }
 
 /// Whether `interface` (in this network namespace) is a physical NIC, whose
