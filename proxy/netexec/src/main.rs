@@ -77,6 +77,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Handlers first: a SIGTERM that arrives once the ports are announced
+    // (a pod deleted right after it turned ready) must drain, not kill.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let shared = Arc::new(Shared {
         hostname: hostname()?,
         ready: std::sync::atomic::AtomicBool::new(true),
@@ -105,8 +109,6 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut http = tokio::spawn(http::serve(tcp, shared.clone(), stopped));
     let signal = tokio::select! {
