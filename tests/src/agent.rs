@@ -213,6 +213,20 @@ impl AgentNode {
         Some(kib / 1024.0)
     }
 
+    /// CPU time (user + system) the agent has used so far, from
+    /// `/proc/PID/stat`; `None` once it has exited.
+    pub fn agent_cpu_seconds(&self) -> Option<f64> {
+        let pid = self.agent.as_ref()?.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (per_second > 0).then(|| ticks as f64 / per_second as f64)
+    }
+
     /// Runs the vipr CLI against this node's agent.
     pub fn vipr(&self, args: &[&str]) -> Result<Output> {
         Command::new(bin_dir().join("vipr"))

@@ -597,6 +597,17 @@ fn deployment_status(
             false,
         );
     }
+    if created.is_none() && timed_out_on_another(conditions, rs_name) {
+        // The template moved on (`rollout undo` to a revision that still
+        // has its ReplicaSet): the old rollout's deadline says nothing of
+        // this one, which gets a deadline of its own from now.
+        let message = format!("Found new replica set {rs_name:?}");
+        set_condition(
+            conditions,
+            condition(PROGRESSING, "True", "FoundNewReplicaSet", &message, &now),
+            false,
+        );
+    }
     if let Some(name) = created {
         let message = format!("Created new replica set {name:?}");
         set_condition(
@@ -657,6 +668,19 @@ fn deployment_status(
         }
     }
     status
+}
+
+/// Whether the Progressing condition is a timeout of a ReplicaSet other than
+/// `rs_name` (its message names the ReplicaSet, as Kubernetes writes it).
+fn timed_out_on_another(conditions: &[DeploymentCondition], rs_name: &str) -> bool {
+    find(conditions, PROGRESSING).is_some_and(|c| {
+        c.reason.as_deref() == Some(TIMED_OUT)
+            && !c
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(&format!("{rs_name:?}"))
+    })
 }
 
 /// When a rollout still in progress times out (its last progress plus
@@ -1364,6 +1388,17 @@ mod tests {
         );
         // The old pods still serve: maxUnavailable 0.
         assert_eq!(w.available(), 2);
+
+        // Undo goes back to a revision whose ReplicaSet still exists: the
+        // first step that observes it no longer reports the old timeout.
+        assert_eq!(
+            edit::rollback(&mut w.d, &w.rss, 0),
+            Ok(edit::Rollback::RolledBack(1))
+        );
+        w.bump_generation();
+        w.step();
+        assert_eq!(w.condition(PROGRESSING).0, "True");
+        assert!(edit::rollout_status(&w.d).is_ok(), "{:?}", w.d.status);
     }
 
     #[test]

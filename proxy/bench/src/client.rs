@@ -96,19 +96,29 @@ pub struct FloodLink {
     pub dst_mac: [u8; 6],
 }
 
-/// Sends small UDP datagrams to `target` for `duration` from `flows`
-/// distinct source ports (each its own flow, cycled through in turn) of
-/// `source`. Frames go straight to the device (a packet socket, qdisc
-/// bypassed), so the client's own IP stack (routing, neighbour lookup per
-/// datagram) never limits the rate the node is offered; one socket, and no
-/// local port binding limits how many flows there are. Returns how many
-/// were sent.
+/// How a flood picks its source ports.
+#[derive(Clone, Debug)]
+pub struct FloodPlan {
+    /// Source ports, one flow each, used in turn.
+    pub ports: std::ops::Range<u16>,
+    /// Stop after each port has sent once (every datagram a new flow)
+    /// instead of cycling through them until `duration` ends.
+    pub once: bool,
+    /// The longest the flood lasts.
+    pub duration: Duration,
+}
+
+/// Sends small UDP datagrams to `target` from `source`, one flow per
+/// source port of the plan. Frames go straight to the device (a packet
+/// socket, qdisc bypassed), so the client's own IP stack (routing,
+/// neighbour lookup per datagram) never limits the rate the node is
+/// offered; one socket, and no local port binding limits how many flows
+/// there are. Returns how many were sent.
 pub fn udp_flood(
     link: &FloodLink,
     source: Ipv4Addr,
     target: (Ipv4Addr, u16),
-    flows: u16,
-    duration: Duration,
+    plan: &FloodPlan,
 ) -> Result<u64> {
     let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
     // SAFETY: plain socket creation; the fd is owned below. Protocol 0:
@@ -149,14 +159,18 @@ pub fn udp_flood(
     frame.extend(with_ip_checksum(udp_packet(source, target)));
     const SRC_PORT: usize = 14 + 20;
     let mut sent = 0u64;
-    let deadline = Instant::now() + duration;
-    let first_port: u16 = 1024;
-    let mut flow: u16 = 0;
-    while Instant::now() < deadline {
+    let deadline = Instant::now() + plan.duration;
+    let mut ports = plan.ports.clone().cycle();
+    let per_lap = plan.ports.len() as u64;
+    'flood: while Instant::now() < deadline {
         // A batch between clock reads keeps the clock out of the rate.
         for _ in 0..64 {
-            let port = first_port + flow;
-            flow = (flow + 1) % flows.max(1);
+            if plan.once && sent == per_lap {
+                break 'flood;
+            }
+            let Some(port) = ports.next() else {
+                break 'flood;
+            };
             frame[SRC_PORT..SRC_PORT + 2].copy_from_slice(&port.to_be_bytes());
             // SAFETY: valid fd, buffer and address for the call's duration.
             let n = unsafe {

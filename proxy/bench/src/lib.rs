@@ -38,8 +38,10 @@ pub struct BenchOptions {
     pub endpoints: usize,
     pub rounds: usize,
     pub connections: usize,
-    /// Distinct source ports of the NodePort flood (each a flow).
+    /// Distinct source ports of the steady NodePort flood (each a flow).
     pub udp_flows: u16,
+    /// Source ports of the new-flow flood: each sends one datagram.
+    pub udp_new_flows: u16,
     pub udp_duration: Duration,
     pub output: PathBuf,
     /// Modes to leave out (by name), e.g. the slow iptables-nft at 50,000.
@@ -57,6 +59,7 @@ impl BenchOptions {
             rounds: 1,
             connections: 1_000,
             udp_flows: 8_192,
+            udp_new_flows: 50_000,
             udp_duration: Duration::from_secs(1),
             output,
             skip: Vec::new(),
@@ -71,6 +74,7 @@ impl BenchOptions {
             rounds: 3,
             connections: 3_000,
             udp_flows: 8_192,
+            udp_new_flows: 50_000,
             udp_duration: Duration::from_secs(2),
             output,
             skip: Vec::new(),
@@ -179,6 +183,7 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
             options.rounds,
             options.connections,
             options.udp_flows,
+            options.udp_new_flows,
             options.udp_duration.as_secs_f64(),
             options.xdp_redirect,
         ),
@@ -186,6 +191,96 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
     };
     results.write(&options.output)?;
     Ok(results)
+}
+
+/// Source ports of the steady flood start here; the new-flow flood's start
+/// above them, so none of its datagrams belongs to a flow already open.
+const STEADY_FIRST_PORT: u16 = 1024;
+const NEW_FLOW_FIRST_PORT: u16 = 10_000;
+
+/// NodePort datagrams per second handed to the backends: with `udp_flows`
+/// flows already open (a first lap, not counted, opens them: netfilter's
+/// rule walk and vipr's backend choice happen once per flow), and with
+/// every datagram a new flow (each pays the walk or the choice, and a
+/// conntrack entry). kube-proxy's iptables cost per new flow grows with
+/// the number of services; that is where the modes part most.
+fn nodeport_pps(rig: &Rig, mode: Mode, options: &BenchOptions) -> Result<(f64, f64)> {
+    let target = mode.udp_target(rig);
+    let link = rig.flood_link()?;
+    let flood = |source: std::net::Ipv4Addr, plan: client::FloodPlan| {
+        rig.node
+            .outside
+            .enter(|| client::udp_flood(&link, source, target, &plan))?
+    };
+    let client = vipr_e2e::agent::OUTSIDE_IP;
+    let steady_ports = STEADY_FIRST_PORT..STEADY_FIRST_PORT + options.udp_flows;
+    flood(
+        client,
+        client::FloodPlan {
+            ports: steady_ports.clone(),
+            once: true,
+            duration: options.udp_duration * 5,
+        },
+    )?;
+    settle_deliveries(rig)?;
+    check_interrupted()?;
+
+    let before = rig.delivered_to_pods()?;
+    flood(
+        client,
+        client::FloodPlan {
+            ports: steady_ports,
+            once: false,
+            duration: options.udp_duration,
+        },
+    )?;
+    let (delivered, _) = settle_deliveries(rig)?;
+    let steady = (delivered - before) as f64 / options.udp_duration.as_secs_f64();
+    check_interrupted()?;
+
+    let before = rig.delivered_to_pods()?;
+    let started = std::time::Instant::now();
+    flood(
+        fresh_source(),
+        client::FloodPlan {
+            ports: NEW_FLOW_FIRST_PORT..NEW_FLOW_FIRST_PORT + options.udp_new_flows,
+            once: true,
+            duration: options.udp_duration,
+        },
+    )?;
+    let (delivered, last_delivery) = settle_deliveries(rig)?;
+    let elapsed = last_delivery.saturating_duration_since(started);
+    let new_flows = (delivered - before) as f64 / elapsed.as_secs_f64().max(1e-3);
+    Ok((steady, new_flows))
+}
+
+/// A source address no earlier new-flow flood of this process used, so
+/// none of its flows is still in a conntrack table from an earlier round
+/// (198.18.0.0/15, the benchmarking range; nothing answers these datagrams,
+/// so no route back is needed).
+fn fresh_source() -> std::net::Ipv4Addr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 << 17);
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + k)
+}
+
+/// Waits (at most a second) until the node has handed its queued datagrams
+/// on: the pods' delivery counter unchanged over 50 ms. Returns the counter
+/// and when it last moved.
+fn settle_deliveries(rig: &Rig) -> Result<(u64, std::time::Instant)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut last = rig.delivered_to_pods()?;
+    let mut moved_at = std::time::Instant::now();
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = rig.delivered_to_pods()?;
+        if now == last {
+            break;
+        }
+        last = now;
+        moved_at = std::time::Instant::now();
+    }
+    Ok((last, moved_at))
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -201,6 +296,7 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
         .then(|| rig.node.agent_rss_mib())
         .flatten();
     check_interrupted()?;
+    rig.wait_agent_idle();
 
     let connections = rig
         .node
@@ -208,22 +304,7 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
         .enter(|| client::connect_many(options.connections, n, |i| mode.target(rig, i)))??;
     check_interrupted()?;
 
-    let before = rig.delivered_to_pods()?;
-    let target = mode.udp_target(rig);
-    let link = rig.flood_link()?;
-    rig.node.outside.enter(|| {
-        client::udp_flood(
-            &link,
-            vipr_e2e::agent::OUTSIDE_IP,
-            target,
-            options.udp_flows,
-            options.udp_duration,
-        )
-    })??;
-    // Let the last datagrams drain through the node before counting.
-    std::thread::sleep(Duration::from_millis(100));
-    let delivered = rig.delivered_to_pods()? - before;
-    let udp_pps = delivered as f64 / options.udp_duration.as_secs_f64();
+    let (udp_pps, udp_new_flow_pps) = nodeport_pps(rig, mode, options)?;
 
     let changed = n / 2;
     let after = modes::with_extra_endpoint(&services[changed]);
@@ -240,6 +321,7 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
         p99: pct(0.99),
         conn_per_s: connections.per_second,
         udp_pps,
+        udp_new_flow_pps,
         program_all_ms: programmed.then_some(ms(program_all.programming)),
         program_one_change_ms: programmed.then_some(ms(one_change.programming)),
         apply_all_ms: program_all.end_to_end.map(ms),

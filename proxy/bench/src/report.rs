@@ -24,6 +24,8 @@ pub struct Machine {
     pub rounds: usize,
     pub connections_per_round: usize,
     pub udp_flows: u16,
+    /// Datagrams of the new-flow flood, each from a source port of its own.
+    pub udp_new_flows: u16,
     pub udp_seconds: f64,
     /// Whether vipr ran with its XDP forwarding fast path.
     pub xdp_redirect: bool,
@@ -34,6 +36,7 @@ impl Machine {
         rounds: usize,
         connections: usize,
         flows: u16,
+        new_flows: u16,
         udp_seconds: f64,
         xdp_redirect: bool,
     ) -> Self {
@@ -56,6 +59,7 @@ impl Machine {
             rounds,
             connections_per_round: connections,
             udp_flows: flows,
+            udp_new_flows: new_flows,
             udp_seconds,
             xdp_redirect,
         }
@@ -105,6 +109,8 @@ pub struct Run {
     pub conn_latency_us: Option<Latency>,
     pub conn_per_s: Option<f64>,
     pub udp_pps: Option<f64>,
+    /// NodePort datagrams per second when every one is a new flow.
+    pub udp_new_flow_pps: Option<f64>,
     pub program_all_ms: Option<f64>,
     pub program_one_change_ms: Option<f64>,
     /// vipr only: `vipr apply` to programmed maps, store commit included.
@@ -126,6 +132,7 @@ pub struct Round {
     pub p99: f64,
     pub conn_per_s: f64,
     pub udp_pps: f64,
+    pub udp_new_flow_pps: f64,
     pub program_all_ms: Option<f64>,
     pub program_one_change_ms: Option<f64>,
     pub apply_all_ms: Option<f64>,
@@ -146,6 +153,7 @@ impl Run {
             conn_latency_us: None,
             conn_per_s: None,
             udp_pps: None,
+            udp_new_flow_pps: None,
             program_all_ms: None,
             program_one_change_ms: None,
             apply_all_ms: None,
@@ -180,6 +188,10 @@ impl Run {
         );
         let conn_per_s = figure("conn_per_s", rounds.iter().map(|r| r.conn_per_s).collect());
         let udp_pps = figure("udp_pps", rounds.iter().map(|r| r.udp_pps).collect());
+        let udp_new_flow_pps = figure(
+            "udp_new_flow_pps",
+            rounds.iter().map(|r| r.udp_new_flow_pps).collect(),
+        );
         let program_all_ms = figure(
             "program_all_ms",
             rounds.iter().filter_map(|r| r.program_all_ms).collect(),
@@ -215,6 +227,7 @@ impl Run {
             },
             conn_per_s,
             udp_pps,
+            udp_new_flow_pps,
             program_all_ms,
             program_one_change_ms,
             apply_all_ms,
@@ -238,12 +251,13 @@ impl Results {
     /// The terminal table, then each target ratio at the largest scale.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<16} {:>8} {:>22} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11} {:>8}\n",
+            "{:<16} {:>8} {:>22} {:>9} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>8}\n",
             "mode",
             "services",
             "connect p50/p90/p99 µs",
             "conn/s",
             "udp pps",
+            "new-fl pps",
             "program ms",
             "1 change ms",
             "apply ms",
@@ -267,12 +281,13 @@ impl Results {
                 format!("{:.0}/{:.0}/{:.0}", l.p50, l.p90, l.p99)
             });
             out.push_str(&format!(
-                "{:<16} {:>8} {:>22} {:>9} {:>10} {:>11} {:>11} {:>11} {:>11} {:>8}\n",
+                "{:<16} {:>8} {:>22} {:>9} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>8}\n",
                 run.mode.name(),
                 run.services,
                 latency,
                 opt(run.conn_per_s, 0),
                 opt(run.udp_pps, 0),
+                opt(run.udp_new_flow_pps, 0),
                 opt(run.program_all_ms, 1),
                 opt(run.program_one_change_ms, 3),
                 opt(run.apply_all_ms, 1),
@@ -311,7 +326,7 @@ impl Results {
         format!(
             "\nat {largest} services: vipr p50 connect = {} of direct, {} of {}; \
              one change programmed {} faster than {} ({} counting vipr's apply and store \
-             commit); NodePort pps {} of {}\n",
+             commit); NodePort pps {} of {} with the flows open, {} with every datagram a new flow\n",
             ratio(p50(vipr), p50(direct)),
             ratio(p50(vipr), p50(ipt)),
             ipt.mode.name(),
@@ -320,6 +335,7 @@ impl Results {
             ratio(ipt.program_one_change_ms, vipr.apply_one_change_ms),
             ratio(vipr.udp_pps, ipt.udp_pps),
             ipt.mode.name(),
+            ratio(vipr.udp_new_flow_pps, ipt.udp_new_flow_pps),
         )
     }
 

@@ -74,6 +74,28 @@ impl Rig {
             .with_context(|| format!("no {SYNC_SECONDS_SUM} in the agent's metrics"))
     }
 
+    /// Waits (at most [`IDLE_WAIT`]) until the agent is idle: below
+    /// [`IDLE_CPU_SHARE`] of a CPU over one [`IDLE_WINDOW`]. After a large
+    /// programming step it goes on working for a second or two (the
+    /// EndpointSlices it derives, their commits, the DNS snapshot); on a
+    /// 2-vCPU node that work competes with the client, and the latency
+    /// measured would be that of a node busy reprogramming, not of the path.
+    pub fn wait_agent_idle(&self) {
+        let deadline = std::time::Instant::now() + IDLE_WAIT;
+        while std::time::Instant::now() < deadline {
+            let Some(before) = self.node.agent_cpu_seconds() else {
+                return;
+            };
+            std::thread::sleep(IDLE_WINDOW);
+            let Some(after) = self.node.agent_cpu_seconds() else {
+                return;
+            };
+            if after - before < IDLE_CPU_SHARE * IDLE_WINDOW.as_secs_f64() {
+                return;
+            }
+        }
+    }
+
     /// The client's end of the uplink, for the UDP flood.
     pub fn flood_link(&self) -> Result<crate::client::FloodLink> {
         let outside_end = format!("{}o", self.node.prefix);
@@ -126,6 +148,10 @@ fn link_of(ns: &vipr_e2e::Netns, name: &str) -> Result<(u32, [u8; 6])> {
     mac.copy_from_slice(&octets);
     Ok((ifindex as u32, mac))
 }
+
+const IDLE_WAIT: Duration = Duration::from_secs(10);
+const IDLE_WINDOW: Duration = Duration::from_millis(300);
+const IDLE_CPU_SHARE: f64 = 0.05;
 
 /// The agent's default `--metrics-addr`, inside the node namespace.
 const AGENT_METRICS: &str = "127.0.0.1:10249";

@@ -17,6 +17,7 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
         rounds: 1,
         connections: 50,
         udp_flows: 64,
+        udp_new_flows: 500,
         udp_duration: Duration::from_millis(300),
         output: output.clone(),
         skip: Vec::new(),
@@ -59,6 +60,10 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
         assert!(
             run["udp_pps"].as_f64().unwrap() > 0.0,
             "{mode}: the flood arrived"
+        );
+        assert!(
+            run["udp_new_flow_pps"].as_f64().unwrap() > 0.0,
+            "{mode}: the new-flow flood arrived"
         );
         if mode != "direct" {
             assert!(run["program_all_ms"].as_f64().unwrap() > 0.0, "{mode}");

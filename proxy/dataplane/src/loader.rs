@@ -50,8 +50,14 @@ const PERSISTENT_MAPS: [&str; 15] = [
     map_names::SOCK_CONNECTIONS,
 ];
 
-/// SNAT source ports by default: above Linux's default ephemeral range.
-pub const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 61000..=65535;
+/// SNAT source ports by default: the unprivileged ports below Linux's
+/// default ephemeral range (32768-60999), so a SNAT'd flow never takes the
+/// tuple of a node-local connection. A flow needs its own port per backend
+/// address and port, so this is how many SNAT'd flows (externalTrafficPolicy
+/// Cluster) one backend can have open per protocol: 31,744. The range above
+/// the ephemeral one (61000-65535) held 4,536, which a NodePort under a
+/// few hundred new UDP flows a second exhausts before the flows time out.
+pub const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 1024..=32767;
 
 /// How to load the data plane.
 #[derive(Clone, Debug)]
