@@ -243,6 +243,10 @@ pub struct Backend {
     /// slot owns the points `weight_start..weight_start + weight` of
     /// `0..ServiceValue::total_weight`.
     pub weight_start: u32,
+    /// The (frontend, backend) pair's `BACKEND_STATS` slot, as `MEMBERS`
+    /// holds it: carried here so a new flow's counters need no second
+    /// lookup (with many services, each lookup is a cache miss).
+    pub stats_id: u32,
 }
 
 impl Backend {

@@ -87,7 +87,7 @@ impl NewFlow {
 /// The backend for a new flow of `service` (which has backends), honouring
 /// session affinity. `None` only when a map entry vanished under an update.
 #[inline(always)]
-pub fn choose(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
+pub fn choose(service: &ServiceValue, flow: &NewFlow) -> Option<Chosen> {
     if service.affinity_timeout == 0 {
         return balance(service, flow);
     }
@@ -103,18 +103,21 @@ pub fn choose(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
         let remembered = unsafe { *entry };
         let idle = now.saturating_sub(remembered.last_seen_ns);
         if idle <= u64::from(service.affinity_timeout) * NS_PER_SECOND
-            && is_member(service.service_id, &remembered.backend)
+            && let Some(stats_id) = member_stats_id(service.service_id, &remembered.backend)
         {
             // SAFETY: as above; a racing writer writes a time just as good.
             unsafe { (*entry).last_seen_ns = now };
             count(Counter::AffinityHit, 0);
-            return Some(remembered.backend);
+            return Some(Chosen {
+                endpoint: remembered.backend,
+                stats_id: Some(stats_id),
+            });
         }
     }
     let chosen = balance(service, flow)?;
     let value = AffinityValue {
         last_seen_ns: now,
-        backend: chosen,
+        backend: chosen.endpoint,
         _pad: 0,
     };
     // An LRU map makes room by itself; losing the entry only loses affinity.
@@ -124,7 +127,7 @@ pub fn choose(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
 
 /// The service's algorithm proper.
 #[inline(always)]
-fn balance(service: &ServiceValue, flow: &NewFlow) -> Option<Endpoint> {
+fn balance(service: &ServiceValue, flow: &NewFlow) -> Option<Chosen> {
     let slots = service.backend_count;
     if slots == 0 {
         return None;
@@ -167,15 +170,18 @@ fn slot(service: &ServiceValue, slot: u32) -> Option<Backend> {
 }
 
 #[inline(always)]
-fn slot_endpoint(service: &ServiceValue, index: u32) -> Option<Endpoint> {
-    slot(service, index).map(|b| b.endpoint())
+fn slot_endpoint(service: &ServiceValue, index: u32) -> Option<Chosen> {
+    slot(service, index).map(|b| Chosen {
+        endpoint: b.endpoint(),
+        stats_id: Some(b.stats_id),
+    })
 }
 
 /// `value` (a hash or a draw) scaled onto the service's weight ranges:
 /// `vipr_balancer`'s `weighted_point`. Equal weights skip the search, as
 /// `scale(v, n * w) / w == scale(v, n)`.
 #[inline(always)]
-fn hashed_endpoint(service: &ServiceValue, value: u32) -> Option<Endpoint> {
+fn hashed_endpoint(service: &ServiceValue, value: u32) -> Option<Chosen> {
     if service.flags & service_flags::WEIGHTED == 0 {
         slot_endpoint(service, scale(value, service.backend_count))
     } else {
@@ -188,7 +194,7 @@ fn hashed_endpoint(service: &ServiceValue, value: u32) -> Option<Endpoint> {
 /// `bpf_loop` step (an open-coded loop makes the verifier walk every path
 /// through the halvings).
 #[inline(always)]
-fn weight_point_endpoint(service: &ServiceValue, point: u32) -> Option<Endpoint> {
+fn weight_point_endpoint(service: &ServiceValue, point: u32) -> Option<Chosen> {
     let mut search = WeightSearch {
         service_id: service.service_id,
         point,
@@ -243,7 +249,7 @@ extern "C" fn weight_search_step(_index: u32, ctx: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn maglev_endpoint(service: &ServiceValue, hash: u32) -> Option<Endpoint> {
+fn maglev_endpoint(service: &ServiceValue, hash: u32) -> Option<Chosen> {
     let size = service.maglev_size;
     if size == 0 {
         return None;
@@ -253,7 +259,10 @@ fn maglev_endpoint(service: &ServiceValue, hash: u32) -> Option<Endpoint> {
         slot: hash % size,
     };
     // SAFETY: plain data read.
-    unsafe { MAGLEV.get(&key) }.copied()
+    unsafe { MAGLEV.get(&key) }.map(|endpoint| Chosen {
+        endpoint: *endpoint,
+        stats_id: None,
+    })
 }
 
 /// The service's next turn (`rr`, `wrr`). A plain read and write: an
@@ -278,7 +287,7 @@ fn next_turn(service: &ServiceValue) -> u32 {
 /// first idle one, else as `sed`. Ties go to the first slot. Only the first
 /// [`LEAST_LOADED_SCAN`] slots are compared, one per `bpf_loop` step.
 #[inline(always)]
-fn least_loaded(service: &ServiceValue) -> Option<Endpoint> {
+fn least_loaded(service: &ServiceValue) -> Option<Chosen> {
     let mut scan = LoadScan {
         best: Endpoint {
             addr: 0,
@@ -290,6 +299,7 @@ fn least_loaded(service: &ServiceValue) -> Option<Endpoint> {
         found: 0,
         best_active: 0,
         best_weight: 0,
+        best_stats_id: 0,
     };
     let slots = service.backend_count.min(LEAST_LOADED_SCAN);
     // SAFETY: the callback takes exactly this context type.
@@ -301,7 +311,10 @@ fn least_loaded(service: &ServiceValue) -> Option<Endpoint> {
             0,
         )
     };
-    (scan.found != 0).then_some(scan.best)
+    (scan.found != 0).then_some(Chosen {
+        endpoint: scan.best,
+        stats_id: Some(scan.best_stats_id),
+    })
 }
 
 /// The least loaded slot so far (8-aligned, as [`WeightSearch`]).
@@ -313,6 +326,7 @@ struct LoadScan {
     found: u32,
     best_active: u32,
     best_weight: u32,
+    best_stats_id: u32,
 }
 
 /// Compares slot `index` with the best so far; returns 1 (stop) at an idle
@@ -346,12 +360,15 @@ extern "C" fn load_scan_step(index: u32, ctx: *mut c_void) -> i64 {
         scan.best = endpoint;
         scan.best_active = active;
         scan.best_weight = u32::from(backend.weight);
+        scan.best_stats_id = backend.stats_id;
     }
     i64::from(idle_wins)
 }
 
+/// The stats id of `endpoint` as a backend of the service, or `None` when
+/// it is not one (any more).
 #[inline(always)]
-fn is_member(service_id: u32, endpoint: &Endpoint) -> bool {
+fn member_stats_id(service_id: u32, endpoint: &Endpoint) -> Option<u32> {
     let key = MemberKey {
         service_id,
         addr: endpoint.addr,
@@ -359,13 +376,33 @@ fn is_member(service_id: u32, endpoint: &Endpoint) -> bool {
         _pad: 0,
     };
     // SAFETY: plain data read.
-    unsafe { MEMBERS.get(&key) }.is_some()
+    unsafe { MEMBERS.get(&key) }.copied()
+}
+
+/// A new flow's backend, with its `BACKEND_STATS` slot when the choice
+/// read it from the backend's slot (every algorithm but Maglev, whose
+/// table holds endpoints only).
+#[derive(Clone, Copy)]
+pub struct Chosen {
+    pub endpoint: Endpoint,
+    stats_id: Option<u32>,
+}
+
+impl Chosen {
+    /// The pair's stats slot: carried, or looked up in `MEMBERS`.
+    #[inline(always)]
+    pub fn stats_id(&self, service_id: u32) -> u32 {
+        match self.stats_id {
+            Some(id) => id,
+            None => stats_id(service_id, &self.endpoint),
+        }
+    }
 }
 
 /// The `BACKEND_STATS` slot of the (frontend, backend) pair, from the
 /// backend's member entry; 0 (counted nowhere) when it has none.
 #[inline(always)]
-pub fn stats_id(service_id: u32, endpoint: &Endpoint) -> u32 {
+fn stats_id(service_id: u32, endpoint: &Endpoint) -> u32 {
     let key = MemberKey {
         service_id,
         addr: endpoint.addr,

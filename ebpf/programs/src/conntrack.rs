@@ -174,15 +174,16 @@ pub fn open<const EVENTS: bool>(
     if service.backend_count == 0 {
         return no_endpoints(ctx, service, tuple.proto);
     }
-    let Some(backend) = balance::choose(service, &NewFlow::of_packet(tuple)) else {
+    let Some(chosen) = balance::choose(service, &NewFlow::of_packet(tuple)) else {
         return (Counter::DropBackendMissing, xdp_action::XDP_DROP);
     };
+    let backend = chosen.endpoint;
     let config = CONFIG.get(0).copied().unwrap_or_default();
     let counted = balance::counts_connections(service);
     let counted_flag = if counted { flow_flags::COUNTED } else { 0 };
     let monitored = if EVENTS { monitor::reply_flag() } else { 0 };
 
-    let stats_id = balance::stats_id(service.service_id, &backend);
+    let stats_id = chosen.stats_id(service.service_id);
     let mut forward = NatEntry {
         src_addr: tuple.src_addr,
         dst_addr: backend.addr,

@@ -98,7 +98,7 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         _pad: 0,
         _pad2: 0,
     };
-    let Some(backend) = backend else {
+    let Some(chosen) = backend else {
         // No endpoint (or a slot vanishing under an update): refuse now, as
         // the XDP path answers a remote client with RST / port unreachable.
         // SAFETY: plain helper call; a negative errno is what it takes.
@@ -108,6 +108,7 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         monitor::emit_socket(Counter::SockRejected, &before, &before);
         return SYS_REJECT;
     };
+    let backend = chosen.endpoint;
     // SAFETY: the helper accepts a sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // A TCP connection of a service balanced by load counts until its
@@ -146,7 +147,7 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
         Hook::Sendmsg => Counter::SockSendmsgTranslated,
     };
     count(counter, 0);
-    stats::count_socket_flow(balance::stats_id(service.service_id, &backend));
+    stats::count_socket_flow(chosen.stats_id(service.service_id));
     let after = FlowKey {
         dst_addr: backend.addr,
         dst_port: backend.port,

@@ -73,14 +73,24 @@ fn removal_disruption(n: u32, m: u32, removed: usize) -> f64 {
     moved(&owners(&t0, &before), &owners(&t1, &after))
 }
 
-// Maglev moves the removed backend's 1/N of the table plus some entries
-// contested in the last population rounds. That excess shrinks as the table
-// grows relative to N: measured (worst of 5 removals) 0.2% at M/N = 6552,
-// 0.6-0.9% at M/N ~ 500-650, 1.6% at M/N = 164, 2.7% at M/N = 102.
+// The table moves the removed backend's 1/N plus some entries contested
+// late in the population; that excess shrinks as the table grows relative
+// to N. At the default size it stays under 1% for every N the 1%-balance
+// rule allows (size over 100x N: up to 163 backends). Measured worst of the
+// removals below: N=10 0.38%, N=30 0.56%, N=100 0.75%, N=160 0.80%, and
+// N=1000 at 131071 slots 0.28% (the paper's round-robin population:
+// 0.51%, 0.92%, 1.41%, 1.60%).
 #[test]
 fn removing_one_backend_remaps_under_one_nth_plus_one_percent() {
-    for (n, m) in [(10, 65521), (30, 16381), (100, 65521), (200, 131071)] {
-        for removed in [0, n as usize / 2, n as usize - 1] {
+    let default = MaglevTableSize::DEFAULT.get();
+    for (n, m) in [
+        (10, default),
+        (30, default),
+        (100, default),
+        (160, default),
+        (1000, 131071),
+    ] {
+        for removed in [0, 3, n as usize / 2, n as usize - 1] {
             let fraction = removal_disruption(n, m, removed);
             let bound = 1.0 / f64::from(n) + 0.01;
             assert!(
@@ -91,12 +101,15 @@ fn removing_one_backend_remaps_under_one_nth_plus_one_percent() {
     }
 }
 
+// Small tables at the 100x limit contest more of their entries: measured
+// 1.46% over 1/N at N=10, M=1021 and 1.06% at N=30, M=4093 (the paper's
+// round-robin population: 2.9% and 2.1%).
 #[test]
-fn removing_one_backend_at_100x_table_stays_under_twice_the_minimum() {
-    for (n, m) in [(10, 1021), (30, 4093), (100, 16381)] {
+fn removing_one_backend_from_a_small_table_stays_near_the_minimum() {
+    for (n, m) in [(10, 1021), (30, 4093)] {
         for removed in [0, n as usize / 2, n as usize - 1] {
             let fraction = removal_disruption(n, m, removed);
-            let bound = 2.0 / f64::from(n) + 0.01;
+            let bound = 1.0 / f64::from(n) + 0.025;
             assert!(
                 fraction < bound,
                 "n={n} m={m} removed #{removed}: {fraction:.4} >= {bound:.4}"

@@ -65,20 +65,24 @@ impl Slots {
         self.backends.windows(2).any(|w| w[0].1 != w[1].1)
     }
 
-    /// The map value of each slot.
-    pub(crate) fn values(&self) -> impl Iterator<Item = Backend> + '_ {
+    /// The map value of each slot, with the slot's stats id.
+    pub(crate) fn values<'s>(&'s self, stats_ids: &'s [u32]) -> impl Iterator<Item = Backend> + 's {
         let mut start = 0u32;
-        self.backends.iter().map(move |(addr, weight)| {
-            let endpoint = addr.endpoint();
-            let value = Backend {
-                addr: endpoint.addr,
-                port: endpoint.port,
-                weight: weight.get(),
-                weight_start: start,
-            };
-            start += u32::from(weight.get());
-            value
-        })
+        self.backends
+            .iter()
+            .zip(stats_ids)
+            .map(move |((addr, weight), &stats_id)| {
+                let endpoint = addr.endpoint();
+                let value = Backend {
+                    addr: endpoint.addr,
+                    port: endpoint.port,
+                    weight: weight.get(),
+                    weight_start: start,
+                    stats_id,
+                };
+                start += u32::from(weight.get());
+                value
+            })
     }
 
     /// The Maglev table of these slots, as `MAGLEV` holds it; empty unless

@@ -282,7 +282,7 @@ impl Dataplane {
 
         let ebpf = self.ebpf_mut();
         let mut slots = backend_map(ebpf)?;
-        for (slot, value) in (0u32..).zip(plan.values()) {
+        for (slot, value) in (0u32..).zip(plan.values(&stats_ids)) {
             slots
                 .insert(backend_key(id, slot), value, 0)
                 .map_err(DataplaneError::map(map_names::BACKENDS))?;

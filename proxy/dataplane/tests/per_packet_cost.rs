@@ -486,3 +486,52 @@ fn idle_monitor_cost() {
         );
     }
 }
+
+/// The new-flow cost with many services programmed and each new flow to a
+/// random one of them, next to the same with one service: what the map
+/// lookups cost once their entries are no longer in the CPU's caches.
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture, ideally --release on an idle machine"]
+fn new_flow_cost_by_service_count() {
+    println!("new flow, ns/packet (single runs), random service of N, 2 backends each");
+    println!(
+        "{:>8} {:>10} {:>10} {:>10}",
+        "services", "new flow", "floor", "- floor"
+    );
+    for services in [1u32, 1_000, 10_000] {
+        let mut dp = dataplane();
+        let port = Port::new(80).unwrap();
+        let vip = |i: u32| Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 0)) + i);
+        for i in 0..services {
+            let backend = |k: u32| BackendAddr {
+                addr: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + 2 * i + k),
+                port,
+            };
+            dp.program_service(
+                Frontend {
+                    addr: vip(i),
+                    port,
+                    protocol: Protocol::Tcp,
+                },
+                &[backend(0), backend(1)],
+            )
+            .unwrap();
+        }
+        // A fixed scramble of the run number: every service about as often,
+        // in no order the caches could follow.
+        let service_of = |i: u16| (u32::from(i).wrapping_mul(2_654_435_761) >> 8) % services;
+        let flows: Vec<Vec<u8>> = (0..SINGLE_RUNS)
+            .map(|i| {
+                let client = Ipv4Addr::from(u32::from(CLIENT) + u32::from(i / 1000));
+                Ipv4Packet::tcp((client, 10000 + i % 1000), (vip(service_of(i)), 80)).build()
+            })
+            .collect();
+        let floor = single(&mut dp, true, &flows);
+        let (cost, n) = counted(&mut dp, Counter::NewFlow, |dp| single(dp, false, &flows));
+        assert_eq!(n, u64::from(SINGLE_RUNS), "every run opened a flow");
+        println!(
+            "{services:>8} {cost:>10.1} {floor:>10.1} {:>10.1}",
+            cost - floor
+        );
+    }
+}
