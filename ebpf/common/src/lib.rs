@@ -750,7 +750,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 28);
         assert_eq!(size_of::<BackendKey>(), 8);
-        assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<Backend>(), 16);
         assert_eq!(size_of::<Endpoint>(), 8);
         assert_eq!(size_of::<MaglevKey>(), 8);
         assert_eq!(size_of::<MemberKey>(), 12);
