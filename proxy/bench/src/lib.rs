@@ -213,6 +213,7 @@ fn nodeport_pps(rig: &Rig, mode: Mode, options: &BenchOptions) -> Result<(f64, f
             .enter(|| client::udp_flood(&link, source, target, &plan))?
     };
     let client = vipr_e2e::agent::OUTSIDE_IP;
+    rig.flush_kernel_conntrack()?;
     let steady_ports = STEADY_FIRST_PORT..STEADY_FIRST_PORT + options.udp_flows;
     flood(
         client,

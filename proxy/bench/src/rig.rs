@@ -96,6 +96,15 @@ impl Rig {
         }
     }
 
+    /// Empties the node namespace's kernel conntrack table, so one mode's
+    /// NodePort floods do not meet the flows (and the SNAT ports) an earlier
+    /// mode left there: a netfilter flow outlives its rules for the UDP
+    /// timeout, and would be served by the old mode's NAT. vipr keeps its
+    /// own conntrack in BPF and clears it with the services.
+    pub fn flush_kernel_conntrack(&self) -> Result<()> {
+        self.node.node.enter(flush_conntrack)?
+    }
+
     /// The client's end of the uplink, for the UDP flood.
     pub fn flood_link(&self) -> Result<crate::client::FloodLink> {
         let outside_end = format!("{}o", self.node.prefix);
@@ -124,6 +133,61 @@ impl Rig {
             })
             .filter_map(|l| l["stats64"]["tx"]["packets"].as_u64())
             .sum())
+    }
+}
+
+/// ctnetlink's flush: an `IPCTNL_MSG_CT_DELETE` request without attributes
+/// deletes every IPv4 entry of the calling thread's namespace. Hand-made
+/// (a header and a `nfgenmsg`): no netlink crate of the workspace speaks
+/// ctnetlink. A namespace where netfilter never tracked a flow has no table
+/// to flush; that is not an error.
+fn flush_conntrack() -> Result<()> {
+    const NETLINK_NETFILTER: libc::c_int = 12;
+    const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+    const IPCTNL_MSG_CT_DELETE: u16 = 2;
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        bail!("netfilter netlink socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    let mut request = Vec::with_capacity(20);
+    request.extend(20u32.to_ne_bytes()); // nlmsg_len
+    request.extend(((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes());
+    request.extend(((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    request.extend(1u32.to_ne_bytes()); // seq
+    request.extend(0u32.to_ne_bytes()); // pid: the kernel fills it in
+    request.extend([libc::AF_INET as u8, 0, 0, 0]); // nfgenmsg: family, version 0, res_id 0
+    // SAFETY: valid fd and buffer for the call's duration.
+    if unsafe { libc::send(raw, request.as_ptr().cast(), request.len(), 0) } < 0 {
+        bail!("conntrack flush: {}", std::io::Error::last_os_error());
+    }
+    let mut answer = [0u8; 256];
+    // SAFETY: as above; the kernel answers the ACK flag at once.
+    let n = unsafe { libc::recv(raw, answer.as_mut_ptr().cast(), answer.len(), 0) };
+    if n < 20 {
+        bail!("conntrack flush: no answer ({})", std::io::Error::last_os_error());
+    }
+    // An NLMSG_ERROR answer carries the errno (0: done) after the header.
+    let kind = u16::from_ne_bytes([answer[4], answer[5]]);
+    if kind != libc::NLMSG_ERROR as u16 {
+        bail!("conntrack flush: unexpected answer type {kind}");
+    }
+    let error = i32::from_ne_bytes([answer[16], answer[17], answer[18], answer[19]]);
+    match -error {
+        0 | libc::ENOENT | libc::EOPNOTSUPP => Ok(()),
+        errno => bail!(
+            "conntrack flush: {}",
+            std::io::Error::from_raw_os_error(errno)
+        ),
     }
 }
 
