@@ -378,9 +378,59 @@ pub struct AgentArgs {
     /// runs XDP and sends complete checksums.
     #[arg(long, action = clap::ArgAction::Set)]
     pub xdp_redirect_uplink: Option<bool>,
+    /// Source ports for SNAT'd flows (externalTrafficPolicy Cluster,
+    /// hairpin), MIN-MAX. A flow needs a port of its own per backend, so
+    /// this bounds the concurrent external flows of one backend; keep it
+    /// clear of the node's ephemeral range (net.ipv4.ip_local_port_range).
+    #[arg(long, default_value = "1024-32767", value_parser = parse_port_range)]
+    pub snat_ports: std::ops::RangeInclusive<u16>,
     /// Remove everything the agent made (programs, maps, links, pods) and exit.
     #[arg(long)]
     pub cleanup: bool,
+}
+
+/// `MIN-MAX`, both ports 1..=65535, MIN <= MAX.
+fn parse_port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (min, max) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: expected MIN-MAX, e.g. 1024-32767"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{text:?}: {p:?} is not a port (1-65535)"))
+    };
+    let (min, max) = (port(min)?, port(max)?);
+    if min > max {
+        return Err(format!("{text:?}: {min} is above {max}"));
+    }
+    Ok(min..=max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Cli, Command, parse_port_range};
+    use clap::Parser;
+
+    #[test]
+    fn snat_ports_default_is_the_data_planes() {
+        let cli = Cli::try_parse_from(["vipr", "agent"]).unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not the agent command");
+        };
+        assert_eq!(args.snat_ports, vipr_dataplane::DEFAULT_SNAT_PORTS);
+    }
+
+    #[test]
+    fn port_ranges_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_port_range("1024-32767"), Ok(1024..=32767));
+        assert_eq!(parse_port_range("61000-61000"), Ok(61000..=61000));
+        for bad in ["1024", "0-10", "10-5", "a-b", "1-65536"] {
+            let err = parse_port_range(bad).unwrap_err();
+            assert!(err.starts_with(&format!("{bad:?}")), "{err}");
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]

@@ -154,7 +154,10 @@ fn flush_conntrack() -> Result<()> {
         )
     };
     if fd < 0 {
-        bail!("netfilter netlink socket: {}", std::io::Error::last_os_error());
+        bail!(
+            "netfilter netlink socket: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // SAFETY: a fresh fd nothing else owns.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -174,7 +177,10 @@ fn flush_conntrack() -> Result<()> {
     // SAFETY: as above; the kernel answers the ACK flag at once.
     let n = unsafe { libc::recv(raw, answer.as_mut_ptr().cast(), answer.len(), 0) };
     if n < 20 {
-        bail!("conntrack flush: no answer ({})", std::io::Error::last_os_error());
+        bail!(
+            "conntrack flush: no answer ({})",
+            std::io::Error::last_os_error()
+        );
     }
     // An NLMSG_ERROR answer carries the errno (0: done) after the header.
     let kind = u16::from_ne_bytes([answer[4], answer[5]]);

@@ -99,6 +99,7 @@ async fn serve(args: AgentArgs, node: node::NodeIdentity, api_socket: PathBuf) -
         max_services: args.max_services,
         max_backends: args.max_backends,
         xdp_redirect: args.xdp_redirect,
+        snat_ports: args.snat_ports.clone(),
         // The program stays attached while the agent restarts.
         pin_links: true,
         ..DataplaneOptions::default()
