@@ -266,20 +266,27 @@ fn fresh_source() -> std::net::Ipv4Addr {
 }
 
 /// Waits (at most a second) until the node has handed its queued datagrams
-/// on: the pods' delivery counter unchanged over 50 ms. Returns the counter
-/// and when it last moved.
+/// on: the pods' delivery counter unchanged over three polls 10 ms apart.
+/// Returns the counter and when it was last seen moving (the new-flow rate
+/// is timed to that, so the poll interval bounds its error: a 50,000-flow
+/// flood takes 100-150 ms at vipr's rate).
 fn settle_deliveries(rig: &Rig) -> Result<(u64, std::time::Instant)> {
+    const POLL: Duration = Duration::from_millis(10);
+    const STILL_POLLS: u32 = 3;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     let mut last = rig.delivered_to_pods()?;
     let mut moved_at = std::time::Instant::now();
-    while std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    let mut still = 0;
+    while still < STILL_POLLS && std::time::Instant::now() < deadline {
+        std::thread::sleep(POLL);
         let now = rig.delivered_to_pods()?;
         if now == last {
-            break;
+            still += 1;
+        } else {
+            still = 0;
+            last = now;
+            moved_at = std::time::Instant::now();
         }
-        last = now;
-        moved_at = std::time::Instant::now();
     }
     Ok((last, moved_at))
 }
