@@ -167,54 +167,24 @@ impl Run {
 
     pub fn from_rounds(mode: Mode, services: usize, endpoints: usize, rounds: &[Round]) -> Run {
         let mut spread = BTreeMap::new();
-        let mut figure = |name: &'static str, values: Vec<f64>| {
-            let s = Spread::of(&values);
-            if let Some(s) = s {
-                spread.insert(name, s);
-            }
-            s.map(|s| s.median)
+        // A figure's median over the rounds that have it; its spread is kept.
+        let mut figure = |name: &'static str, of: fn(&Round) -> Option<f64>| {
+            let values: Vec<f64> = rounds.iter().filter_map(of).collect();
+            let s = Spread::of(&values)?;
+            spread.insert(name, s);
+            Some(s.median)
         };
-        let p50 = figure(
-            "conn_latency_p50_us",
-            rounds.iter().map(|r| r.p50).collect(),
-        );
-        let p90 = figure(
-            "conn_latency_p90_us",
-            rounds.iter().map(|r| r.p90).collect(),
-        );
-        let p99 = figure(
-            "conn_latency_p99_us",
-            rounds.iter().map(|r| r.p99).collect(),
-        );
-        let conn_per_s = figure("conn_per_s", rounds.iter().map(|r| r.conn_per_s).collect());
-        let udp_pps = figure("udp_pps", rounds.iter().map(|r| r.udp_pps).collect());
-        let udp_new_flow_pps = figure(
-            "udp_new_flow_pps",
-            rounds.iter().map(|r| r.udp_new_flow_pps).collect(),
-        );
-        let program_all_ms = figure(
-            "program_all_ms",
-            rounds.iter().filter_map(|r| r.program_all_ms).collect(),
-        );
-        let program_one_change_ms = figure(
-            "program_one_change_ms",
-            rounds
-                .iter()
-                .filter_map(|r| r.program_one_change_ms)
-                .collect(),
-        );
-        let apply_all_ms = figure(
-            "apply_all_ms",
-            rounds.iter().filter_map(|r| r.apply_all_ms).collect(),
-        );
-        let apply_one_change_ms = figure(
-            "apply_one_change_ms",
-            rounds
-                .iter()
-                .filter_map(|r| r.apply_one_change_ms)
-                .collect(),
-        );
-        let rss_mib = figure("rss_mib", rounds.iter().filter_map(|r| r.rss_mib).collect());
+        let p50 = figure("conn_latency_p50_us", |r| Some(r.p50));
+        let p90 = figure("conn_latency_p90_us", |r| Some(r.p90));
+        let p99 = figure("conn_latency_p99_us", |r| Some(r.p99));
+        let conn_per_s = figure("conn_per_s", |r| Some(r.conn_per_s));
+        let udp_pps = figure("udp_pps", |r| Some(r.udp_pps));
+        let udp_new_flow_pps = figure("udp_new_flow_pps", |r| Some(r.udp_new_flow_pps));
+        let program_all_ms = figure("program_all_ms", |r| r.program_all_ms);
+        let program_one_change_ms = figure("program_one_change_ms", |r| r.program_one_change_ms);
+        let apply_all_ms = figure("apply_all_ms", |r| r.apply_all_ms);
+        let apply_one_change_ms = figure("apply_one_change_ms", |r| r.apply_one_change_ms);
+        let rss_mib = figure("rss_mib", |r| r.rss_mib);
         Run {
             mode,
             services,

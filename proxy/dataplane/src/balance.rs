@@ -21,7 +21,10 @@ use vipr_common::{
     flow_flags, lb_algorithm, map_names,
 };
 
-use crate::{BackendAddr, Dataplane, DataplaneError, FrontendOptions, flows};
+use crate::{
+    BackendAddr, Dataplane, DataplaneError, FrontendOptions, flows,
+    maps::{hash_map, hash_map_mut},
+};
 
 /// `BPF_NOEXIST`: insert only if absent.
 const BPF_NOEXIST: u64 = 1;
@@ -157,14 +160,6 @@ pub(crate) fn affinity_timeout(balancing: &ServiceBalancing) -> u32 {
     }
 }
 
-fn map<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<BpfHashMap<&'a mut MapData, K, V>, DataplaneError> {
-    let map = ebpf.map_mut(name).ok_or(DataplaneError::MissingMap(name))?;
-    BpfHashMap::try_from(map).map_err(DataplaneError::map(name))
-}
-
 /// Writes the entries of `new` that differ from `old` (the table the map
 /// holds for `service_id` now); entries past `new`'s end are left for
 /// [`trim_maglev`]. Returns how many entries were written.
@@ -174,7 +169,7 @@ pub(crate) fn write_maglev(
     new: &[Endpoint],
     old: &[Endpoint],
 ) -> Result<usize, DataplaneError> {
-    let mut table: BpfHashMap<_, MaglevKey, Endpoint> = map(ebpf, map_names::MAGLEV)?;
+    let mut table: BpfHashMap<_, MaglevKey, Endpoint> = hash_map_mut(ebpf, map_names::MAGLEV)?;
     let mut written = 0;
     for (slot, entry) in (0u32..).zip(new) {
         if old.get(slot as usize) == Some(entry) {
@@ -195,7 +190,7 @@ pub(crate) fn trim_maglev(
     new_len: usize,
     old_len: usize,
 ) -> Result<(), DataplaneError> {
-    let mut table: BpfHashMap<_, MaglevKey, Endpoint> = map(ebpf, map_names::MAGLEV)?;
+    let mut table: BpfHashMap<_, MaglevKey, Endpoint> = hash_map_mut(ebpf, map_names::MAGLEV)?;
     for slot in new_len..old_len {
         let _ = table.remove(&MaglevKey {
             service_id,
@@ -243,7 +238,7 @@ pub(crate) fn add_members(
     slots: &Slots,
     stats_ids: &[u32],
 ) -> Result<(), DataplaneError> {
-    let mut members: BpfHashMap<_, MemberKey, u32> = map(ebpf, map_names::MEMBERS)?;
+    let mut members: BpfHashMap<_, MemberKey, u32> = hash_map_mut(ebpf, map_names::MEMBERS)?;
     for ((backend, _), stats_id) in slots.backends.iter().zip(stats_ids) {
         members
             .insert(member_key(service_id, backend), stats_id, 0)
@@ -256,11 +251,7 @@ pub(crate) fn add_members(
 pub(crate) fn read_members(
     ebpf: &Ebpf,
 ) -> Result<std::collections::HashMap<(u32, Endpoint), u32>, DataplaneError> {
-    let members: BpfHashMap<&MapData, MemberKey, u32> = BpfHashMap::try_from(
-        ebpf.map(map_names::MEMBERS)
-            .ok_or(DataplaneError::MissingMap(map_names::MEMBERS))?,
-    )
-    .map_err(DataplaneError::map(map_names::MEMBERS))?;
+    let members: BpfHashMap<&MapData, MemberKey, u32> = hash_map(ebpf, map_names::MEMBERS)?;
     Ok(members
         .iter()
         .filter_map(Result::ok)
@@ -283,7 +274,7 @@ pub(crate) fn remove_members(
     new: &[BackendAddr],
 ) -> Result<(), DataplaneError> {
     let keep: HashSet<&BackendAddr> = new.iter().collect();
-    let mut members: BpfHashMap<_, MemberKey, u32> = map(ebpf, map_names::MEMBERS)?;
+    let mut members: BpfHashMap<_, MemberKey, u32> = hash_map_mut(ebpf, map_names::MEMBERS)?;
     for backend in old.iter().filter(|b| !keep.contains(b)) {
         let _ = members.remove(&member_key(service_id, backend));
     }
@@ -293,7 +284,8 @@ pub(crate) fn remove_members(
 /// Creates a zero count for each slot backend without one, so the data
 /// plane only ever adds to existing counters.
 pub(crate) fn ensure_counters(ebpf: &mut Ebpf, slots: &Slots) -> Result<(), DataplaneError> {
-    let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
+    let mut counts: BpfHashMap<_, Endpoint, u32> =
+        hash_map_mut(ebpf, map_names::ACTIVE_CONNECTIONS)?;
     for (backend, _) in &slots.backends {
         match counts.insert(backend.endpoint(), 0, BPF_NOEXIST) {
             Ok(()) => {}
@@ -315,7 +307,8 @@ pub(crate) fn remove_counters(
     if backends.is_empty() {
         return Ok(());
     }
-    let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
+    let mut counts: BpfHashMap<_, Endpoint, u32> =
+        hash_map_mut(ebpf, map_names::ACTIVE_CONNECTIONS)?;
     for backend in backends {
         let _ = counts.remove(&backend.endpoint());
     }
@@ -324,7 +317,8 @@ pub(crate) fn remove_counters(
 
 /// Removes every session affinity of `service_id` (its id may be reused).
 pub(crate) fn forget_affinities(ebpf: &mut Ebpf, service_id: u32) -> Result<(), DataplaneError> {
-    let mut affinity: BpfHashMap<_, AffinityKey, AffinityValue> = map(ebpf, map_names::AFFINITY)?;
+    let mut affinity: BpfHashMap<_, AffinityKey, AffinityValue> =
+        hash_map_mut(ebpf, map_names::AFFINITY)?;
     let doomed: Vec<AffinityKey> = affinity
         .keys()
         .filter_map(Result::ok)
@@ -359,12 +353,14 @@ impl Dataplane {
             }
         }
         {
-            let sockets: BpfHashMap<_, u64, Endpoint> = map(ebpf, map_names::SOCK_CONNECTIONS)?;
+            let sockets: BpfHashMap<_, u64, Endpoint> =
+                hash_map_mut(ebpf, map_names::SOCK_CONNECTIONS)?;
             for backend in sockets.iter().filter_map(Result::ok).map(|(_, b)| b) {
                 *open.entry(backend).or_default() += 1;
             }
         }
-        let mut counts: BpfHashMap<_, Endpoint, u32> = map(ebpf, map_names::ACTIVE_CONNECTIONS)?;
+        let mut counts: BpfHashMap<_, Endpoint, u32> =
+            hash_map_mut(ebpf, map_names::ACTIVE_CONNECTIONS)?;
         let keys: Vec<Endpoint> = counts.keys().filter_map(Result::ok).collect();
         for key in keys {
             let actual = open.get(&key).copied().unwrap_or(0);
@@ -404,7 +400,7 @@ impl Dataplane {
         backend: &BackendAddr,
     ) -> Result<Option<u32>, DataplaneError> {
         let counts: BpfHashMap<_, Endpoint, u32> =
-            map(self.ebpf_mut(), map_names::ACTIVE_CONNECTIONS)?;
+            hash_map_mut(self.ebpf_mut(), map_names::ACTIVE_CONNECTIONS)?;
         Ok(counts.get(&backend.endpoint(), 0).ok())
     }
 }

@@ -15,7 +15,7 @@ use vipr_common::{
     FlowKey, MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SourceRangeKey, map_names,
 };
 
-use crate::{Dataplane, DataplaneError, Frontend, expiry};
+use crate::{Dataplane, DataplaneError, Frontend, expiry, maps::hash_map};
 
 /// One entry of a map, its key and value as bytes (as bpftool shows them).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,9 +99,7 @@ fn hash_entries<K: Pod, V: Pod>(
     ebpf: &Ebpf,
     name: &'static str,
 ) -> Result<Vec<MapEntry<K, V>>, DataplaneError> {
-    let map: BpfHashMap<&MapData, K, V> =
-        BpfHashMap::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
-            .map_err(DataplaneError::map(name))?;
+    let map: BpfHashMap<&MapData, K, V> = hash_map(ebpf, name)?;
     Ok(map
         .iter()
         .filter_map(Result::ok)
@@ -127,9 +125,7 @@ fn lookup<K: Pod, V: Pod>(
     name: &'static str,
     key: &K,
 ) -> Result<Option<V>, DataplaneError> {
-    let map: BpfHashMap<&MapData, K, V> =
-        BpfHashMap::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
-            .map_err(DataplaneError::map(name))?;
+    let map: BpfHashMap<&MapData, K, V> = hash_map(ebpf, name)?;
     Ok(map.get(key, 0).ok())
 }
 
@@ -192,13 +188,7 @@ impl Dataplane {
         &self,
         frontend: &Frontend,
     ) -> Result<Option<ServiceValue>, DataplaneError> {
-        let map: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-            self.ebpf()
-                .map(map_names::SERVICES)
-                .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?,
-        )
-        .map_err(DataplaneError::map(map_names::SERVICES))?;
-        Ok(map.get(&frontend.key(), 0).ok())
+        lookup(self.ebpf(), map_names::SERVICES, &frontend.key())
     }
 
     /// The backend in slot `slot` of service `service_id`.
@@ -207,26 +197,17 @@ impl Dataplane {
         service_id: u32,
         slot: u32,
     ) -> Result<Option<Backend>, DataplaneError> {
-        let map: BpfHashMap<&MapData, BackendKey, Backend> = BpfHashMap::try_from(
-            self.ebpf()
-                .map(map_names::BACKENDS)
-                .ok_or(DataplaneError::MissingMap(map_names::BACKENDS))?,
+        lookup(
+            self.ebpf(),
+            map_names::BACKENDS,
+            &BackendKey { service_id, slot },
         )
-        .map_err(DataplaneError::map(map_names::BACKENDS))?;
-        Ok(map.get(&BackendKey { service_id, slot }, 0).ok())
     }
 
     /// The conntrack entry of `key`, either direction (reply entries carry
     /// `flow_flags::REPLY`).
     pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<NatEntry>, DataplaneError> {
-        let name = map_names::CONNTRACK;
-        let map: BpfHashMap<&MapData, FlowKey, NatEntry> = BpfHashMap::try_from(
-            self.ebpf()
-                .map(name)
-                .ok_or(DataplaneError::MissingMap(name))?,
-        )
-        .map_err(DataplaneError::map(name))?;
-        Ok(map.get(key, 0).ok())
+        lookup(self.ebpf(), map_names::CONNTRACK, key)
     }
 
     /// The endpoint in slot `slot` of service `service_id`'s Maglev table.

@@ -51,6 +51,7 @@ mod flows;
 mod inspect;
 mod links;
 mod loader;
+mod maps;
 mod monitor;
 mod redirect;
 mod service_stats;

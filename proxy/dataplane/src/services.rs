@@ -27,6 +27,7 @@ use crate::{
     BackendAddr, Dataplane, DataplaneError, Frontend, FrontendOptions, Port, Protocol,
     balance::{self, Slots},
     flows,
+    maps::{hash_map, hash_map_mut},
     service_stats::{self, StatsIds},
 };
 
@@ -80,16 +81,9 @@ impl ServiceTable {
     /// Rebuilds the table from (possibly pinned, already filled) maps;
     /// `stats_capacity` is the size of the per-backend counters array.
     pub(crate) fn adopt(ebpf: &Ebpf, stats_capacity: u32) -> Result<Self, DataplaneError> {
-        let services: BpfHashMap<_, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-            ebpf.map(map_names::SERVICES)
-                .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?,
-        )
-        .map_err(DataplaneError::map(map_names::SERVICES))?;
-        let slots: BpfHashMap<_, BackendKey, Backend> = BpfHashMap::try_from(
-            ebpf.map(map_names::BACKENDS)
-                .ok_or(DataplaneError::MissingMap(map_names::BACKENDS))?,
-        )
-        .map_err(DataplaneError::map(map_names::BACKENDS))?;
+        let services: BpfHashMap<_, ServiceKey, ServiceValue> =
+            hash_map(ebpf, map_names::SERVICES)?;
+        let slots: BpfHashMap<_, BackendKey, Backend> = hash_map(ebpf, map_names::BACKENDS)?;
         let mut ranges = adopt_source_ranges(ebpf)?;
         let members = balance::read_members(ebpf)?;
         let mut table = ServiceTable {
@@ -489,17 +483,11 @@ fn backend_key(service_id: u32, slot: u32) -> BackendKey {
 fn service_map(
     ebpf: &mut Ebpf,
 ) -> Result<BpfHashMap<&mut MapData, ServiceKey, ServiceValue>, DataplaneError> {
-    let map = ebpf
-        .map_mut(map_names::SERVICES)
-        .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?;
-    BpfHashMap::try_from(map).map_err(DataplaneError::map(map_names::SERVICES))
+    hash_map_mut(ebpf, map_names::SERVICES)
 }
 
 fn backend_map(
     ebpf: &mut Ebpf,
 ) -> Result<BpfHashMap<&mut MapData, BackendKey, Backend>, DataplaneError> {
-    let map = ebpf
-        .map_mut(map_names::BACKENDS)
-        .ok_or(DataplaneError::MissingMap(map_names::BACKENDS))?;
-    BpfHashMap::try_from(map).map_err(DataplaneError::map(map_names::BACKENDS))
+    hash_map_mut(ebpf, map_names::BACKENDS)
 }
