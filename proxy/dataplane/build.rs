@@ -1,9 +1,12 @@
 //! Builds the eBPF programs (ebpf/programs) with nightly for bpfel-unknown-none
-//! and hands the object to this crate through OUT_DIR, so a plain
-//! `cargo build` of the workspace always embeds a current object.
+//! and hands the objects to this crate through OUT_DIR, so a plain
+//! `cargo build` of the workspace always embeds current objects: the data
+//! plane's, and `vipr bench`'s packet tools.
 //!
 //! `VIPR_EBPF_OBJECT=/path/to/object` skips the nested build and embeds that
-//! file instead (for machines without the eBPF toolchain).
+//! file instead (for machines without the eBPF toolchain), and
+//! `VIPR_BENCH_EBPF_OBJECT` the bench tools' (without it, none: `vipr
+//! bench` then says so).
 
 use std::{
     env,
@@ -12,6 +15,7 @@ use std::{
 };
 
 const EBPF_BIN: &str = "vipr-ebpf";
+const BENCH_EBPF_BIN: &str = "vipr-bench-ebpf";
 
 fn main() {
     let manifest_dir =
@@ -20,17 +24,38 @@ fn main() {
     let workspace = manifest_dir.join("../..");
     let programs = workspace.join("ebpf/programs");
     println!("cargo:rerun-if-env-changed=VIPR_EBPF_OBJECT");
+    println!("cargo:rerun-if-env-changed=VIPR_BENCH_EBPF_OBJECT");
 
-    let object = match env::var_os("VIPR_EBPF_OBJECT") {
-        Some(path) => PathBuf::from(path),
-        None => build_ebpf(&workspace, &programs),
+    let (object, bench_object) = match env::var_os("VIPR_EBPF_OBJECT") {
+        Some(path) => (
+            PathBuf::from(path),
+            env::var_os("VIPR_BENCH_EBPF_OBJECT").map(PathBuf::from),
+        ),
+        None => {
+            let built = build_ebpf(&workspace, &programs);
+            (built.join(EBPF_BIN), Some(built.join(BENCH_EBPF_BIN)))
+        }
     };
     std::fs::copy(&object, out_dir.join("vipr-ebpf.o"))
         .unwrap_or_else(|e| panic!("copying the eBPF object {}: {e}", object.display()));
+    let bench_out = out_dir.join("vipr-bench-ebpf.o");
+    match bench_object {
+        Some(path) => std::fs::copy(&path, &bench_out)
+            .map(drop)
+            .unwrap_or_else(|e| panic!("copying the eBPF object {}: {e}", path.display())),
+        None => std::fs::write(&bench_out, b"")
+            .unwrap_or_else(|e| panic!("writing {}: {e}", bench_out.display())),
+    }
 }
 
 fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
-    for watched in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml"] {
+    for watched in [
+        "src",
+        "bench",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             programs.join(watched).display()
@@ -86,5 +111,5 @@ fn build_ebpf(workspace: &Path, programs: &Path) -> PathBuf {
             programs.display()
         );
     }
-    target_dir.join("bpfel-unknown-none/release").join(EBPF_BIN)
+    target_dir.join("bpfel-unknown-none/release")
 }

@@ -348,8 +348,10 @@ pub struct AgentArgs {
     /// Where services come from.
     #[arg(long, value_enum, default_value_t = Source::Local)]
     pub source: Source,
-    /// Flows conntrack holds (two map entries each); when full, new flows
-    /// are dropped and counted (drop_flow_map_full), live ones are never
+    /// Flows conntrack is sized for: 4 slots of 64 bytes a flow, rounded up
+    /// to a power of two (64 MiB for the default), so it holds at least
+    /// this many. A new flow that finds no free slot near its place is
+    /// dropped and counted (drop_flow_map_full); live ones are never
     /// evicted. Changing it discards the pinned conntrack (open flows reopen).
     #[arg(long, default_value_t = vipr_dataplane::DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
     pub max_flows: u32,

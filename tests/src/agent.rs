@@ -210,7 +210,7 @@ impl AgentNode {
             .trim()
             .parse()
             .ok()?;
-        Some(kib / 1024.0)
+        Some((kib - bpf_map_rss_kib(pid)) / 1024.0)
     }
 
     /// CPU time (user + system) the agent has used so far, from
@@ -420,4 +420,33 @@ impl Drop for AgentNode {
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// Resident KiB of BPF maps mapped into process `pid` (the agent maps the
+/// conntrack table for an expiry pass): the kernel's memory, already the
+/// map's, not the process's own.
+fn bpf_map_rss_kib(pid: u32) -> f64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0.0;
+    };
+    let mut in_map = false;
+    let mut kib = 0.0;
+    for line in smaps.lines() {
+        if let Some(rss) = line.strip_prefix("Rss:") {
+            if in_map {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(0.0);
+            }
+        } else if line.split_whitespace().next().is_some_and(|range| {
+            range.contains('-') && range.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        }) {
+            // A mapping's header: "start-end perms offset dev inode path".
+            in_map = line.contains("bpf-map");
+        }
+    }
+    kib
 }

@@ -151,11 +151,34 @@ impl LineFlow {
         let stream = node
             .outside
             .enter(move || TcpStream::connect_timeout(&to, IO_TIMEOUT))??;
+        Self::of(stream)
+    }
+
+    fn of(stream: TcpStream) -> Result<Self> {
         stream.set_read_timeout(Some(IO_TIMEOUT))?;
         Ok(LineFlow {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
         })
+    }
+
+    /// Closes with RST instead of FIN.
+    fn reset(self) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
     }
 
     fn ask(&mut self, command: &str) -> Result<String> {
@@ -248,7 +271,8 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
     );
     assert!(took < Duration::from_secs(1), "refusal took {took:?}");
 
-    // The conntrack size flag took effect (the first expiry pass runs at start).
+    // The conntrack size flag took effect (the first expiry pass runs at
+    // start): the table rounds 4 slots a flow up to a power of two, 4,096.
     let metrics = node
         .node
         .command("curl")
@@ -256,7 +280,7 @@ fn outside_clients_through_nodeports_and_external_ips() -> Result<()> {
         .output()?;
     let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        metrics.contains("vipr_conntrack_capacity_flows 1000"),
+        metrics.contains("vipr_conntrack_capacity_flows 1024"),
         "{metrics}"
     );
     Ok(())
@@ -476,20 +500,31 @@ fn datapath_packets(node: &AgentNode, outcome: &str) -> Result<u64> {
 #[test]
 fn a_full_conntrack_refuses_new_flows_and_says_so() -> Result<()> {
     require_root();
+    // The smallest table: 32 slots, one neighbourhood, room for 16 flows
+    // (two entries each); it holds at least the 2 asked for.
     let node = node_with_flags("asf", &["web-1"], &["--max-flows", "2"])?;
     let to = SocketAddr::from((NODE_IP, LINES_NODEPORT));
-    let mut first = LineFlow::open(&node, to)?;
-    let mut second = LineFlow::open(&node, to)?;
-    assert_eq!(first.ask("hostname")?, "web-1");
-    assert_eq!(second.ask("hostname")?, "web-1");
-
-    // Full: a third connection is dropped (never a live flow evicted).
-    let third = node
-        .outside
-        .enter(move || TcpStream::connect_timeout(&to, Duration::from_millis(1500)))?;
-    assert!(third.is_err(), "a third flow got in with room for two");
-    assert_eq!(first.ask("hostname")?, "web-1", "live flows keep working");
-    assert_eq!(second.ask("hostname")?, "web-1");
+    let mut open = Vec::new();
+    let refused = loop {
+        let attempt = node
+            .outside
+            .enter(move || TcpStream::connect_timeout(&to, Duration::from_millis(1500)))?;
+        match attempt {
+            Ok(stream) => open.push(stream),
+            Err(error) => break error,
+        }
+        ensure!(open.len() <= 32, "32 flows got into a table of 32 slots");
+    };
+    assert!(
+        open.len() >= 2,
+        "refused with {} flows open: {refused}",
+        open.len()
+    );
+    // Never a live flow evicted: every open one still answers.
+    let mut open: Vec<LineFlow> = open.into_iter().map(LineFlow::of).collect::<Result<_>>()?;
+    for flow in &mut open {
+        assert_eq!(flow.ask("hostname")?, "web-1", "live flows keep working");
+    }
     // The drop is counted by reason (exported every 5 s).
     let deadline = Instant::now() + Duration::from_secs(8);
     while datapath_packets(&node, "drop_flow_map_full")? == 0 {
@@ -500,8 +535,9 @@ fn a_full_conntrack_refuses_new_flows_and_says_so() -> Result<()> {
         std::thread::sleep(Duration::from_millis(250));
     }
 
-    // A flow that closes makes room.
-    drop(first);
+    // A flow that is reset makes room at once (one closed with FINs stays
+    // until idle for the closing timeout, as netfilter's TIME_WAIT).
+    open.pop().expect("a flow was open").reset();
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut next = loop {
         match LineFlow::open(&node, to) {

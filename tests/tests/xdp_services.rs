@@ -401,7 +401,7 @@ fn udp_flow_moves_when_its_backend_is_removed() -> Result<()> {
 }
 
 #[test]
-fn long_tcp_flow_survives_scaling_and_leaves_conntrack_on_close() -> Result<()> {
+fn long_tcp_flow_survives_scaling_then_closes_and_expires() -> Result<()> {
     require_root();
     let rig = rig("tcp", 3)?;
     let mut dp = rig.load(DataplaneOptions::default())?;
@@ -426,13 +426,29 @@ fn long_tcp_flow_survives_scaling_and_leaves_conntrack_on_close() -> Result<()> 
     let port = conn.local_port()?;
     assert!(dp.flows()?.iter().any(|f| f.client.port() == port));
     drop(conn);
-    // FIN both ways and the last ACK take the flow out of conntrack.
+    // FIN both ways and the last ACK close the flow: marked closed, it
+    // stays until idle for the closing timeout (late packets of it are
+    // still translated), then an expiry pass takes it out.
     let deadline = Instant::now() + Duration::from_secs(3);
-    while dp.flows()?.iter().any(|f| f.client.port() == port) {
-        ensure!(Instant::now() < deadline, "closed flow still in conntrack");
+    while !dp
+        .flows()?
+        .iter()
+        .any(|f| f.client.port() == port && f.closed)
+    {
+        ensure!(Instant::now() < deadline, "closed flow not marked closed");
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(dp.counters()?.packets(Counter::FlowClosed) >= 1);
+    let timeouts = vipr_dataplane::FlowTimeouts {
+        tcp_closing: Duration::ZERO,
+        ..Default::default()
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    dp.expire_idle_flows(&timeouts)?;
+    assert!(
+        !dp.flows()?.iter().any(|f| f.client.port() == port),
+        "the closed flow left at its (here zero) closing timeout"
+    );
     Ok(())
 }
 

@@ -93,7 +93,22 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         bail!("the tests load eBPF programs and create network namespaces: run them as root");
     }
     step("format check", || {
-        cargo(root, &["fmt", "--all", "--", "--check"])
+        cargo(root, &["fmt", "--all", "--", "--check"])?;
+        // The eBPF programs are a workspace of their own, which `--all`
+        // does not reach: rustfmt follows each crate root's modules.
+        let programs = root.join("ebpf/programs");
+        let status = Command::new("rustfmt")
+            .args(["--edition", "2024", "--check"])
+            .arg(programs.join("src/main.rs"))
+            .arg(programs.join("bench/main.rs"))
+            .status()
+            .context("running rustfmt on the eBPF programs")?;
+        if !status.success() {
+            bail!(
+                "rustfmt: the eBPF programs are not formatted (run rustfmt --edition 2024 on ebpf/programs/src/main.rs and bench/main.rs)"
+            );
+        }
+        Ok(())
     })?;
     step("clippy", || {
         cargo(

@@ -8,6 +8,8 @@
 //! packet, so the hot path never swaps bytes; userspace converts.
 #![no_std]
 
+pub mod bench;
+pub mod flow_table;
 pub mod hash;
 
 /// Names of the maps in the eBPF object. Userspace looks maps up by these.
@@ -54,9 +56,29 @@ pub mod map_names {
     /// Interfaces the forwarding fast path may redirect translated packets
     /// to (a device hash map: ifindex -> ifindex).
     pub const REDIRECT_TARGETS: &str = "REDIRECT_TARGETS";
+    /// The new-flow programs `vipr_xdp` tail-calls (a program array), at
+    /// [`NEW_FLOW_WITH_EVENTS`](super::NEW_FLOW_WITH_EVENTS) and
+    /// [`NEW_FLOW_WITHOUT_EVENTS`](super::NEW_FLOW_WITHOUT_EVENTS).
+    pub const NEW_FLOW_PROGRAMS: &str = "NEW_FLOW_PROGRAMS";
+    /// Per-CPU scratch value where `vipr_xdp` hands a new flow's frontend
+    /// to the new-flow program it tail-calls.
+    pub const OPENING: &str = "OPENING";
     /// Maps of earlier builds, removed from the pin folder at load: the
     /// forward and reply conntrack maps that `CONNTRACK` replaced.
     pub const RETIRED: [&str; 2] = ["FLOWS", "REVERSE_FLOWS"];
+}
+
+/// Read-only globals of the eBPF object, set by userspace when it loads
+/// the object: constants for the verifier and one load each for the hit
+/// path (a `CONFIG` lookup costs several instructions more).
+pub mod globals {
+    /// `u32`: the conntrack table's slot count minus one.
+    pub const FLOW_TABLE_MASK: &str = "FLOW_TABLE_MASK";
+    /// `u64`: the conntrack table's hash seed (kept in `CONFIG` too, where
+    /// a restarted agent finds it).
+    pub const FLOW_TABLE_SEED: &str = "FLOW_TABLE_SEED";
+    /// `u32`: 1 when the forwarding fast path is on.
+    pub const XDP_REDIRECT: &str = "XDP_REDIRECT";
 }
 
 /// Name of the XDP program that translates service traffic.
@@ -68,6 +90,13 @@ pub const PASS_PROGRAM: &str = "vipr_pass";
 /// The translation with the monitor's event code compiled out: loaded only
 /// by benchmarks, to measure what the (idle) event code costs.
 pub const XDP_PROGRAM_WITHOUT_EVENTS: &str = "vipr_xdp_no_events";
+/// The program `vipr_xdp` tail-calls to open a flow (its first packet to a
+/// frontend), and its counterpart for `vipr_xdp_no_events`.
+pub const NEW_FLOW_PROGRAM: &str = "vipr_xdp_new_flow";
+pub const NEW_FLOW_PROGRAM_WITHOUT_EVENTS: &str = "vipr_xdp_new_flow_no_events";
+/// Their indexes in `map_names::NEW_FLOW_PROGRAMS`.
+pub const NEW_FLOW_WITH_EVENTS: u32 = 0;
+pub const NEW_FLOW_WITHOUT_EVENTS: u32 = 1;
 
 /// Names of the cgroup sock_addr programs that balance the node's own
 /// clients at the socket level (attached together to one cgroup v2 folder).
@@ -91,8 +120,9 @@ pub mod sock_programs {
 pub const DEFAULT_MAX_SERVICES: u32 = 65_536;
 /// Default capacity of the backend map (service slots).
 pub const DEFAULT_MAX_BACKENDS: u32 = 262_144;
-/// Default number of flows conntrack holds; each flow takes two entries of
-/// the `CONNTRACK` map, one per direction.
+/// Default number of flows conntrack holds at least; the `CONNTRACK` table
+/// gets `flow_table::SLOTS_PER_FLOW` slots per flow (two entries, one per
+/// direction, in a table at most half full).
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
 /// Conntrack's clock: `bpf_ktime_get_coarse_ns() >> FLOW_CLOCK_SHIFT`
@@ -345,7 +375,12 @@ pub struct SockRevNatValue {
 }
 
 /// A connection's 5-tuple as seen in one direction of the packet path.
-#[repr(C)]
+///
+/// 8-aligned, so the flow table hashes and compares it as two 64-bit words
+/// (the verifier refuses misaligned access to the stack). The padding is
+/// always zero: the table compares a stored key's bytes, padding included,
+/// with [`FlowKey::words`].
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_addr: u32,
@@ -360,6 +395,24 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
+    /// The key as two 64-bit words (addresses; ports and protocol), as the
+    /// flow table hashes and compares it.
+    #[inline(always)]
+    pub const fn words(&self) -> [u64; 2] {
+        [
+            self.src_addr as u64 | ((self.dst_addr as u64) << 32),
+            self.src_port as u64 | ((self.dst_port as u64) << 16) | ((self.proto as u64) << 32),
+        ]
+    }
+
+    /// Whether `other` is the same tuple: two word compares (an array
+    /// compare may become a call to `bcmp`, which eBPF has not).
+    #[inline(always)]
+    pub const fn same_tuple(&self, other: &FlowKey) -> bool {
+        let (a, b) = (self.words(), other.words());
+        a[0] == b[0] && a[1] == b[1]
+    }
+
     /// The tuple of a packet travelling the other way.
     #[inline(always)]
     pub const fn reversed(&self) -> FlowKey {
@@ -379,8 +432,9 @@ impl FlowKey {
 pub mod flow_flags {
     /// A TCP FIN was seen in this entry's direction.
     pub const FIN: u8 = 1 << 0;
-    /// The flow's source is rewritten (SNAT or hairpin): the reverse entry
-    /// restores the client as destination.
+    /// The flow's source is rewritten (SNAT, hairpin, or a client port
+    /// remapped on a clash): the reverse entry restores the client as
+    /// destination.
     pub const SNAT: u8 = 1 << 1;
     /// The entry is the flow's reply direction (backend to client), so one
     /// lookup serves both directions and still tells them apart.
@@ -396,6 +450,14 @@ pub mod flow_flags {
     /// them). A bit of an entry the hit path has loaded anyway: replies of
     /// unmonitored flows pay nothing for the monitor.
     pub const MONITORED: u8 = 1 << 5;
+    /// TCP, on both entries: FINs went both ways and the last ACK with
+    /// them; the connection is over. The entries stay until idle for the
+    /// closing timeout (netfilter's TIME_WAIT, shorter), so late packets
+    /// (the other side's last ACK after a simultaneous close, a
+    /// retransmitted FIN) are translated instead of opening a flow to
+    /// whichever backend; a SYN on the tuple starts a new connection: the
+    /// old entries go and the flow opens anew.
+    pub const CLOSED: u8 = 1 << 6;
 }
 
 /// The rewrite recorded for one direction of a flow: the full tuple a packet
@@ -481,16 +543,45 @@ pub struct DataplaneConfig {
     pub snat_port_min: u16,
     /// Number of ports in the SNAT range; zero disables SNAT.
     pub snat_port_count: u16,
-    /// [`config_flags`] bits.
-    pub flags: u32,
+    /// Zero (was option flags; the options the programs read are
+    /// read-only globals now, `globals`).
+    pub _reserved: u32,
+    /// The conntrack table's slot count minus one (see
+    /// [`flow_table::TableShape`]).
+    pub flow_mask: u32,
+    pub _pad: u32,
+    /// The conntrack table's hash seed: random per node, kept across agent
+    /// restarts with the pinned table it addresses.
+    pub flow_seed: u64,
 }
 
-/// Bits of [`DataplaneConfig::flags`].
-pub mod config_flags {
-    /// The forwarding fast path: a translated packet whose route the FIB
-    /// resolves to a neighbour on a `REDIRECT_TARGETS` interface leaves
-    /// from XDP (XDP_REDIRECT) instead of through the kernel's forwarding.
-    pub const XDP_REDIRECT: u32 = 1 << 0;
+impl DataplaneConfig {
+    /// Where the conntrack table's flows are.
+    #[inline(always)]
+    pub const fn flow_shape(&self) -> flow_table::TableShape {
+        flow_table::TableShape {
+            mask: self.flow_mask,
+            seed: self.flow_seed,
+        }
+    }
+}
+
+/// A flow being opened: what the new-flow program works on, kept in a
+/// per-CPU map value (`map_names::OPENING`) rather than on the 512-byte
+/// eBPF stack. `vipr_xdp` fills in `service` and `tuple` before it
+/// tail-calls the new-flow program, which checks `tuple` is its packet's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Opening {
+    pub service: ServiceValue,
+    pub _pad: u32,
+    /// The packet's tuple: the forward entry's key.
+    pub tuple: FlowKey,
+    pub forward: NatEntry,
+    /// Keyed by the reply tuple (the forward entry's, reversed).
+    pub reverse: NatEntry,
+    /// Where the reply entry went, once recorded.
+    pub reply: flow_table::SlotRef,
 }
 
 /// Default capacity of `REDIRECT_TARGETS` (the uplink and every pod veth).
@@ -569,8 +660,9 @@ pub enum Counter {
     DropMalformed = 6,
     /// Dropped: an IP fragment addressed to a service (ports unknown).
     DropFragment = 7,
-    /// Dropped: conntrack could not record the flow: the map is full (of
-    /// live flows; idle ones are expired by userspace, never evicted).
+    /// Dropped: conntrack could not record the flow: the table has no free
+    /// slot near the flow's home (it is full of live flows; idle ones are
+    /// expired by userspace, never evicted).
     DropFlowMapFull = 8,
     /// Dropped: backend slot missing although the service counts it.
     DropBackendMissing = 9,
@@ -584,7 +676,9 @@ pub enum Counter {
     DropSnatPortsExhausted = 13,
     /// An ICMP error about a translated flow, translated with it.
     IcmpErrorTranslated = 14,
-    /// A TCP flow left conntrack: RST seen, or FIN both ways and the last ACK.
+    /// A TCP connection ended: RST seen (its flow leaves conntrack), or FIN
+    /// both ways and the last ACK (its flow is marked closed and leaves
+    /// when idle for the closing timeout).
     FlowClosed = 15,
     /// Socket level (node-local client, cgroup hooks): a `connect()` to a
     /// frontend was given a backend instead.
@@ -609,11 +703,22 @@ pub enum Counter {
     /// besides `NewFlow` / `FlowHit` / `ReplyTranslated`): routed with the
     /// kernel's FIB, TTL decremented, redirected to its egress interface.
     Redirected = 22,
+    /// Dropped: the first packets of one flow reached two CPUs at once and
+    /// both opened it; the other CPU's entries stand, and the flow's next
+    /// packet uses them.
+    DropFlowRace = 23,
+    /// Dropped: a new flow could not be handed to its new-flow program:
+    /// the program was not installed (`NEW_FLOW_PROGRAMS`, between loading
+    /// the data plane and installing its programs), or the per-CPU scratch
+    /// value that carries the flow over (`OPENING`) was missing or not this
+    /// packet's (an upgrade that changed its layout, while links are taken
+    /// over).
+    DropNewFlowHandover = 24,
 }
 
 impl Counter {
     /// Number of counters; the size of the `STATS` array.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 25;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Self::COUNT as usize] = [
@@ -640,6 +745,8 @@ impl Counter {
         Counter::FlowOpenedMidStream,
         Counter::AffinityHit,
         Counter::Redirected,
+        Counter::DropFlowRace,
+        Counter::DropNewFlowHandover,
     ];
 
     /// A stable snake_case name, used for metrics labels and CLI output.
@@ -668,6 +775,8 @@ impl Counter {
             Counter::FlowOpenedMidStream => "flow_opened_mid_stream",
             Counter::AffinityHit => "affinity_hit",
             Counter::Redirected => "redirected",
+            Counter::DropFlowRace => "drop_flow_race",
+            Counter::DropNewFlowHandover => "drop_new_flow_handover",
         }
     }
 
@@ -701,6 +810,8 @@ impl Counter {
                 | Counter::DropBackendMissing
                 | Counter::DropSourceRange
                 | Counter::DropSnatPortsExhausted
+                | Counter::DropFlowRace
+                | Counter::DropNewFlowHandover
         )
     }
 }
@@ -725,6 +836,7 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for NatEntry {}
+    unsafe impl aya::Pod for flow_table::FlowSlot {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for CounterValue {}
@@ -738,6 +850,7 @@ mod user {
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for bench::FloodPlan {}
 }
 
 #[cfg(test)]
@@ -762,7 +875,8 @@ mod tests {
         assert_eq!(size_of::<ServiceDropKey>(), 8);
         assert_eq!(size_of::<MonitorEvent>(), 48);
         assert_eq!(size_of::<SourceRangeKey>(), 8);
-        assert_eq!(size_of::<DataplaneConfig>(), 24);
+        assert_eq!(size_of::<DataplaneConfig>(), 40);
+        assert_eq!(size_of::<Opening>(), 128);
         assert_eq!(size_of::<CounterValue>(), 16);
         assert_eq!(size_of::<SockRevNatKey>(), 16);
         assert_eq!(size_of::<SockRevNatValue>(), 8);

@@ -22,15 +22,13 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop},
 };
 use vipr_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, Counter, Endpoint, FlowKey,
-    LEAST_LOADED_SCAN, MaglevKey, MemberKey, ServiceValue, affinity_scope,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counter, Endpoint, FlowKey, LEAST_LOADED_SCAN,
+    MaglevKey, MemberKey, ServiceValue, affinity_scope,
     hash::{destination_hash_v4, flow_hash_v4, scale, source_hash_v4},
     lb_algorithm, service_flags,
 };
 
-use crate::{
-    ACTIVE_CONNECTIONS, AFFINITY, BACKENDS, BALANCE_TURNS, MAGLEV, MEMBERS, count,
-};
+use crate::{ACTIVE_CONNECTIONS, AFFINITY, BACKENDS, BALANCE_TURNS, MAGLEV, MEMBERS, count};
 
 /// Halvings that find any slot of a service (2^20 > any backend capacity).
 const WEIGHT_SEARCH_STEPS: u32 = 20;
@@ -110,7 +108,7 @@ pub fn choose(service: &ServiceValue, flow: &NewFlow) -> Option<Chosen> {
             count(Counter::AffinityHit, 0);
             return Some(Chosen {
                 endpoint: remembered.backend,
-                stats_id: Some(stats_id),
+                stats_id,
             });
         }
     }
@@ -144,12 +142,8 @@ fn balance(service: &ServiceValue, flow: &NewFlow) -> Option<Chosen> {
         lb_algorithm::LEAST_CONNECTION
         | lb_algorithm::SHORTEST_EXPECTED_DELAY
         | lb_algorithm::NEVER_QUEUE => least_loaded(service),
-        lb_algorithm::SOURCE_HASH => {
-            hashed_endpoint(service, source_hash_v4(flow.src))
-        }
-        lb_algorithm::DESTINATION_HASH => {
-            hashed_endpoint(service, destination_hash_v4(flow.dst))
-        }
+        lb_algorithm::SOURCE_HASH => hashed_endpoint(service, source_hash_v4(flow.src)),
+        lb_algorithm::DESTINATION_HASH => hashed_endpoint(service, destination_hash_v4(flow.dst)),
         lb_algorithm::MAGLEV => {
             let hash = flow_hash_v4(flow.src, flow.dst, flow.src_port, flow.dst_port, flow.proto);
             maglev_endpoint(service, hash)
@@ -173,7 +167,7 @@ fn slot(service: &ServiceValue, slot: u32) -> Option<Backend> {
 fn slot_endpoint(service: &ServiceValue, index: u32) -> Option<Chosen> {
     slot(service, index).map(|b| Chosen {
         endpoint: b.endpoint(),
-        stats_id: Some(b.stats_id),
+        stats_id: b.stats_id,
     })
 }
 
@@ -261,7 +255,7 @@ fn maglev_endpoint(service: &ServiceValue, hash: u32) -> Option<Chosen> {
     // SAFETY: plain data read.
     unsafe { MAGLEV.get(&key) }.map(|endpoint| Chosen {
         endpoint: *endpoint,
-        stats_id: None,
+        stats_id: UNKNOWN_STATS_ID,
     })
 }
 
@@ -313,7 +307,7 @@ fn least_loaded(service: &ServiceValue) -> Option<Chosen> {
     };
     (scan.found != 0).then_some(Chosen {
         endpoint: scan.best,
-        stats_id: Some(scan.best_stats_id),
+        stats_id: scan.best_stats_id,
     })
 }
 
@@ -385,16 +379,49 @@ fn member_stats_id(service_id: u32, endpoint: &Endpoint) -> Option<u32> {
 #[derive(Clone, Copy)]
 pub struct Chosen {
     pub endpoint: Endpoint,
-    stats_id: Option<u32>,
+    /// The pair's stats slot, or [`UNKNOWN_STATS_ID`] (a plain value, not
+    /// an Option: LLVM may spill a None's undefined payload, which the
+    /// verifier refuses to read).
+    stats_id: u32,
+}
+
+/// `Chosen::stats_id` of a choice made without the backend slot (Maglev).
+const UNKNOWN_STATS_ID: u32 = u32::MAX;
+
+/// [`choose`] as a BPF subprogram: the algorithms' state gets a stack frame
+/// of its own, beside (not on top of) the caller's other work.
+#[inline(always)]
+pub fn choose_in_call(service: &ServiceValue, flow: &NewFlow) -> Option<Chosen> {
+    let mut chosen = Chosen {
+        endpoint: Endpoint {
+            addr: 0,
+            port: 0,
+            _pad: 0,
+        },
+        stats_id: UNKNOWN_STATS_ID,
+    };
+    choose_into(service, flow, &mut chosen).then_some(chosen)
+}
+
+#[inline(never)]
+fn choose_into(service: &ServiceValue, flow: &NewFlow, chosen: &mut Chosen) -> bool {
+    match choose(service, flow) {
+        Some(choice) => {
+            *chosen = choice;
+            true
+        }
+        None => false,
+    }
 }
 
 impl Chosen {
     /// The pair's stats slot: carried, or looked up in `MEMBERS`.
     #[inline(always)]
     pub fn stats_id(&self, service_id: u32) -> u32 {
-        match self.stats_id {
-            Some(id) => id,
-            None => stats_id(service_id, &self.endpoint),
+        if self.stats_id == UNKNOWN_STATS_ID {
+            stats_id(service_id, &self.endpoint)
+        } else {
+            self.stats_id
         }
     }
 }
@@ -427,7 +454,9 @@ pub fn counts_connections(service: &ServiceValue) -> bool {
 #[inline(always)]
 fn active_connections(endpoint: &Endpoint) -> u32 {
     // SAFETY: plain data read of a counter other CPUs update atomically.
-    unsafe { ACTIVE_CONNECTIONS.get(endpoint) }.copied().unwrap_or(0)
+    unsafe { ACTIVE_CONNECTIONS.get(endpoint) }
+        .copied()
+        .unwrap_or(0)
 }
 
 /// A counted flow to `endpoint` opened. Userspace creates the counter when

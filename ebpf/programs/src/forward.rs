@@ -24,10 +24,10 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::XdpContext,
 };
-use vipr_common::{Counter, config_flags};
+use vipr_common::Counter;
 
 use crate::{
-    CONFIG, REDIRECT_TARGETS,
+    REDIRECT_TARGETS,
     checksum::Delta,
     count,
     headers::{ETH_HDR_LEN, IPV4_MIN_HDR_LEN, Ipv4Hdr},
@@ -50,6 +50,17 @@ pub fn fast_path(ctx: &XdpContext, counter: Counter, action: u32) -> u32 {
     if !translated || action != xdp_action::XDP_PASS || !enabled() {
         return action;
     }
+    forward(ctx)
+}
+
+/// Routes and redirects a translated packet if it can; `XDP_PASS` (the
+/// packet as the translation left it) if not. A BPF subprogram: the FIB
+/// lookup's parameters and the saved headers get a stack frame of their
+/// own, outside the per-packet path's.
+#[inline(never)]
+fn forward(ctx: &XdpContext) -> u32 {
+    let ctx = &crate::subprogram_context(ctx);
+    let action = xdp_action::XDP_PASS;
     // Only between listed interfaces: a frame that came in on an unlisted
     // one (a veth whose peer leaves checksums to offload, say) may carry a
     // partial checksum, which only the kernel's own path knows to finish.
@@ -98,11 +109,17 @@ pub fn fast_path(ctx: &XdpContext, counter: Counter, action: u32) -> u32 {
     }
 }
 
+/// 1 when the fast path is on, set by userspace at load (read-only data,
+/// `vipr_common::globals`): for the verifier a constant, so with the fast
+/// path off its code is not even part of the program it runs.
+#[unsafe(no_mangle)]
+static XDP_REDIRECT: u32 = 0;
+
 #[inline(always)]
 fn enabled() -> bool {
-    CONFIG
-        .get(0)
-        .is_some_and(|config| config.flags & config_flags::XDP_REDIRECT != 0)
+    // SAFETY: a plain read of a global; volatile, or the compiler would
+    // fold in the zero it is built with.
+    unsafe { core::ptr::read_volatile(&XDP_REDIRECT) != 0 }
 }
 
 /// What the fast path changes, to put back when the packet goes to the

@@ -164,7 +164,7 @@ impl Packet {
 
     /// Gives the packet the addresses and ports of `to` (DNAT, reverse NAT
     /// and SNAT alike), fixing the IP and L4 checksums incrementally with the
-    /// deltas `to` carries (see [`sealed`]: they assume the packet's tuple is
+    /// deltas `to` carries (see [`seal`]: they assume the packet's tuple is
     /// the one the entry was sealed for, i.e. its conntrack key).
     #[inline(always)]
     pub fn rewrite(&self, to: &NatEntry) {
@@ -194,10 +194,10 @@ impl Packet {
     }
 }
 
-/// `to` with the checksum deltas of rewriting a packet of tuple `from` into
-/// it, ready to be stored as `from`'s conntrack entry.
+/// Gives `to` the checksum deltas of rewriting a packet of tuple `from`
+/// into it, ready to be stored as `from`'s conntrack entry.
 #[inline(always)]
-pub fn sealed(from: &FlowKey, mut to: NatEntry) -> NatEntry {
+pub fn seal(from: &FlowKey, to: &mut NatEntry) {
     let addrs = Delta::default()
         .u32(from.src_addr, to.src_addr)
         .u32(from.dst_addr, to.dst_addr);
@@ -207,5 +207,4 @@ pub fn sealed(from: &FlowKey, mut to: NatEntry) -> NatEntry {
         .u16(from.dst_port, to.dst_port);
     to.ip_check_delta = addrs.folded();
     to.l4_check_delta = all.folded();
-    to
 }

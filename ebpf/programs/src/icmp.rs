@@ -10,11 +10,11 @@
 use core::ptr::{read_unaligned, write_unaligned};
 
 use aya_ebpf::programs::XdpContext;
-use vipr_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP, NatEntry};
+use vipr_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
-    CONNTRACK,
     checksum::Delta,
+    flows,
     headers::{IPV4_MIN_HDR_LEN, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET, UDP_HDR_LEN, ipv4},
 };
 
@@ -38,9 +38,11 @@ unsafe fn get32(at: usize) -> u32 {
 }
 
 /// Translates an ICMP error about a known flow; `false` when the packet is
-/// no such error (the caller then treats it as any other ICMP).
-#[inline(always)]
+/// no such error (the caller then treats it as any other ICMP). A BPF
+/// subprogram: a rare path, kept out of the per-packet path's stack frame.
+#[inline(never)]
 pub fn translate_error(ctx: &XdpContext) -> bool {
+    let ctx = &crate::subprogram_context(ctx);
     try_translate(ctx).is_some()
 }
 
@@ -96,8 +98,7 @@ fn try_translate(ctx: &XdpContext) -> Option<()> {
     // The quoted packet travelled one way; the flow entry for the other way
     // says what that packet looked like before translation (reversed).
     let key = quoted.reversed();
-    // SAFETY: plain data read.
-    let entry: NatEntry = *unsafe { CONNTRACK.get(key) }?;
+    let (_, entry) = flows::lookup(&key)?;
     let restored = entry.tuple(inner_proto).reversed();
 
     // Inner IP header.

@@ -16,8 +16,21 @@
 //! here (`vipr_connect4`, `vipr_sendmsg4`, `vipr_recvmsg4`,
 //! `vipr_getpeername4`) balance them at the socket level from the same maps.
 //!
+//! Writing code the verifier accepts, as learnt here:
+//! - the stack is 512 bytes for a whole call chain: the new-flow path is a
+//!   tail-called program of its own, works on a per-CPU scratch value
+//!   (`OPENING`), and its steps are subprograms called one after another;
+//! - no value may be undefined where paths merge: LLVM may spill an
+//!   undefined register (the payload of a `None`, say) and the verifier
+//!   refuses to read it. Options of structs are built from fields computed
+//!   on every path, or replaced by plain values with a sentinel;
+//! - a subprogram taking the context starts with `subprogram_context`, and
+//!   one with nothing to return returns a computed value its caller hands
+//!   to `called` (see both).
+//!
 //! Modules: `headers` (parsing and the in-place rewrite), `checksum`,
-//! `conntrack` (flow lookup, opening and closing), `balance` (the backend
+//! `flows` (the conntrack table's memory and shape), `conntrack` (flow
+//! lookup, opening and closing), `balance` (the backend
 //! of a new flow: per-service algorithm, session affinity), `reject` (RST / ICMP
 //! replies), `icmp` (errors about translated flows), `forward` (the fast
 //! path: translated packets routed and redirected from XDP), `sock`
@@ -32,6 +45,7 @@
 mod balance;
 mod checksum;
 mod conntrack;
+mod flows;
 mod forward;
 mod headers;
 mod icmp;
@@ -41,17 +55,19 @@ mod sock;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     macros::{cgroup_sock, cgroup_sock_addr, map, xdp},
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     programs::{SockAddrContext, SockContext, XdpContext},
 };
 use vipr_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counter, CounterValue, DEFAULT_MAX_AFFINITY,
     DEFAULT_MAX_BACKENDS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES,
     DEFAULT_MAX_REDIRECT_TARGETS, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOCK_REVNAT,
-    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, FlowKey, MaglevKey, MemberKey, NatEntry,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    DEFAULT_MAX_SOURCE_RANGES, DataplaneConfig, Endpoint, MaglevKey, MemberKey,
+    NEW_FLOW_WITH_EVENTS, NEW_FLOW_WITHOUT_EVENTS, Opening, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, SourceRangeKey,
+    flow_table::{FlowSlot, TableShape},
 };
 
 use headers::{Packet, ParseError};
@@ -63,19 +79,22 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "BACKENDS")]
 static BACKENDS: HashMap<BackendKey, Backend> = HashMap::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-/// Conntrack, both directions of each flow in one map: a client's tuple (to
-/// the frontend) and the backend's reply tuple, each mapped to the tuple its
-/// packets leave with; reply entries carry `flow_flags::REPLY`. One map means
-/// one lookup per packet whichever way it travels. Sized by userspace to two
-/// entries per flow.
+/// Conntrack, both directions of each flow in one table: a client's tuple
+/// (to the frontend) and the backend's reply tuple, each mapped to the tuple
+/// its packets leave with; reply entries carry `flow_flags::REPLY`. One
+/// table means one lookup per packet whichever way it travels. The slots
+/// and how flows are placed in them: `vipr_common::flow_table`; sized by
+/// userspace (`TableShape::slots_for`), which maps it to read and expire
+/// flows.
 ///
-/// A plain hash map, not an LRU one: an LRU map makes room by silently
-/// evicting its least recently used entry, which can be a live idle flow
-/// (it would come back with another backend, or its replies untranslated).
-/// Here a full map refuses the new flow, counted (`DropFlowMapFull`), and
-/// userspace expires idle flows by `NatEntry::last_seen`.
+/// Never evicting: a full neighbourhood refuses the new flow, counted
+/// (`DropFlowMapFull`), rather than dropping a live idle one (an LRU map
+/// would, and the flow would come back with another backend, or its
+/// replies untranslated); userspace expires idle flows by
+/// `NatEntry::last_seen`.
 #[map(name = "CONNTRACK")]
-static CONNTRACK: HashMap<FlowKey, NatEntry> = HashMap::with_max_entries(2 * DEFAULT_MAX_FLOWS, 0);
+static CONNTRACK: Array<FlowSlot> =
+    Array::with_max_entries(TableShape::slots_for(DEFAULT_MAX_FLOWS), BPF_F_MMAPABLE);
 
 /// loadBalancerSourceRanges of every service that has them, keyed by service id.
 #[map(name = "SOURCE_RANGES")]
@@ -123,6 +142,21 @@ static SOCK_CONNECTIONS: HashMap<u64, Endpoint> =
 #[map(name = "BALANCE_TURNS")]
 static BALANCE_TURNS: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 
+/// The new-flow programs `translate` tail-calls for a packet to a frontend
+/// without a conntrack entry: [`NEW_FLOW_WITH_EVENTS`] is
+/// `vipr_xdp_new_flow`, [`NEW_FLOW_WITHOUT_EVENTS`]
+/// `vipr_xdp_new_flow_no_events`. A tail call starts a fresh 512-byte
+/// stack: opening a flow (balancing, SNAT, two table inserts) does not fit
+/// beside the per-packet path's frame as a nested call. Pinned, so an
+/// attached program keeps opening flows while the agent restarts.
+#[map(name = "NEW_FLOW_PROGRAMS")]
+static NEW_FLOW_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// The flow a tail-called new-flow program opens (its frontend handed over
+/// by `translate`), per CPU: XDP runs to completion on one CPU.
+#[map(name = "OPENING")]
+static OPENING: PerCpuArray<Opening> = PerCpuArray::with_max_entries(1, 0);
+
 /// Interfaces the forwarding fast path may redirect to (ifindex ->
 /// ifindex): those userspace knows take XDP frames. See `forward`.
 #[map(name = "REDIRECT_TARGETS")]
@@ -144,6 +178,19 @@ pub fn vipr_xdp_no_events(ctx: XdpContext) -> u32 {
     let (counter, action) = translate::<false>(&ctx);
     count(counter, bytes);
     forward::fast_path(&ctx, counter, action)
+}
+
+/// A packet to a frontend without a conntrack entry: tail-called by
+/// `vipr_xdp` (see [`NEW_FLOW_PROGRAMS`]).
+#[xdp]
+pub fn vipr_xdp_new_flow(ctx: XdpContext) -> u32 {
+    new_flow::<true>(&ctx)
+}
+
+/// `vipr_xdp_new_flow` for `vipr_xdp_no_events`.
+#[xdp]
+pub fn vipr_xdp_new_flow_no_events(ctx: XdpContext) -> u32 {
+    new_flow::<false>(&ctx)
 }
 
 /// Passes every packet. The benchmark floor, and what a veth peer runs so
@@ -232,14 +279,49 @@ fn translate<const EVENTS: bool>(ctx: &XdpContext) -> (Counter, u32) {
     // a stale but well-formed value.
     let verdict = match unsafe { SERVICES.get(service_key) } {
         Some(service) => {
-            let service = *service;
-            let verdict = conntrack::open::<EVENTS>(ctx, &packet, &tuple, &service);
-            stats::count_service_outcome(service.service_id, verdict.0, frame_len);
-            verdict
+            if let Some(opening) = OPENING.get_ptr_mut(0) {
+                // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+                unsafe {
+                    (*opening).service = *service;
+                    (*opening).tuple = tuple;
+                }
+                let program = if EVENTS {
+                    NEW_FLOW_WITH_EVENTS
+                } else {
+                    NEW_FLOW_WITHOUT_EVENTS
+                };
+                // SAFETY: the context is this program's; on success the
+                // call does not return.
+                unsafe { NEW_FLOW_PROGRAMS.tail_call(ctx, program) };
+            }
+            (Counter::DropNewFlowHandover, xdp_action::XDP_DROP)
         }
         None => reject_if_service_range(tuple.dst_addr, Counter::DropUnknownVip),
     };
     observed::<EVENTS>(ctx, verdict)
+}
+
+/// Opens the flow of a packet `translate` found a frontend for (handed over
+/// in `OPENING`) and gives its final verdict, as `vipr_xdp` does for the
+/// packets it settles itself.
+#[inline(always)]
+fn new_flow<const EVENTS: bool>(ctx: &XdpContext) -> u32 {
+    let frame_len = ctx.data_end() - ctx.data();
+    let (counter, action) = match (Packet::parse(ctx), OPENING.get_ptr_mut(0)) {
+        // SAFETY: this CPU's slot; nothing else runs on it meanwhile.
+        (Ok(packet), Some(opening)) if unsafe { (*opening).tuple.same_tuple(&packet.tuple()) } => {
+            // SAFETY: as above.
+            let opening = unsafe { &mut *opening };
+            let verdict = conntrack::open::<EVENTS>(ctx, &packet, opening);
+            stats::count_service_outcome(opening.service.service_id, verdict.0, frame_len);
+            observed::<EVENTS>(ctx, verdict)
+        }
+        // `translate` parsed this very packet and handed its service over,
+        // unless an older `translate` wrote another scratch value.
+        _ => (Counter::DropNewFlowHandover, xdp_action::XDP_DROP),
+    };
+    count(counter, frame_len);
+    forward::fast_path(ctx, counter, action)
 }
 
 /// Hands an outcome (not a conntrack hit) to the monitor, with `EVENTS`.
@@ -264,6 +346,30 @@ fn reject_if_service_range(dst_addr: u32, reason: Counter) -> (Counter, u32) {
     } else {
         (Counter::Passed, xdp_action::XDP_PASS)
     }
+}
+
+/// Takes what a BPF subprogram returned, opaquely. A subprogram with
+/// nothing to return still returns a value computed from what it did, and
+/// its caller hands that here: a function returning nothing, or a
+/// constant (which LLVM propagates to the callers and then drops), leaves
+/// whatever the return register held, and the verifier refuses a
+/// subprogram whose return register holds a stack pointer.
+#[inline(always)]
+fn called(returned: u32) {
+    core::hint::black_box(returned);
+}
+
+/// The context a BPF subprogram was given, read through a volatile load.
+///
+/// Every subprogram taking the context starts with this. Without it, LLVM
+/// may hand the subprogram the context's `data` and `data_end` fields
+/// instead of the context (argument promotion), as the 32-bit values
+/// `xdp_md` declares them to be; the verifier only knows them as packet
+/// pointers when they are loaded from the context itself.
+#[inline(always)]
+fn subprogram_context(ctx: &XdpContext) -> XdpContext {
+    // SAFETY: a valid reference, read once.
+    XdpContext::new(unsafe { core::ptr::read_volatile(&ctx.ctx) })
 }
 
 #[inline(always)]

@@ -21,7 +21,7 @@ use vipr_common::{
     flow_flags, monitor_flags,
 };
 
-use crate::{CONNTRACK, headers::ipv4};
+use crate::{flows, headers::ipv4};
 
 /// The [`monitor_flags`] the agent sets while monitors listen: a global in
 /// a data section of its own (a one-value array map userspace writes), so
@@ -96,8 +96,16 @@ fn kind_of(counter: Counter) -> Option<u32> {
 pub fn observe(ctx: &XdpContext, counter: Counter) {
     let wanted = wanted();
     if wanted != 0 {
-        emit(ctx, wanted, counter);
+        crate::called(emit_event(ctx, wanted, counter as u32));
     }
+}
+
+/// [`emit`] as a BPF subprogram: events are the rare path, kept out of the
+/// per-packet path's stack frame.
+#[inline(never)]
+fn emit_event(ctx: &XdpContext, wanted: u32, counter: u32) -> u32 {
+    let ctx = &crate::subprogram_context(ctx);
+    Counter::from_index(counter).map_or(0, |counter| u32::from(emit(ctx, wanted, counter)))
 }
 
 /// The `flow_flags::MONITORED` bit for a new flow's reply entry: set while
@@ -113,44 +121,45 @@ pub fn reply_flag() -> u8 {
 
 /// A reply of a flow opened under a monitor, translated back with `entry`
 /// (`before`: the tuple it arrived with): an event while replies are wanted.
-#[inline(always)]
-pub fn reply(ctx: &XdpContext, before: &FlowKey, entry: &NatEntry) {
+/// A BPF subprogram, as [`emit_event`].
+#[inline(never)]
+pub fn reply(ctx: &XdpContext, before: &FlowKey, entry: &NatEntry) -> u32 {
+    let ctx = &crate::subprogram_context(ctx);
     if wanted() & monitor_flags::REPLY == 0 {
-        return;
+        return 0;
     }
     // SAFETY: the context is valid for the program's run; the ifindex field
     // of xdp_md is always readable.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    write(
+    u32::from(write(
         ifindex,
         Counter::ReplyTranslated,
         before,
         &entry.tuple(before.proto),
-    );
+    ))
 }
 
 /// Writes the event for a packet `translate` counted under `counter`, if
-/// `wanted` asks for that kind. The packet has already been rewritten, so
+/// `wanted` asks for that kind; whether it did. The packet has already been rewritten, so
 /// the tuple it arrived with comes from the conntrack entry just used (a
 /// translation or reply) or from the packet itself (a drop leaves it as it
 /// was; a refusal turned it into the answer, which travels the other way).
 #[inline(always)]
-pub fn emit(ctx: &XdpContext, wanted: u32, counter: Counter) {
+pub fn emit(ctx: &XdpContext, wanted: u32, counter: Counter) -> bool {
     let Some(kind) = kind_of(counter) else {
-        return;
+        return false;
     };
     if wanted & kind == 0 {
-        return;
+        return false;
     }
     let Some(now) = tuple(ctx) else {
-        return;
+        return false;
     };
     let before = match counter {
         // The reply entry of the new flow records the client and frontend.
-        // SAFETY: map values are plain data.
-        Counter::NewFlow => match unsafe { CONNTRACK.get(now.reversed()) } {
-            Some(entry) => entry.tuple(now.proto).reversed(),
-            None => return,
+        Counter::NewFlow => match flows::lookup(&now.reversed()) {
+            Some((_, reply)) => reply.tuple(now.proto).reversed(),
+            None => return false,
         },
         Counter::RejectTcp => now.reversed(),
         // The ICMP error's outer header: frontend -> client; ports unknown.
@@ -160,11 +169,15 @@ pub fn emit(ctx: &XdpContext, wanted: u32, counter: Counter) {
         },
         _ => now,
     };
-    let after = if kind == monitor_flags::DROP { before } else { now };
+    let after = if kind == monitor_flags::DROP {
+        before
+    } else {
+        now
+    };
     // SAFETY: the context is valid for the program's run; the ifindex field
     // of xdp_md is always readable.
     let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    write(ifindex, counter, &before, &after);
+    write(ifindex, counter, &before, &after)
 }
 
 /// The event of a socket-level translation or refusal (`after`: the
@@ -175,18 +188,21 @@ pub fn emit_socket(counter: Counter, before: &FlowKey, after: &FlowKey) {
         return;
     };
     if wanted() & kind != 0 {
-        write(0, counter, before, after);
+        // Not written: counted in MONITOR_LOST.
+        let _ = write(0, counter, before, after);
     }
 }
 
+/// Writes an event to the ring; whether it had room (if not, the loss is
+/// counted in `MONITOR_LOST`).
 #[inline(always)]
-fn write(ifindex: u32, counter: Counter, before: &FlowKey, after: &FlowKey) {
+fn write(ifindex: u32, counter: Counter, before: &FlowKey, after: &FlowKey) -> bool {
     let Some(mut entry) = MONITOR_EVENTS.reserve::<MonitorEvent>(0) else {
         if let Some(lost) = MONITOR_LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, no other writer on this CPU.
             unsafe { *lost += 1 };
         }
-        return;
+        return false;
     };
     entry.write(MonitorEvent {
         // SAFETY: a plain helper call.
@@ -197,4 +213,5 @@ fn write(ifindex: u32, counter: Counter, before: &FlowKey, after: &FlowKey) {
         after: *after,
     });
     entry.submit(0);
+    true
 }

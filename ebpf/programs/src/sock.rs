@@ -86,7 +86,10 @@ pub fn translate_destination(ctx: &SockAddrContext, hook: Hook) -> i32 {
     } else {
         // SAFETY: the helper accepts a sock_addr context.
         let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-        balance::choose(&service, &NewFlow::of_socket(netns, addr, port as u16, proto as u8))
+        balance::choose(
+            &service,
+            &NewFlow::of_socket(netns, addr, port as u16, proto as u8),
+        )
     };
     // What the monitor shows: the socket's source is not known yet.
     let before = FlowKey {

@@ -13,7 +13,6 @@ use vipr_common::{
     ServiceDropKey,
 };
 
-
 #[map(name = "BACKEND_STATS")]
 static BACKEND_STATS: PerCpuArray<FlowStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKEND_STATS, 0);

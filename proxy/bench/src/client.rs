@@ -1,6 +1,6 @@
-//! The load: new TCP connections timed one by one, and a UDP flood of many
-//! flows. Both run on a thread inside the outside namespace, so every packet
-//! crosses the node's uplink like a real client's.
+//! The connection load: new TCP connections timed one by one, from a
+//! thread inside the outside namespace, so every packet crosses the node's
+//! uplink like a real client's. (The UDP flood is `flood`.)
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpStream},
@@ -23,49 +23,74 @@ const MAX_FAILURES: usize = 5;
 pub struct Connections {
     /// Time from `connect()` to established, per connection, in µs.
     pub latencies_us: Vec<f64>,
+    /// Connections a second one client opens back to back (each timed
+    /// from `connect()` to its close).
     pub per_second: f64,
     pub failures: usize,
     /// Connections that needed a SYN retransmit (a packet was lost).
     pub retransmitted: usize,
 }
 
+impl Connections {
+    fn new(count: usize) -> Self {
+        Connections {
+            latencies_us: Vec::with_capacity(count),
+            per_second: 0.0,
+            failures: 0,
+            retransmitted: 0,
+        }
+    }
+}
+
 /// Opens `count` connections one after another, each to a target `pick`
-/// chooses at random among `targets`, and closes each at once.
+/// chooses at random among `targets`, and closes each at once. With
+/// `alongside`, each is followed by one to the target `alongside` picks
+/// (a pod, directly), timed on its own: the two paths are measured at the
+/// same moments, so the machine's drift (on a shared VM, the rounds' medians
+/// move by more than the difference measured) hits both alike.
 pub fn connect_many(
     count: usize,
     targets: usize,
     pick: impl Fn(usize) -> (Ipv4Addr, u16),
-) -> Result<Connections> {
+    alongside: Option<&(dyn Fn(usize) -> (Ipv4Addr, u16) + Sync)>,
+) -> Result<(Connections, Option<Connections>)> {
     let mut rng = rand::rng();
-    let mut latencies_us = Vec::with_capacity(count);
-    let mut failures = 0;
-    let mut retransmitted = 0;
-    let started = Instant::now();
+    let mut main = Connections::new(count);
+    let mut paired = alongside.map(|_| Connections::new(count));
+    let (mut main_time, mut paired_time) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..count {
-        let (addr, port) = pick(rng.random_range(0..targets));
-        let begin = Instant::now();
-        match TcpStream::connect_timeout(&SocketAddr::from((addr, port)), CONNECT_TIMEOUT) {
-            Ok(stream) => {
-                let took = begin.elapsed();
-                retransmitted += usize::from(took > RETRANSMIT_LATENCY);
-                latencies_us.push(took.as_secs_f64() * 1e6);
-                reset_on_close(&stream);
-            }
-            Err(error) => {
-                failures += 1;
-                if failures > MAX_FAILURES {
-                    bail!("connections to {addr}:{port} fail: {error}");
-                }
+        let i = rng.random_range(0..targets);
+        main_time += connect_once(pick(i), &mut main)?;
+        if let (Some(direct), Some(paired)) = (alongside, paired.as_mut()) {
+            paired_time += connect_once(direct(i), paired)?;
+        }
+    }
+    main.per_second = main.latencies_us.len() as f64 / main_time.as_secs_f64().max(1e-9);
+    if let Some(paired) = paired.as_mut() {
+        paired.per_second = paired.latencies_us.len() as f64 / paired_time.as_secs_f64().max(1e-9);
+    }
+    Ok((main, paired))
+}
+
+/// One connection to `target`, timed into `tally`; returns how long the
+/// whole open and close took.
+fn connect_once((addr, port): (Ipv4Addr, u16), tally: &mut Connections) -> Result<Duration> {
+    let begin = Instant::now();
+    match TcpStream::connect_timeout(&SocketAddr::from((addr, port)), CONNECT_TIMEOUT) {
+        Ok(stream) => {
+            let took = begin.elapsed();
+            tally.retransmitted += usize::from(took > RETRANSMIT_LATENCY);
+            tally.latencies_us.push(took.as_secs_f64() * 1e6);
+            reset_on_close(&stream);
+        }
+        Err(error) => {
+            tally.failures += 1;
+            if tally.failures > MAX_FAILURES {
+                bail!("connections to {addr}:{port} fail: {error}");
             }
         }
     }
-    let per_second = latencies_us.len() as f64 / started.elapsed().as_secs_f64();
-    Ok(Connections {
-        latencies_us,
-        per_second,
-        failures,
-        retransmitted,
-    })
+    Ok(begin.elapsed())
 }
 
 /// Makes closing send RST instead of FIN, so thousands of timed
@@ -86,138 +111,4 @@ fn reset_on_close(stream: &TcpStream) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-}
-
-/// Where a flood leaves: the client's end of the node's uplink, and the
-/// Ethernet addresses its frames carry (the client's, the node's uplink's).
-pub struct FloodLink {
-    pub ifindex: u32,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-}
-
-/// How a flood picks its source ports.
-#[derive(Clone, Debug)]
-pub struct FloodPlan {
-    /// Source ports, one flow each, used in turn.
-    pub ports: std::ops::Range<u16>,
-    /// Stop after each port has sent once (every datagram a new flow)
-    /// instead of cycling through them until `duration` ends.
-    pub once: bool,
-    /// The longest the flood lasts.
-    pub duration: Duration,
-}
-
-/// Sends small UDP datagrams to `target` from `source`, one flow per
-/// source port of the plan. Frames go straight to the device (a packet
-/// socket, qdisc bypassed), so the client's own IP stack (routing,
-/// neighbour lookup per datagram) never limits the rate the node is
-/// offered; one socket, and no local port binding limits how many flows
-/// there are. Returns how many were sent.
-pub fn udp_flood(
-    link: &FloodLink,
-    source: Ipv4Addr,
-    target: (Ipv4Addr, u16),
-    plan: &FloodPlan,
-) -> Result<u64> {
-    let eth_p_ip = (libc::ETH_P_IP as u16).to_be();
-    // SAFETY: plain socket creation; the fd is owned below. Protocol 0:
-    // the socket sends only, it receives nothing.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("packet socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd nothing else owns.
-    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let bypass: libc::c_int = 1;
-    // SAFETY: valid fd and option value for the call's duration.
-    let rc = unsafe {
-        libc::setsockopt(
-            raw,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&raw const bypass).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        bail!("PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: all-zero is a valid sockaddr_ll; the fields are set below.
-    let mut device: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    device.sll_family = libc::AF_PACKET as u16;
-    device.sll_protocol = eth_p_ip;
-    device.sll_ifindex = link.ifindex as i32;
-    device.sll_halen = 6;
-    device.sll_addr[..6].copy_from_slice(&link.dst_mac);
-
-    let mut frame = Vec::with_capacity(14 + 46);
-    frame.extend(link.dst_mac);
-    frame.extend(link.src_mac);
-    frame.extend(eth_p_ip.to_ne_bytes());
-    frame.extend(with_ip_checksum(udp_packet(source, target)));
-    const SRC_PORT: usize = 14 + 20;
-    let mut sent = 0u64;
-    let deadline = Instant::now() + plan.duration;
-    let mut ports = plan.ports.clone().cycle();
-    let per_lap = plan.ports.len() as u64;
-    'flood: while Instant::now() < deadline {
-        // A batch between clock reads keeps the clock out of the rate.
-        for _ in 0..64 {
-            if plan.once && sent == per_lap {
-                break 'flood;
-            }
-            let Some(port) = ports.next() else {
-                break 'flood;
-            };
-            frame[SRC_PORT..SRC_PORT + 2].copy_from_slice(&port.to_be_bytes());
-            // SAFETY: valid fd, buffer and address for the call's duration.
-            let n = unsafe {
-                libc::sendto(
-                    raw,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&raw const device).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if n > 0 {
-                sent += 1;
-            }
-        }
-    }
-    Ok(sent)
-}
-
-/// `packet` with its total length and header checksum filled in (what the
-/// kernel does for a raw IP socket; a packet socket sends bytes as given).
-fn with_ip_checksum(mut packet: Vec<u8>) -> Vec<u8> {
-    let total = packet.len() as u16;
-    packet[2..4].copy_from_slice(&total.to_be_bytes());
-    let sum: u32 = packet[..20]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let folded = (folded & 0xffff) + (folded >> 16);
-    packet[10..12].copy_from_slice(&(!(folded as u16)).to_be_bytes());
-    packet
-}
-
-/// An IPv4 + UDP datagram with an 18-byte payload, without its total
-/// length and header checksum; UDP checksum 0 means none.
-fn udp_packet(source: Ipv4Addr, (addr, port): (Ipv4Addr, u16)) -> Vec<u8> {
-    const PAYLOAD: usize = 18;
-    let mut p = vec![0u8; 28 + PAYLOAD];
-    p[0] = 0x45;
-    p[6] = 0x40; // DF
-    p[8] = 64; // TTL
-    p[9] = libc::IPPROTO_UDP as u8;
-    p[12..16].copy_from_slice(&source.octets());
-    p[16..20].copy_from_slice(&addr.octets());
-    p[22..24].copy_from_slice(&port.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + PAYLOAD) as u16).to_be_bytes());
-    p
 }

@@ -10,9 +10,11 @@
 //!
 //! Modules: `rig` (namespaces, agent, pods), `modes` (how each mode is
 //! programmed), `kube_proxy` (kube-proxy's rule layouts), `client` (the
-//! load), `report` (JSON, table, plot).
+//! connections), `flood` (the NodePort flood and the backends' sink),
+//! `report` (JSON, table, plot).
 
 pub mod client;
+pub mod flood;
 pub mod kube_proxy;
 pub mod modes;
 pub mod report;
@@ -21,7 +23,7 @@ pub mod rig;
 use std::{
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
@@ -29,7 +31,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::{
     modes::{Mode, Programmer},
-    report::{Machine, Results, Round, Run},
+    report::{Latency, Machine, Results, Round, Run},
     rig::Rig,
 };
 
@@ -40,8 +42,7 @@ pub struct BenchOptions {
     pub connections: usize,
     /// Distinct source ports of the steady NodePort flood (each a flow).
     pub udp_flows: u16,
-    /// Source ports of the new-flow flood: each sends one datagram.
-    pub udp_new_flows: u16,
+    /// How long each flood lasts (the new-flow flood: half of it).
     pub udp_duration: Duration,
     pub output: PathBuf,
     /// Modes to leave out (by name), e.g. the slow iptables-nft at 50,000.
@@ -59,7 +60,6 @@ impl BenchOptions {
             rounds: 1,
             connections: 1_000,
             udp_flows: 8_192,
-            udp_new_flows: 50_000,
             udp_duration: Duration::from_secs(1),
             output,
             skip: Vec::new(),
@@ -74,7 +74,6 @@ impl BenchOptions {
             rounds: 3,
             connections: 3_000,
             udp_flows: 8_192,
-            udp_new_flows: 50_000,
             udp_duration: Duration::from_secs(2),
             output,
             skip: Vec::new(),
@@ -177,15 +176,16 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
         }
     }
     progress.finish_with_message("done; tearing the rig down");
+    let rig_napi_pinned = rig.napi_pinned;
     drop(rig);
     let results = Results {
         machine: Machine::describe(
             options.rounds,
             options.connections,
             options.udp_flows,
-            options.udp_new_flows,
             options.udp_duration.as_secs_f64(),
             options.xdp_redirect,
+            rig_napi_pinned,
         ),
         runs,
     };
@@ -197,87 +197,156 @@ pub fn run(options: &BenchOptions) -> Result<Results> {
 /// above them, so none of its datagrams belongs to a flow already open.
 const STEADY_FIRST_PORT: u16 = 1024;
 const NEW_FLOW_FIRST_PORT: u16 = 10_000;
+/// Source ports and addresses of each new-flow burst: 3.2 million flows,
+/// more than the generator sends in a burst, so every datagram the node
+/// takes is a new flow.
+const NEW_FLOW_PORTS: u32 = 50_000;
+const NEW_FLOW_ADDRESSES: u32 = 64;
+/// How long each new-flow burst lasts, and how many new flows the bursts'
+/// windows must count before the rate is taken: one burst of the fastest
+/// mode stays below the 31,744 SNAT ports vipr has per backend.
+const NEW_FLOW_BURST: Duration = Duration::from_millis(40);
+const NEW_FLOWS_MEASURED: u64 = 15_000;
+/// Frames the generator sends before it waits for the node to catch up,
+/// while the steady flood's flows are being opened (below the 256 frames a
+/// veth's ring holds, so none is dropped before the node sees it).
+const OPENING_CHUNK: u32 = 128;
 
-/// NodePort datagrams per second handed to the backends: with `udp_flows`
+/// NodePort datagrams per second the backends receive: with `udp_flows`
 /// flows already open (a first lap, not counted, opens them: netfilter's
 /// rule walk and vipr's backend choice happen once per flow), and with
 /// every datagram a new flow (each pays the walk or the choice, and a
 /// conntrack entry). kube-proxy's iptables cost per new flow grows with
 /// the number of services; that is where the modes part most.
+///
+/// Both floods offer far more than any mode forwards (see `flood`): the
+/// figure is what the node passes on, counted at the backends, in a window
+/// inside the flood (`flood_rate`).
 fn nodeport_pps(rig: &Rig, mode: Mode, options: &BenchOptions) -> Result<(f64, f64)> {
     let target = mode.udp_target(rig);
     let link = rig.flood_link()?;
-    let flood = |source: std::net::Ipv4Addr, plan: client::FloodPlan| {
-        rig.node
-            .outside
-            .enter(|| client::udp_flood(&link, source, target, &plan))?
-    };
-    let client = vipr_e2e::agent::OUTSIDE_IP;
     rig.flush_kernel_conntrack()?;
-    let steady_ports = STEADY_FIRST_PORT..STEADY_FIRST_PORT + options.udp_flows;
-    flood(
-        client,
-        client::FloodPlan {
-            ports: steady_ports.clone(),
-            once: true,
-            duration: options.udp_duration * 5,
-        },
-    )?;
-    settle_deliveries(rig)?;
+    let steady = flood::Datagrams {
+        source: vipr_e2e::agent::OUTSIDE_IP,
+        addresses: 1,
+        first_port: STEADY_FIRST_PORT,
+        ports: u32::from(options.udp_flows),
+        target,
+    };
+    // The opening lap, paced by the node: a chunk (smaller than the node's
+    // ring) at a time, each waited for, so every flow gets its first
+    // datagram through whatever a mode's new flows cost.
+    let mut opening = steady;
+    let mut opened = 0;
+    while opened < steady.ports {
+        opening.first_port = STEADY_FIRST_PORT + opened as u16;
+        opening.ports = OPENING_CHUNK.min(steady.ports - opened);
+        let before = rig.delivered_to_pods()?;
+        run_flood(rig, &link, opening, flood::Amount::Frames(opening.ports))?;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while rig.delivered_to_pods()? - before < u64::from(opening.ports)
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        opened += opening.ports;
+        check_interrupted()?;
+    }
+    let (delivered, window) = flood_rate(rig, &link, steady, options.udp_duration)?;
+    let steady_pps = delivered as f64 / window.as_secs_f64();
     check_interrupted()?;
 
-    let before = rig.delivered_to_pods()?;
-    flood(
-        client,
-        client::FloodPlan {
-            ports: steady_ports,
-            once: false,
-            duration: options.udp_duration,
-        },
-    )?;
-    let (delivered, _) = settle_deliveries(rig)?;
-    let steady = (delivered - before) as f64 / options.udp_duration.as_secs_f64();
-    check_interrupted()?;
-
-    let before = rig.delivered_to_pods()?;
-    let started = std::time::Instant::now();
-    flood(
-        fresh_source(),
-        client::FloodPlan {
-            ports: NEW_FLOW_FIRST_PORT..NEW_FLOW_FIRST_PORT + options.udp_new_flows,
-            once: true,
-            duration: options.udp_duration,
-        },
-    )?;
-    let (delivered, last_delivery) = settle_deliveries(rig)?;
-    let elapsed = last_delivery.saturating_duration_since(started);
-    let new_flows = (delivered - before) as f64 / elapsed.as_secs_f64().max(1e-3);
-    Ok((steady, new_flows))
+    // Every datagram a new flow, in short bursts of unique flows until the
+    // windows counted NEW_FLOWS_MEASURED (or half the flood time went by):
+    // externalTrafficPolicy Cluster gives each flow an SNAT port of the
+    // node's per backend (31,744 of vipr's, about 64k of netfilter's), and
+    // unanswered UDP flows stay for a minute, so a longer flood would
+    // measure a full port range.
+    let (mut new_delivered, mut measured) = (0, Duration::ZERO);
+    let budget = Instant::now() + options.udp_duration / 2;
+    while new_delivered < NEW_FLOWS_MEASURED && Instant::now() < budget {
+        let datagrams = flood::Datagrams {
+            source: fresh_sources(),
+            addresses: NEW_FLOW_ADDRESSES,
+            first_port: NEW_FLOW_FIRST_PORT,
+            ports: NEW_FLOW_PORTS,
+            target,
+        };
+        let (delivered, window) = flood_rate(rig, &link, datagrams, NEW_FLOW_BURST)?;
+        new_delivered += delivered;
+        measured += window;
+        settle_deliveries(rig)?;
+        check_interrupted()?;
+    }
+    let new_flow_pps = new_delivered as f64 / measured.as_secs_f64();
+    Ok((steady_pps, new_flow_pps))
 }
 
-/// A source address no earlier new-flow flood of this process used, so
-/// none of its flows is still in a conntrack table from an earlier round
-/// (198.18.0.0/15, the benchmarking range; nothing answers these datagrams,
-/// so no route back is needed).
-fn fresh_source() -> std::net::Ipv4Addr {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
-    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 << 17);
-    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + k)
+/// Runs the generator (in the client's namespace, on its CPU) until it has
+/// sent `amount`.
+fn run_flood(
+    rig: &Rig,
+    link: &flood::FloodLink,
+    datagrams: flood::Datagrams,
+    amount: flood::Amount,
+) -> Result<(u64, Duration)> {
+    rig.node.outside.enter(|| {
+        flood::pin_thread(rig::GENERATOR_CPU)?;
+        let mut tools = rig.tools.lock().expect("packet tools");
+        tools.flood(link, &datagrams, amount)
+    })?
+}
+
+/// Floods for `duration` and counts what reaches the backends inside it,
+/// leaving out the first sixth (the generator's page pool filling, the
+/// node's ring and NAPI thread coming up to speed) and the last
+/// millisecond: the datagrams delivered in that window, and its length.
+fn flood_rate(
+    rig: &Rig,
+    link: &flood::FloodLink,
+    datagrams: flood::Datagrams,
+    duration: Duration,
+) -> Result<(u64, Duration)> {
+    std::thread::scope(|scope| {
+        let started = Instant::now();
+        let generator =
+            scope.spawn(|| run_flood(rig, link, datagrams, flood::Amount::For(duration)));
+        std::thread::sleep(duration / 6);
+        let (first, from) = (rig.delivered_to_pods()?, Instant::now());
+        let until = started + duration - Duration::from_millis(1);
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        let (last, to) = (rig.delivered_to_pods()?, Instant::now());
+        generator
+            .join()
+            .map_err(|_| anyhow::anyhow!("the flood generator panicked"))??;
+        Ok((last - first, to - from))
+    })
+}
+
+/// The first of [`NEW_FLOW_ADDRESSES`] source addresses no earlier new-flow
+/// flood of this process used, so none of its flows is still in a
+/// conntrack table from an earlier round (198.18.0.0/15, the benchmarking
+/// range; nothing answers these datagrams, so no route back is needed).
+/// Blocks never cross a /16 (the generator adds to the low 16 bits).
+fn fresh_sources() -> std::net::Ipv4Addr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let blocks = (1 << 17) / NEW_FLOW_ADDRESSES;
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % blocks;
+    std::net::Ipv4Addr::from(
+        u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + k * NEW_FLOW_ADDRESSES,
+    )
 }
 
 /// Waits (at most a second) until the node has handed its queued datagrams
-/// on: the pods' delivery counter unchanged over three polls 10 ms apart.
-/// Returns the counter and when it was last seen moving (the new-flow rate
-/// is timed to that, so the poll interval bounds its error: a 50,000-flow
-/// flood takes 100-150 ms at vipr's rate).
-fn settle_deliveries(rig: &Rig) -> Result<(u64, std::time::Instant)> {
-    const POLL: Duration = Duration::from_millis(10);
-    const STILL_POLLS: u32 = 3;
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+/// on: the backends' count unchanged over five polls 2 ms apart (the
+/// sink's count is a map read, no process to start).
+fn settle_deliveries(rig: &Rig) -> Result<()> {
+    const POLL: Duration = Duration::from_millis(2);
+    const STILL_POLLS: u32 = 5;
+    let deadline = Instant::now() + Duration::from_secs(1);
     let mut last = rig.delivered_to_pods()?;
-    let mut moved_at = std::time::Instant::now();
     let mut still = 0;
-    while still < STILL_POLLS && std::time::Instant::now() < deadline {
+    while still < STILL_POLLS && Instant::now() < deadline {
         std::thread::sleep(POLL);
         let now = rig.delivered_to_pods()?;
         if now == last {
@@ -285,10 +354,9 @@ fn settle_deliveries(rig: &Rig) -> Result<(u64, std::time::Instant)> {
         } else {
             still = 0;
             last = now;
-            moved_at = std::time::Instant::now();
         }
     }
-    Ok((last, moved_at))
+    Ok(())
 }
 
 fn ms(duration: Duration) -> f64 {
@@ -306,10 +374,14 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
     check_interrupted()?;
     rig.wait_agent_idle();
 
-    let connections = rig
-        .node
-        .outside
-        .enter(|| client::connect_many(options.connections, n, |i| mode.target(rig, i)))??;
+    // Every mode's connections are paired with direct ones, timed at the
+    // same moments (the direct mode's are direct already).
+    let direct = |i: usize| Mode::Direct.target(rig, i);
+    let alongside: Option<&(dyn Fn(usize) -> (std::net::Ipv4Addr, u16) + Sync)> =
+        (mode != Mode::Direct).then_some(&direct);
+    let (connections, paired) = rig.node.outside.enter(|| {
+        client::connect_many(options.connections, n, |i| mode.target(rig, i), alongside)
+    })??;
     check_interrupted()?;
 
     let (udp_pps, udp_new_flow_pps) = nodeport_pps(rig, mode, options)?;
@@ -319,14 +391,10 @@ fn measure(rig: &Rig, mode: Mode, n: usize, options: &BenchOptions) -> Result<Ro
     let one_change = programmer.change_one(&services, changed, &after)?;
     programmer.clear(&services)?;
 
-    let mut latencies = connections.latencies_us;
-    latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
     let programmed = !matches!(mode, Mode::Direct);
     Ok(Round {
-        p50: pct(0.50),
-        p90: pct(0.90),
-        p99: pct(0.99),
+        latency: Latency::of(connections.latencies_us),
+        paired_direct: paired.map(|p| Latency::of(p.latencies_us)),
         conn_per_s: connections.per_second,
         udp_pps,
         udp_new_flow_pps,

@@ -23,12 +23,14 @@ pub struct Machine {
     pub cores: usize,
     pub rounds: usize,
     pub connections_per_round: usize,
+    /// Flows of the steady NodePort flood.
     pub udp_flows: u16,
-    /// Datagrams of the new-flow flood, each from a source port of its own.
-    pub udp_new_flows: u16,
+    /// How long the steady flood lasts; the new-flow flood lasts half.
     pub udp_seconds: f64,
     /// Whether vipr ran with its XDP forwarding fast path.
     pub xdp_redirect: bool,
+    /// How the floods were made and counted.
+    pub udp_method: String,
 }
 
 impl Machine {
@@ -36,9 +38,9 @@ impl Machine {
         rounds: usize,
         connections: usize,
         flows: u16,
-        new_flows: u16,
         udp_seconds: f64,
         xdp_redirect: bool,
+        napi_pinned: bool,
     ) -> Self {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
@@ -59,9 +61,18 @@ impl Machine {
             rounds,
             connections_per_round: connections,
             udp_flows: flows,
-            udp_new_flows: new_flows,
             udp_seconds,
             xdp_redirect,
+            udp_method: format!(
+                "generated in XDP (BPF_PROG_TEST_RUN live frames) on CPU 0 of the client \
+                 namespace, forwarded by the node in its uplink's NAPI thread{}, counted and \
+                 dropped by an XDP sink on each backend's eth0",
+                if napi_pinned {
+                    " pinned to CPU 1"
+                } else {
+                    " (one CPU: not pinned apart)"
+                }
+            ),
         }
     }
 }
@@ -89,11 +100,27 @@ impl Spread {
     }
 }
 
-#[derive(Clone, Copy, Serialize)]
+#[derive(Clone, Copy, Default, Serialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
+}
+
+impl Latency {
+    /// The percentiles of `samples` (µs); zeros for none.
+    pub fn of(mut samples: Vec<f64>) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_by(f64::total_cmp);
+        let pct = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+        Latency {
+            p50: pct(0.50),
+            p90: pct(0.90),
+            p99: pct(0.99),
+        }
+    }
 }
 
 /// One mode at one scale, over all rounds.
@@ -107,6 +134,13 @@ pub struct Run {
     pub reason: Option<String>,
     /// Medians over the rounds of each round's percentiles.
     pub conn_latency_us: Option<Latency>,
+    /// Connections straight to the pods, each right after one of this
+    /// mode's (medians over the rounds, as above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paired_direct_latency_us: Option<Latency>,
+    /// This mode's p50 over the paired direct p50, median over the rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50_vs_direct: Option<f64>,
     pub conn_per_s: Option<f64>,
     pub udp_pps: Option<f64>,
     /// NodePort datagrams per second when every one is a new flow.
@@ -127,9 +161,9 @@ pub struct Run {
 /// One round's figures for one mode and scale.
 #[derive(Default)]
 pub struct Round {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
+    pub latency: Latency,
+    /// Direct connections made alongside (none for the direct mode).
+    pub paired_direct: Option<Latency>,
     pub conn_per_s: f64,
     pub udp_pps: f64,
     pub udp_new_flow_pps: f64,
@@ -151,6 +185,8 @@ impl Run {
             available: false,
             reason: Some(reason),
             conn_latency_us: None,
+            paired_direct_latency_us: None,
+            p50_vs_direct: None,
             conn_per_s: None,
             udp_pps: None,
             udp_new_flow_pps: None,
@@ -174,9 +210,15 @@ impl Run {
             spread.insert(name, s);
             Some(s.median)
         };
-        let p50 = figure("conn_latency_p50_us", |r| Some(r.p50));
-        let p90 = figure("conn_latency_p90_us", |r| Some(r.p90));
-        let p99 = figure("conn_latency_p99_us", |r| Some(r.p99));
+        let p50 = figure("conn_latency_p50_us", |r| Some(r.latency.p50));
+        let p90 = figure("conn_latency_p90_us", |r| Some(r.latency.p90));
+        let p99 = figure("conn_latency_p99_us", |r| Some(r.latency.p99));
+        let direct_p50 = figure("paired_direct_p50_us", |r| r.paired_direct.map(|l| l.p50));
+        let direct_p90 = figure("paired_direct_p90_us", |r| r.paired_direct.map(|l| l.p90));
+        let direct_p99 = figure("paired_direct_p99_us", |r| r.paired_direct.map(|l| l.p99));
+        let p50_vs_direct = figure("p50_vs_direct", |r| {
+            r.paired_direct.map(|d| r.latency.p50 / d.p50)
+        });
         let conn_per_s = figure("conn_per_s", |r| Some(r.conn_per_s));
         let udp_pps = figure("udp_pps", |r| Some(r.udp_pps));
         let udp_new_flow_pps = figure("udp_new_flow_pps", |r| Some(r.udp_new_flow_pps));
@@ -195,6 +237,11 @@ impl Run {
                 (Some(p50), Some(p90), Some(p99)) => Some(Latency { p50, p90, p99 }),
                 _ => None,
             },
+            paired_direct_latency_us: match (direct_p50, direct_p90, direct_p99) {
+                (Some(p50), Some(p90), Some(p99)) => Some(Latency { p50, p90, p99 }),
+                _ => None,
+            },
+            p50_vs_direct,
             conn_per_s,
             udp_pps,
             udp_new_flow_pps,
@@ -293,8 +340,12 @@ impl Results {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
             _ => "-".into(),
         };
+        let paired = vipr
+            .p50_vs_direct
+            .map_or("-".to_owned(), |r| format!("{r:.2}x"));
         format!(
-            "\nat {largest} services: vipr p50 connect = {} of direct, {} of {}; \
+            "\nat {largest} services: vipr p50 connect = {paired} of direct measured alongside \
+             ({} of the direct mode's own rounds), {} of {}; \
              one change programmed {} faster than {} ({} counting vipr's apply and store \
              commit); NodePort pps {} of {} with the flows open, {} with every datagram a new flow\n",
             ratio(p50(vipr), p50(direct)),

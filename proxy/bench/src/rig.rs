@@ -1,20 +1,28 @@
 //! The rig every mode is measured on: a node namespace running the real
 //! `vipr agent` (XDP on its uplink and on its pods' veths), backend pods it
-//! runs (`vipr-netexec`), and an outside namespace for the client, routed to
-//! the node. Dropping it stops the agent, runs its `--cleanup` and deletes
-//! the namespaces (the agent node's guard does), also when unwinding.
+//! runs (`vipr-netexec`, with the bench's counting sink on their `eth0`),
+//! and an outside namespace for the client, routed to the node. The
+//! node's uplink takes frames in a NAPI thread of its own, pinned to
+//! another CPU than the flood generator's. Dropping the rig stops the
+//! agent, runs its `--cleanup` and deletes the namespaces (the agent node's
+//! guard does), also when unwinding.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Mutex, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use vipr_e2e::agent::{AgentNode, NODE_IP};
 
+use crate::flood::{self, Deliveries, FloodLink, PacketTools};
+
 /// Port the backends' HTTP server listens on (connections are timed here).
 pub const BACKEND_TCP_PORT: u16 = 8080;
-/// UDP port the NodePort's datagrams go to: nothing listens there, so the
-/// backend's kernel drops them without waking any process.
-pub const BACKEND_UDP_PORT: u16 = 9;
+/// UDP port the NodePort's datagrams go to: the discard port, which the
+/// bench's sink counts and drops at the backend's interface.
+pub const BACKEND_UDP_PORT: u16 = flood::DISCARD_PORT;
+/// The CPU the flood generator runs on; the node's uplink NAPI runs on
+/// the next one.
+pub const GENERATOR_CPU: usize = 0;
 /// Where vipr's ClusterIPs start (inside the agent's 10.96.0.0/12, clear
 /// of the addresses it allocates itself from the bottom).
 pub const VIPR_VIP_BASE: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 0);
@@ -28,6 +36,13 @@ pub struct Rig {
     pub node: AgentNode,
     /// Backend pod addresses.
     pub pods: Vec<Ipv4Addr>,
+    /// The flood generator and the backends' sink.
+    pub tools: Mutex<PacketTools>,
+    /// The sinks' count, read while a flood runs.
+    pub deliveries: Deliveries,
+    /// Whether the uplink's NAPI thread runs on a CPU of its own (there is
+    /// more than one CPU): otherwise the generator and the node share it.
+    pub napi_pinned: bool,
 }
 
 impl Rig {
@@ -54,7 +69,21 @@ impl Rig {
         for net in ["10.96.0.0/12", "10.200.0.0/16", "10.244.0.0/16"] {
             node.outside.ip(&["route", "add", net, "via", &node_ip])?;
         }
-        Ok(Rig { node, pods })
+        let mut tools = PacketTools::load()?;
+        for name in &names {
+            // The agent's key for a pod's pass program (`pod:<ns>/<name>`).
+            let pin =
+                vipr_dataplane::pass_link_pin(&node.pin_dir(), &format!("pod:default/{name}"));
+            tools.install_sink(&pin)?;
+        }
+        let napi_pinned = thread_uplink_napi(&node)?;
+        Ok(Rig {
+            node,
+            pods,
+            deliveries: tools.deliveries()?,
+            tools: Mutex::new(tools),
+            napi_pinned,
+        })
     }
 
     /// Seconds the agent has spent programming the data plane so far: the
@@ -106,34 +135,67 @@ impl Rig {
     }
 
     /// The client's end of the uplink, for the UDP flood.
-    pub fn flood_link(&self) -> Result<crate::client::FloodLink> {
+    pub fn flood_link(&self) -> Result<FloodLink> {
         let outside_end = format!("{}o", self.node.prefix);
         let (ifindex, src_mac) = link_of(&self.node.outside, &outside_end)?;
         let (_, dst_mac) = link_of(&self.node.node, &self.node.uplink)?;
-        Ok(crate::client::FloodLink {
+        Ok(FloodLink {
             ifindex,
             src_mac,
             dst_mac,
         })
     }
 
-    /// Packets the node has handed to its pods so far (the node-side veths'
-    /// transmit counters): what arrived at the backends.
+    /// Datagrams the backends' sinks have counted so far.
     pub fn delivered_to_pods(&self) -> Result<u64> {
-        let out = self.node.node.ip(&["-j", "-s", "link", "show"])?;
-        let links: Value = serde_json::from_slice(&out.stdout)?;
-        let uplink = &self.node.uplink;
-        Ok(links
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|l| {
-                let name = l["ifname"].as_str().unwrap_or("");
-                name != "lo" && name != uplink
-            })
-            .filter_map(|l| l["stats64"]["tx"]["packets"].as_u64())
-            .sum())
+        self.deliveries.count()
     }
+}
+
+/// Gives the node's uplink a NAPI thread of its own (`threaded`) and pins
+/// it to the CPU after the generator's; whether it could be pinned (more
+/// than one CPU).
+fn thread_uplink_napi(node: &AgentNode) -> Result<bool> {
+    let before = napi_threads();
+    // Written from inside the node's namespace: its sysfs shows its links.
+    let switch = format!("/sys/class/net/{}/threaded", node.uplink);
+    let status = node
+        .node
+        .command("sh")
+        .args(["-c", &format!("echo 1 > {switch}")])
+        .status()
+        .with_context(|| format!("turning on threaded NAPI ({switch})"))?;
+    if !status.success() {
+        bail!("turning on threaded NAPI: writing 1 to {switch} failed ({status})");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        return Ok(false);
+    }
+    // The uplink's NAPI threads are the ones that just appeared (their
+    // names, "napi/<device>-<id>", are cut to 15 characters).
+    let uplink_threads: Vec<i32> = napi_threads().difference(&before).copied().collect();
+    if uplink_threads.is_empty() {
+        bail!("no NAPI thread appeared for the uplink {}", node.uplink);
+    }
+    for pid in uplink_threads {
+        flood::pin_task(pid, GENERATOR_CPU + 1)?;
+    }
+    Ok(true)
+}
+
+/// The pids of the kernel's NAPI threads.
+fn napi_threads() -> BTreeSet<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with("napi/"))
+        })
+        .collect()
 }
 
 /// ctnetlink's flush: an `IPCTNL_MSG_CT_DELETE` request without attributes

@@ -17,7 +17,6 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
         rounds: 1,
         connections: 50,
         udp_flows: 64,
-        udp_new_flows: 500,
         udp_duration: Duration::from_millis(300),
         output: output.clone(),
         skip: Vec::new(),
@@ -66,6 +65,10 @@ fn tiny_run_measures_every_mode_and_cleans_up() {
             "{mode}: the new-flow flood arrived"
         );
         if mode != "direct" {
+            // Direct connections were timed alongside this mode's.
+            let paired = run["paired_direct_latency_us"]["p50"].as_f64().unwrap();
+            assert!(paired > 0.0, "{mode}: {run}");
+            assert!(run["p50_vs_direct"].as_f64().unwrap() > 0.0, "{mode}");
             assert!(run["program_all_ms"].as_f64().unwrap() > 0.0, "{mode}");
             assert!(
                 run["program_one_change_ms"].as_f64().unwrap() > 0.0,

@@ -341,9 +341,11 @@ impl Dataplane {
     pub fn recount_active_connections(&mut self) -> Result<u64, DataplaneError> {
         let ebpf = self.ebpf_mut();
         let mut open: HashMap<Endpoint, u32> = HashMap::new();
-        for (_, entry) in flows::read_conntrack(flows::conntrack_fd(ebpf)?)? {
+        for (_, entry, _) in flows::ConntrackTable::of(ebpf)?.entries() {
             // The forward entry's destination is the backend.
-            if entry.flags & flow_flags::COUNTED != 0 && !flows::is_reply(&entry) {
+            // A closed flow (kept until idle) was uncounted when it closed.
+            let still_open = entry.flags & (flow_flags::REPLY | flow_flags::CLOSED) == 0;
+            if entry.flags & flow_flags::COUNTED != 0 && still_open {
                 let backend = Endpoint {
                     addr: entry.dst_addr,
                     port: entry.dst_port,

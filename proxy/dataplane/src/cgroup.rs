@@ -32,7 +32,7 @@ use aya::{
 };
 use vipr_common::sock_programs;
 
-use crate::{Dataplane, DataplaneError};
+use crate::{Dataplane, DataplaneError, load_retrying_interrupted};
 
 /// Every program attached to a cgroup: the sock_addr ones, then release.
 const CGROUP_PROGRAMS: [&str; 5] = [
@@ -89,13 +89,13 @@ fn release_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, DataplaneError> {
 /// Loads (verifies) every cgroup program of the object.
 pub(crate) fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for name in sock_programs::ALL {
-        sock_program(ebpf, name)?
-            .load()
+        let program = sock_program(ebpf, name)?;
+        load_retrying_interrupted(|| program.load())
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
     let name = sock_programs::SOCK_RELEASE;
-    release_program(ebpf)?
-        .load()
+    let program = release_program(ebpf)?;
+    load_retrying_interrupted(|| program.load())
         .map_err(|source| DataplaneError::Program { name, source })
 }
 

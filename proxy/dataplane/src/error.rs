@@ -44,11 +44,19 @@ pub enum DataplaneError {
         #[source]
         source: aya::maps::MapError,
     },
-    #[error("batch access to map {map}")]
-    MapBatch {
-        map: &'static str,
+    #[error("mapping the conntrack table into memory ({slots} slots, {bytes} bytes)")]
+    MapConntrack {
+        slots: u32,
+        bytes: usize,
         #[source]
         source: std::io::Error,
+    },
+    #[error("installing new-flow program {name} at index {index} of NEW_FLOW_PROGRAMS")]
+    NewFlowProgram {
+        name: &'static str,
+        index: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("creating the pin directory {path}")]
     PinDir {

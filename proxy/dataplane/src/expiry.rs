@@ -1,26 +1,28 @@
 //! Expiring idle flows from conntrack.
 //!
-//! The CONNTRACK map is a plain hash map, so it never evicts: a full map
-//! refuses new flows (counted as `drop_flow_map_full`) rather than silently
-//! dropping a live one, and flows that end without a close the eBPF side
-//! can see (UDP, a TCP peer that vanished, a SYN never answered) are removed
-//! here once idle past their timeout. Every entry carries `last_seen`, the
-//! eBPF side's coarse monotonic clock at its last packet.
+//! The CONNTRACK table never evicts: a full neighbourhood refuses new flows
+//! (counted as `drop_flow_map_full`) rather than silently dropping a live
+//! one, and flows that end without a close the eBPF side can see (UDP, a
+//! TCP peer that vanished, a SYN never answered) are removed here once idle
+//! past their timeout. Every entry carries `last_seen`, the eBPF side's
+//! coarse monotonic clock at its last packet.
 //!
-//! A pass reads the whole map in batches (thousands of entries per
-//! syscall) and deletes in batches; the agent runs it on its own map
-//! handle, off the lock that programs services.
+//! A pass maps the table, walks its slots and removes the idle flows in
+//! place; the agent runs it on its own map handle, off the lock that
+//! programs services.
 
-use std::time::Duration;
-
-use std::os::fd::{AsFd, BorrowedFd};
+use std::{os::fd::AsFd, time::Duration};
 
 use aya::maps::{Map, MapData};
-use vipr_common::{FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP, NatEntry, flow_flags, map_names};
+use vipr_common::{
+    FLOW_CLOCK_SHIFT, FlowKey, IPPROTO_TCP, NatEntry, flow_flags,
+    flow_table::{SLOTS_PER_FLOW, TableShape},
+    map_names,
+};
 
 use crate::{
     Dataplane, DataplaneError,
-    flows::{delete_from_conntrack, is_reply, read_conntrack},
+    flows::{ConntrackTable, conntrack_shape, is_reply},
 };
 
 /// How long a flow may stay idle (no packet either way) before it expires.
@@ -29,7 +31,9 @@ pub struct FlowTimeouts {
     /// TCP whose backend answered, no FIN seen (Cilium's default; Linux
     /// keeps established TCP for 5 days).
     pub tcp_established: Duration,
-    /// TCP after a FIN either way (the last ACK normally closes it sooner).
+    /// TCP after a FIN either way, and closed TCP (FINs both ways and the
+    /// last ACK): netfilter's TIME_WAIT, shorter. Until then a late packet
+    /// of the connection is still translated; a SYN on its tuple replaces it.
     pub tcp_closing: Duration,
     /// UDP whose backend answered.
     pub udp: Duration,
@@ -56,7 +60,9 @@ pub struct Expiry {
     pub flows: usize,
     /// Flows removed as idle.
     pub expired: usize,
-    /// Flows the map holds at most.
+    /// Flows the table is sized for (`--max-flows` rounded up to its
+    /// power-of-two size): it holds these at least, and refuses (counted)
+    /// only what lands in a full neighbourhood beyond.
     pub capacity: u32,
 }
 
@@ -64,13 +70,15 @@ pub struct Expiry {
 /// hold the [`Dataplane`] (see [`Dataplane::flow_expirer`]).
 pub struct FlowExpirer {
     map: MapData,
-    capacity: u32,
+    shape: TableShape,
 }
 
 impl FlowExpirer {
     /// Removes every flow idle past its timeout (both of its entries).
     pub fn expire_idle(&mut self, timeouts: &FlowTimeouts) -> Result<Expiry, DataplaneError> {
-        expire_idle(self.map.fd().as_fd(), self.capacity, timeouts)
+        let table = ConntrackTable::map(self.map.fd().as_fd(), self.shape)?;
+        let capacity = self.shape.mask.wrapping_add(1) / SLOTS_PER_FLOW;
+        Ok(expire_idle(&table, capacity, timeouts))
     }
 }
 
@@ -78,14 +86,14 @@ impl Dataplane {
     /// A second handle on the conntrack map for [`FlowExpirer::expire_idle`].
     pub fn flow_expirer(&self) -> Result<FlowExpirer, DataplaneError> {
         let name = map_names::CONNTRACK;
-        let Some(Map::HashMap(data)) = self.ebpf().map(name) else {
+        let Some(Map::Array(data)) = self.ebpf().map(name) else {
             return Err(DataplaneError::MissingMap(name));
         };
         let info = data.info().map_err(DataplaneError::map(name))?;
         let data = MapData::from_id(info.id()).map_err(DataplaneError::map(name))?;
         Ok(FlowExpirer {
             map: data,
-            capacity: info.max_entries() / 2,
+            shape: conntrack_shape(self.ebpf())?,
         })
     }
 
@@ -146,61 +154,67 @@ fn timeout_of(
     }
 }
 
-fn expire_idle(
-    fd: BorrowedFd<'_>,
-    capacity: u32,
-    timeouts: &FlowTimeouts,
-) -> Result<Expiry, DataplaneError> {
+fn expire_idle(table: &ConntrackTable, capacity: u32, timeouts: &FlowTimeouts) -> Expiry {
     // An entry removed or added while we read is missed or seen: either is fine.
-    let (mut replies, forwards): (Vec<_>, Vec<_>) = read_conntrack(fd)?
+    let (mut replies, forwards): (Vec<_>, Vec<_>) = table
+        .entries()
         .into_iter()
-        .partition(|(_, entry)| is_reply(entry));
-    // Read after the map, so no stamp read is newer than `now`.
+        .partition(|(_, entry, _)| is_reply(entry));
+    // Read after the table, so no stamp read is newer than `now`.
     let now = flow_clock_now();
-    // Sorted, so each forward entry finds its reply by binary search: a
-    // pass over 262,144 flows takes a fraction of what hashing them did.
-    replies.sort_unstable_by_key(|(key, _)| sort_key(key));
+    // Sorted, so each forward entry finds its reply by binary search.
+    replies.sort_unstable_by_key(|(key, _, _)| sort_key(key));
     let mut paired = vec![false; replies.len()];
-    let mut doomed: Vec<FlowKey> = Vec::new();
     let mut expired = 0;
-    for (key, entry) in &forwards {
+    let mut removed_entries = 0;
+    for (key, entry, found) in &forwards {
         let reply_key = entry.tuple(key.proto).reversed();
-        let found = replies
-            .binary_search_by_key(&sort_key(&reply_key), |(k, _)| sort_key(k))
+        let reply = replies
+            .binary_search_by_key(&sort_key(&reply_key), |(k, _, _)| sort_key(k))
             .ok();
-        if let Some(i) = found {
+        if let Some(i) = reply {
             paired[i] = true;
         }
-        let reply = found.map(|i| &replies[i].1);
-        let idle = reply.map_or(idle_ticks(now, entry.last_seen), |r| {
+        let reply = reply.map(|i| &replies[i]);
+        let idle = reply.map_or(idle_ticks(now, entry.last_seen), |(_, r, _)| {
             idle_ticks(now, entry.last_seen).min(idle_ticks(now, r.last_seen))
         });
-        if idle > ticks(timeout_of(key, entry, reply, timeouts)) {
-            expired += 1;
-            doomed.push(*key);
-            if reply.is_some() {
-                doomed.push(reply_key);
+        if idle > ticks(timeout_of(key, entry, reply.map(|(_, r, _)| r), timeouts))
+            // Re-read just before removing: a flow that got a packet during
+            // the walk (a long-idle connection resuming) stays. One whose
+            // packet lands in the nanoseconds between this check and the
+            // removal loses its entry; its next packet opens it again.
+            && table.unused_since(found, entry)
+            && reply.is_none_or(|(_, r, reply_found)| table.unused_since(reply_found, r))
+        {
+            if table.remove(found) {
+                expired += 1;
+                removed_entries += 1;
+            }
+            if let Some((_, _, reply_found)) = reply
+                && table.remove(reply_found)
+            {
+                removed_entries += 1;
             }
         }
     }
     // A reply entry without its forward entry can only be a leftover.
-    for ((key, entry), paired) in replies.iter().zip(paired) {
-        if !paired && idle_ticks(now, entry.last_seen) > ticks(timeouts.unanswered) {
-            doomed.push(*key);
+    for ((_, entry, found), paired) in replies.iter().zip(paired) {
+        if !paired
+            && idle_ticks(now, entry.last_seen) > ticks(timeouts.unanswered)
+            && table.remove(found)
+        {
+            removed_entries += 1;
         }
     }
-    // A flow whose packet arrives between the read and the delete loses
-    // its entry and reopens on the next packet: it was idle for its whole
-    // timeout until then, and the window is one batch syscall.
-    delete_from_conntrack(fd, &doomed)?;
-    if !doomed.is_empty() {
-        tracing::debug!(expired, entries = doomed.len(), "expired idle flows");
+    if removed_entries > 0 {
+        tracing::debug!(expired, entries = removed_entries, "expired idle flows");
     }
-    Ok(Expiry {
+    Expiry {
         flows: forwards.len() - expired,
         expired,
         capacity,
-    })
+    }
 }
 
 #[cfg(test)]

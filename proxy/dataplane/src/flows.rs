@@ -1,21 +1,36 @@
-//! Reading and pruning conntrack (the CONNTRACK map, one entry per
-//! direction of each flow) from userspace.
+//! Conntrack from userspace: the CONNTRACK table (one entry per direction
+//! of each flow, laid out as `vipr_common::flow_table` describes) mapped
+//! into this process, read and pruned with the same lock-free protocol the
+//! eBPF side uses.
 //!
-//! The eBPF side removes TCP flows when they close; what it cannot know is
-//! that a backend went away. A UDP flow has no close, so a flow pinned to a
+//! The eBPF side removes TCP flows on a reset and marks them closed after
+//! FINs both ways (to expire soon); what it cannot know is that a backend
+//! went away. A UDP flow has no close, so a flow pinned to a
 //! removed backend would black-hole the client until it expired; those are
 //! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
 //! in `expiry`.)
+//!
+//! The table is mapped for the length of one operation and unmapped after:
+//! a standing mapping would count the whole table (64 MiB at the default
+//! `--max-flows`) in the agent's resident memory, although it is the
+//! kernel's, already counted as the map's.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
-use aya::{Ebpf, maps::Map};
-use vipr_common::{FlowKey, IPPROTO_UDP, NatEntry, flow_flags, map_names};
+use aya::{
+    Ebpf,
+    maps::{Array, Map, MapData},
+};
+use vipr_common::{
+    DataplaneConfig, FlowKey, IPPROTO_UDP, NatEntry, flow_flags,
+    flow_table::{self, FlowSlot, Found, SlotMemory as _, TableShape, user::RawSlots},
+    map_names,
+};
 
-use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol, batch};
+use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol};
 
 /// One translated flow, as its forward conntrack entry records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -31,6 +46,9 @@ pub struct Flow {
     pub backend: SocketAddrV4,
     /// A FIN was seen from the client.
     pub client_closing: bool,
+    /// The TCP connection is over (FINs both ways and the last ACK); the
+    /// flow stays until idle for the closing timeout.
+    pub closed: bool,
 }
 
 /// Conntrack entries by direction.
@@ -44,45 +62,121 @@ fn sock(addr: u32, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr)), u16::from_be(port))
 }
 
-/// The conntrack map's file descriptor, for batch access.
+/// A live entry of the table: its key, a consistent copy of its entry, and
+/// where it is (to remove exactly it).
+pub(crate) type LiveEntry = (FlowKey, NatEntry, Found);
+
+/// The CONNTRACK table mapped into this process (shared with the kernel:
+/// every access follows `vipr_common::flow_table`'s protocol).
+pub(crate) struct ConntrackTable {
+    memory: RawSlots,
+    shape: TableShape,
+    bytes: usize,
+}
+
+impl ConntrackTable {
+    /// Maps the table behind `fd`, of `shape`.
+    pub(crate) fn map(fd: BorrowedFd<'_>, shape: TableShape) -> Result<Self, DataplaneError> {
+        let slots = shape.mask.wrapping_add(1);
+        let bytes = slots as usize * size_of::<FlowSlot>();
+        // SAFETY: a fresh shared mapping of a BPF_F_MMAPABLE array map of
+        // `slots` slots; the kernel checks the length against the map.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(DataplaneError::MapConntrack {
+                slots,
+                bytes,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(ConntrackTable {
+            // SAFETY: the mapping holds `slots` page-aligned slots and lives
+            // until this value drops.
+            memory: unsafe { RawSlots::new(base.cast(), slots) },
+            shape,
+            bytes,
+        })
+    }
+
+    /// Maps the loaded data plane's table.
+    pub(crate) fn of(ebpf: &Ebpf) -> Result<Self, DataplaneError> {
+        Self::map(conntrack_fd(ebpf)?, conntrack_shape(ebpf)?)
+    }
+
+    /// Every live entry, both directions.
+    pub(crate) fn entries(&self) -> Vec<LiveEntry> {
+        (0..self.memory.len())
+            .filter_map(|index| flow_table::read_slot(&self.memory, self.shape, index))
+            .collect()
+    }
+
+    pub(crate) fn lookup(&self, key: &FlowKey) -> Option<NatEntry> {
+        flow_table::lookup(&self.memory, self.shape, key).map(|(_, entry)| entry)
+    }
+
+    /// Whether the entry `found` names is still there and unused since it
+    /// was read as `entry` (its time stamp unchanged).
+    pub(crate) fn unused_since(&self, found: &Found, entry: &NatEntry) -> bool {
+        flow_table::read_slot(&self.memory, self.shape, found.index).is_some_and(
+            |(_, current, again)| {
+                again.control == found.control && current.last_seen == entry.last_seen
+            },
+        )
+    }
+
+    /// Removes the entry `found` names if it is still there.
+    pub(crate) fn remove(&self, found: &Found) -> bool {
+        flow_table::remove(&self.memory, self.shape, found)
+    }
+
+    /// Removes the entry of `key`, if there is one.
+    pub(crate) fn remove_key(&self, key: &FlowKey) -> bool {
+        flow_table::remove_key(&self.memory, self.shape, key)
+    }
+}
+
+impl Drop for ConntrackTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe {
+            let base = self.memory.slot(0).expect("a table has slots");
+            libc::munmap(base.cast(), self.bytes);
+        }
+    }
+}
+
+/// The conntrack map's file descriptor.
 pub(crate) fn conntrack_fd(ebpf: &Ebpf) -> Result<BorrowedFd<'_>, DataplaneError> {
     let name = map_names::CONNTRACK;
     match ebpf.map(name) {
-        Some(Map::HashMap(data)) => Ok(data.fd().as_fd()),
+        Some(Map::Array(data)) => Ok(data.fd().as_fd()),
         _ => Err(DataplaneError::MissingMap(name)),
     }
 }
 
-/// Every conntrack entry, both directions, in batches (see `batch`).
-pub(crate) fn read_conntrack(
-    fd: BorrowedFd<'_>,
-) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
-    batch::lookup_all(fd).map_err(|source| DataplaneError::MapBatch {
-        map: map_names::CONNTRACK,
-        source,
-    })
-}
-
-/// Deletes conntrack entries by key (gone ones skipped); returns how many went.
-pub(crate) fn delete_from_conntrack(
-    fd: BorrowedFd<'_>,
-    keys: &[FlowKey],
-) -> Result<usize, DataplaneError> {
-    batch::delete(fd, keys).map_err(|source| DataplaneError::MapBatch {
-        map: map_names::CONNTRACK,
-        source,
-    })
+/// The conntrack table's shape, from `CONFIG` (written at load).
+pub(crate) fn conntrack_shape(ebpf: &Ebpf) -> Result<TableShape, DataplaneError> {
+    let name = map_names::CONFIG;
+    let map = ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+    let array: Array<&MapData, DataplaneConfig> =
+        Array::try_from(map).map_err(DataplaneError::map(name))?;
+    Ok(array
+        .get(&0, 0)
+        .map_err(DataplaneError::map(name))?
+        .flow_shape())
 }
 
 pub(crate) fn is_reply(entry: &NatEntry) -> bool {
     entry.flags & flow_flags::REPLY != 0
-}
-
-/// The forward (client to frontend) entries: one per flow.
-fn forward_entries(ebpf: &Ebpf) -> Result<Vec<(FlowKey, NatEntry)>, DataplaneError> {
-    let mut entries = read_conntrack(conntrack_fd(ebpf)?)?;
-    entries.retain(|(_, entry)| !is_reply(entry));
-    Ok(entries)
 }
 
 /// Removes the UDP flows to `frontend` whose backend is not in `live`, both
@@ -94,20 +188,21 @@ pub(crate) fn clear_udp_flows(
 ) -> Result<usize, DataplaneError> {
     let fe = frontend.key();
     let live: Vec<_> = live.iter().map(|b| b.endpoint()).collect();
-    let doomed: Vec<FlowKey> = forward_entries(ebpf)?
-        .into_iter()
-        .filter(|(key, entry)| {
-            key.proto == IPPROTO_UDP
-                && key.dst_addr == fe.addr
-                && key.dst_port == fe.port
-                && !live
-                    .iter()
-                    .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port)
-        })
-        .flat_map(|(key, entry)| [key, entry.tuple(key.proto).reversed()])
-        .collect();
-    delete_from_conntrack(conntrack_fd(ebpf)?, &doomed)?;
-    let flows = doomed.len() / 2;
+    let table = ConntrackTable::of(ebpf)?;
+    let mut flows = 0;
+    for (key, entry, found) in table.entries() {
+        let doomed = !is_reply(&entry)
+            && key.proto == IPPROTO_UDP
+            && key.dst_addr == fe.addr
+            && key.dst_port == fe.port
+            && !live
+                .iter()
+                .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port);
+        if doomed && table.remove(&found) {
+            table.remove_key(&entry.tuple(key.proto).reversed());
+            flows += 1;
+        }
+    }
     if flows > 0 {
         tracing::debug!(frontend = %frontend, flows, "cleared UDP flows of removed backends");
     }
@@ -116,11 +211,13 @@ pub(crate) fn clear_udp_flows(
 
 impl Dataplane {
     /// Every translated flow in conntrack (forward entries), sorted. Walks
-    /// the whole map: for diagnostics and tests, not for a hot loop.
+    /// the whole table: for diagnostics and tests, not for a hot loop.
     pub fn flows(&mut self) -> Result<Vec<Flow>, DataplaneError> {
-        let mut flows: Vec<Flow> = forward_entries(self.ebpf())?
+        let mut flows: Vec<Flow> = ConntrackTable::of(self.ebpf())?
+            .entries()
             .into_iter()
-            .filter_map(|(key, entry)| {
+            .filter(|(_, entry, _)| !is_reply(entry))
+            .filter_map(|(key, entry, _)| {
                 Some(Flow {
                     protocol: Protocol::from_ip_proto(key.proto)?,
                     client: sock(key.src_addr, key.src_port),
@@ -128,6 +225,7 @@ impl Dataplane {
                     source_seen: sock(entry.src_addr, entry.src_port),
                     backend: sock(entry.dst_addr, entry.dst_port),
                     client_closing: entry.flags & flow_flags::FIN != 0,
+                    closed: entry.flags & flow_flags::CLOSED != 0,
                 })
             })
             .collect();
@@ -138,7 +236,7 @@ impl Dataplane {
     /// How many conntrack entries each direction holds now.
     pub fn flow_counts(&mut self) -> Result<FlowCounts, DataplaneError> {
         let mut counts = FlowCounts::default();
-        for (_, entry) in read_conntrack(conntrack_fd(self.ebpf())?)? {
+        for (_, entry, _) in ConntrackTable::of(self.ebpf())?.entries() {
             if is_reply(&entry) {
                 counts.reverse += 1;
             } else {

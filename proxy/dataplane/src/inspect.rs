@@ -15,7 +15,7 @@ use vipr_common::{
     FlowKey, MaglevKey, MemberKey, NatEntry, ServiceKey, ServiceValue, SourceRangeKey, map_names,
 };
 
-use crate::{Dataplane, DataplaneError, Frontend, expiry, maps::hash_map};
+use crate::{Dataplane, DataplaneError, Frontend, expiry, flows::ConntrackTable, maps::hash_map};
 
 /// One entry of a map, its key and value as bytes (as bpftool shows them).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,7 +169,11 @@ impl Dataplane {
             config: config_of(ebpf)?,
             services: hash_entries(ebpf, map_names::SERVICES)?,
             backends: hash_entries(ebpf, map_names::BACKENDS)?,
-            conntrack: hash_entries(ebpf, map_names::CONNTRACK)?,
+            conntrack: ConntrackTable::of(ebpf)?
+                .entries()
+                .into_iter()
+                .map(|(key, value, _)| MapEntry { key, value })
+                .collect(),
             source_ranges,
             maglev: maglev_summary(hash_entries(ebpf, map_names::MAGLEV)?),
             affinity: hash_entries(ebpf, map_names::AFFINITY)?,
@@ -207,7 +211,7 @@ impl Dataplane {
     /// The conntrack entry of `key`, either direction (reply entries carry
     /// `flow_flags::REPLY`).
     pub fn lookup_flow(&self, key: &FlowKey) -> Result<Option<NatEntry>, DataplaneError> {
-        lookup(self.ebpf(), map_names::CONNTRACK, key)
+        Ok(ConntrackTable::of(self.ebpf())?.lookup(key))
     }
 
     /// The endpoint in slot `slot` of service `service_id`'s Maglev table.

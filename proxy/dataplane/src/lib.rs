@@ -43,7 +43,6 @@
 //!   the node from every pod (a link-local address no one owns works).
 
 mod balance;
-mod batch;
 mod cgroup;
 mod error;
 mod expiry;
@@ -64,7 +63,10 @@ pub use expiry::{Expiry, FlowExpirer, FlowTimeouts};
 pub use flows::{Flow, FlowCounts};
 pub use inspect::{MapDump, MapEntry, RawEntry};
 pub use inspect::{bytes_of, idle_now, monotonic_ns};
-pub use loader::{DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode};
+pub use loader::{
+    DEFAULT_SNAT_PORTS, Dataplane, DataplaneOptions, XdpMode, load_retrying_interrupted,
+    pass_link_pin,
+};
 pub use monitor::MonitorEvents;
 pub use redirect::disable_tx_checksum_offload;
 pub use service_stats::{BackendStats, FrontendStats};
@@ -87,3 +89,10 @@ pub const NODE_SYSCTLS: [(&str, &str); 2] = [
 /// The eBPF object this crate was built with.
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipr-ebpf.o"));
+
+/// `vipr bench`'s packet tools (a flood generator and a counting sink, see
+/// `ebpf/programs/bench`), built with the data plane's programs but no part
+/// of the data plane; empty when the build was given a prebuilt data plane
+/// object without them.
+pub static BENCH_EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vipr-bench-ebpf.o"));

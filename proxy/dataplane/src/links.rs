@@ -36,7 +36,7 @@ fn link_error(
 }
 
 /// The pin file name of an attachment key: keys may hold `/` (`pod:ns/name`).
-fn pin_name(key: &str) -> String {
+pub(crate) fn pin_name(key: &str) -> String {
     key.replace('%', "%25").replace('/', "%2F")
 }
 

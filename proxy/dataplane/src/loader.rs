@@ -10,16 +10,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::Array,
-    programs::{TestRun, TestRunOptions, TestRunResult, Xdp},
+    maps::{Array, ProgramArray},
+    programs::{ProgramError, TestRun, TestRunOptions, TestRunResult, Xdp},
 };
 use aya_log::EbpfLogger;
 use ipnet::Ipv4Net;
 use vipr_common::{
     Counter, DEFAULT_MAX_AFFINITY, DEFAULT_MAX_BACKEND_STATS, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_FLOWS, DEFAULT_MAX_MAGLEV_ENTRIES, DEFAULT_MAX_SERVICES, DEFAULT_MAX_SOURCE_RANGES,
-    DataplaneConfig, PASS_PROGRAM, XDP_PROGRAM, XDP_PROGRAM_WITHOUT_EVENTS, config_flags,
-    map_names,
+    DataplaneConfig, NEW_FLOW_PROGRAM, NEW_FLOW_PROGRAM_WITHOUT_EVENTS, NEW_FLOW_WITH_EVENTS,
+    NEW_FLOW_WITHOUT_EVENTS, PASS_PROGRAM, XDP_PROGRAM, XDP_PROGRAM_WITHOUT_EVENTS,
+    flow_table::TableShape, globals, map_names,
 };
 
 pub use aya::programs::XdpMode;
@@ -32,7 +33,7 @@ use crate::{
 
 /// Maps that hold state worth keeping across an agent restart. The aya-log
 /// ring buffer is deliberately absent: it belongs to one loaded program.
-const PERSISTENT_MAPS: [&str; 15] = [
+const PERSISTENT_MAPS: [&str; 17] = [
     map_names::SERVICES,
     map_names::BACKENDS,
     map_names::CONNTRACK,
@@ -48,6 +49,16 @@ const PERSISTENT_MAPS: [&str; 15] = [
     map_names::ACTIVE_CONNECTIONS,
     map_names::BALANCE_TURNS,
     map_names::SOCK_CONNECTIONS,
+    // Not state, but pinned so that an attached program keeps opening flows
+    // while the agent restarts (an unpinned program array is emptied when
+    // the process that made it exits), and so that programs of the old and
+    // the new agent, which tail-call each other while links are taken
+    // over, hand a new flow over through one and the same scratch value.
+    // (An upgrade that changes `Opening`'s layout discards the pin: until
+    // every link runs the new program, the old one's new flows find a
+    // zeroed service in the new scratch value and are refused.)
+    map_names::NEW_FLOW_PROGRAMS,
+    map_names::OPENING,
 ];
 
 /// SNAT source ports by default: the unprivileged ports below Linux's
@@ -58,6 +69,16 @@ const PERSISTENT_MAPS: [&str; 15] = [
 /// the ephemeral one (61000-65535) held 4,536, which a NodePort under a
 /// few hundred new UDP flows a second exhausts before the flows time out.
 pub const DEFAULT_SNAT_PORTS: RangeInclusive<u16> = 1024..=32767;
+
+/// Folder of the pin folder where `vipr_pass` attachments are pinned.
+const PASS_LINK_DIR: &str = "pass-links";
+
+/// Where [`Dataplane::attach_pass_as`] pins the attachment of `key` when
+/// links are pinned under `pin_dir`: for tools that swap the program of
+/// that link (`vipr bench` puts its counting sink on its backends' `eth0`).
+pub fn pass_link_pin(pin_dir: &Path, key: &str) -> PathBuf {
+    pin_dir.join(PASS_LINK_DIR).join(links::pin_name(key))
+}
 
 /// How to load the data plane.
 #[derive(Clone, Debug)]
@@ -161,12 +182,20 @@ impl Dataplane {
         let log_level = options.ebpf_log_level as u8;
         let pin_paths = pin_paths(options.pin_dir.as_deref())?;
         discard_incompatible_pins(&pin_paths, options);
+        let flow_shape = TableShape {
+            mask: conntrack_slots(options.max_flows) - 1,
+            seed: pinned_flow_seed(&pin_paths).unwrap_or_else(fresh_seed),
+        };
+        let xdp_redirect = u32::from(options.xdp_redirect);
         let mut loader = EbpfLoader::new();
         loader
             .override_global(aya_log::LEVEL, &log_level, true)
+            .override_global(globals::FLOW_TABLE_MASK, &flow_shape.mask, true)
+            .override_global(globals::FLOW_TABLE_SEED, &flow_shape.seed, true)
+            .override_global(globals::XDP_REDIRECT, &xdp_redirect, true)
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
-            .map_max_entries(map_names::CONNTRACK, conntrack_entries(options.max_flows))
+            .map_max_entries(map_names::CONNTRACK, conntrack_slots(options.max_flows))
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
             .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats)
             .map_max_entries(map_names::MAGLEV, options.max_maglev_entries)
@@ -183,15 +212,16 @@ impl Dataplane {
         // alive, or the map closes under the loaded program.
         let logger = EbpfLogger::init(&mut ebpf).ok();
         for name in [XDP_PROGRAM, PASS_PROGRAM] {
-            program(&mut ebpf, name)?
-                .load()
+            let xdp = program(&mut ebpf, name)?;
+            load_retrying_interrupted(|| xdp.load())
                 .map_err(|source| DataplaneError::Program { name, source })?;
         }
+        install_new_flow_program(&mut ebpf, NEW_FLOW_PROGRAM, NEW_FLOW_WITH_EVENTS)?;
         // Loaded (verified) now, attached only on request: a verifier
         // complaint surfaces at startup, not when the first cgroup is added.
         cgroup::load_programs(&mut ebpf)?;
 
-        write_config(&mut ebpf, options)?;
+        write_config(&mut ebpf, options, flow_shape)?;
         let services = ServiceTable::adopt(&ebpf, options.max_backend_stats)?;
         let link_dir = options
             .pin_dir
@@ -207,7 +237,7 @@ impl Dataplane {
             .pin_dir
             .as_ref()
             .filter(|_| options.pin_links)
-            .map(|dir| dir.join("pass-links"));
+            .map(|dir| dir.join(PASS_LINK_DIR));
         let attached_pass = match &pass_link_dir {
             Some(dir) => links::adopt(program(&mut ebpf, PASS_PROGRAM)?, dir)?,
             None => HashMap::new(),
@@ -365,8 +395,13 @@ impl Dataplane {
         let name = XDP_PROGRAM_WITHOUT_EVENTS;
         let bare = program(&mut self.ebpf, name)?;
         if bare.fd().is_err() {
-            bare.load()
+            load_retrying_interrupted(|| bare.load())
                 .map_err(|source| DataplaneError::Program { name, source })?;
+            install_new_flow_program(
+                &mut self.ebpf,
+                NEW_FLOW_PROGRAM_WITHOUT_EVENTS,
+                NEW_FLOW_WITHOUT_EVENTS,
+            )?;
         }
         self.run_program(name, packet, out, repeat)
     }
@@ -429,8 +464,60 @@ impl Dataplane {
     }
 }
 
+/// Loads new-flow program `name` and puts it at `index` of
+/// `NEW_FLOW_PROGRAMS`, where the translation tail-calls it (replacing the
+/// one a pinned array still holds from an earlier agent).
+fn install_new_flow_program(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    index: u32,
+) -> Result<(), DataplaneError> {
+    let new_flow = program(ebpf, name)?;
+    load_retrying_interrupted(|| new_flow.load())
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    let installing =
+        |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::NewFlowProgram {
+            name,
+            index,
+            source,
+        };
+    let fd = new_flow
+        .fd()
+        .map_err(|e| installing(e.into()))?
+        .try_clone()
+        .map_err(|e| installing(e.into()))?;
+    let map_name = map_names::NEW_FLOW_PROGRAMS;
+    let map = ebpf
+        .map_mut(map_name)
+        .ok_or(DataplaneError::MissingMap(map_name))?;
+    let mut programs = ProgramArray::try_from(map).map_err(DataplaneError::map(map_name))?;
+    programs
+        .set(index, &fd, 0)
+        .map_err(|e| installing(e.into()))
+}
+
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
     program(ebpf, XDP_PROGRAM)
+}
+
+/// Runs a program's `load` (the verifier), again when the verifier gave up
+/// with EAGAIN: it stops as soon as the loading thread has a signal
+/// pending, whatever the signal. Five attempts, as libbpf makes.
+pub fn load_retrying_interrupted(
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> Result<(), ProgramError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
@@ -457,12 +544,15 @@ fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, Dat
         .collect())
 }
 
-/// Entries of the conntrack map for `max_flows` flows: one per direction.
-pub(crate) fn conntrack_entries(max_flows: u32) -> u32 {
-    max_flows.saturating_mul(2)
+/// Slots of the conntrack table for `max_flows` flows (see
+/// `vipr_common::flow_table`).
+pub(crate) fn conntrack_slots(max_flows: u32) -> u32 {
+    TableShape::slots_for(max_flows)
 }
 
-fn config(options: &DataplaneOptions) -> DataplaneConfig {
+/// `options` as the program reads them; `flow_shape` is the conntrack
+/// table's (its seed kept from a pinned table's config, or fresh).
+fn config(options: &DataplaneOptions, flow_shape: TableShape) -> DataplaneConfig {
     let be = |addr: Option<Ipv4Addr>| addr.map_or(0, |a| u32::from(a).to_be());
     let (cidr_addr, cidr_mask) = options.service_cidr.map_or((0, 0), |net: Ipv4Net| {
         (
@@ -482,26 +572,39 @@ fn config(options: &DataplaneOptions) -> DataplaneConfig {
         hairpin_addr: be(options.hairpin_addr),
         snat_port_min: port_min,
         snat_port_count: if ports.is_empty() { 0 } else { port_count },
-        flags: if options.xdp_redirect {
-            config_flags::XDP_REDIRECT
-        } else {
-            0
-        },
+        _reserved: 0,
+        flow_mask: flow_shape.mask,
+        _pad: 0,
+        flow_seed: flow_shape.seed,
     }
+}
+
+/// A random conntrack hash seed, never zero (zero marks "none yet").
+fn fresh_seed() -> u64 {
+    let mut seed = 0u64;
+    // SAFETY: getrandom fills the 8 bytes it is given.
+    let filled = unsafe { libc::getrandom((&raw mut seed).cast(), size_of::<u64>(), 0) };
+    if filled != size_of::<u64>() as isize {
+        // Only seed quality is at stake (which flows share a neighbourhood).
+        seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+    }
+    seed.max(1)
 }
 
 /// Key and value sizes this build's object gives each persistent map.
 fn expected_layout(name: &str) -> Option<(usize, usize)> {
     use std::mem::size_of;
     use vipr_common::{
-        AffinityKey, AffinityValue, Backend, BackendKey, CounterValue, Endpoint, FlowKey,
-        FlowStats, MaglevKey, MemberKey, NatEntry, ServiceDropKey, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue, SourceRangeKey,
+        AffinityKey, AffinityValue, Backend, BackendKey, CounterValue, Endpoint, FlowStats,
+        MaglevKey, MemberKey, Opening, ServiceDropKey, ServiceKey, ServiceValue, SockRevNatKey,
+        SockRevNatValue, SourceRangeKey, flow_table::FlowSlot,
     };
     Some(match name {
         map_names::SERVICES => (size_of::<ServiceKey>(), size_of::<ServiceValue>()),
         map_names::BACKENDS => (size_of::<BackendKey>(), size_of::<Backend>()),
-        map_names::CONNTRACK => (size_of::<FlowKey>(), size_of::<NatEntry>()),
+        map_names::CONNTRACK => (size_of::<u32>(), size_of::<FlowSlot>()),
         // LPM trie keys carry a 4-byte prefix length in front.
         map_names::SOURCE_RANGES => (4 + size_of::<SourceRangeKey>(), size_of::<u32>()),
         map_names::CONFIG => (size_of::<u32>(), size_of::<DataplaneConfig>()),
@@ -515,6 +618,9 @@ fn expected_layout(name: &str) -> Option<(usize, usize)> {
         map_names::ACTIVE_CONNECTIONS => (size_of::<Endpoint>(), size_of::<u32>()),
         map_names::BALANCE_TURNS => (size_of::<u32>(), size_of::<u32>()),
         map_names::SOCK_CONNECTIONS => (size_of::<u64>(), size_of::<Endpoint>()),
+        map_names::NEW_FLOW_PROGRAMS => (size_of::<u32>(), size_of::<u32>()),
+        // Per-CPU: the kernel reports the value size of one CPU.
+        map_names::OPENING => (size_of::<u32>(), size_of::<Opening>()),
         _ => return None,
     })
 }
@@ -524,7 +630,7 @@ fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
     match name {
         map_names::SERVICES => Some(options.max_services),
         map_names::BACKENDS => Some(options.max_backends),
-        map_names::CONNTRACK => Some(conntrack_entries(options.max_flows)),
+        map_names::CONNTRACK => Some(conntrack_slots(options.max_flows)),
         map_names::SOURCE_RANGES => Some(options.max_source_ranges),
         map_names::STATS => Some(Counter::COUNT),
         map_names::BACKEND_STATS => Some(options.max_backend_stats),
@@ -564,16 +670,41 @@ fn discard_incompatible_pins(pin_paths: &[(&'static str, PathBuf)], options: &Da
             let _ = std::fs::remove_file(path);
         }
     }
+    // The table's flows are placed by the seed in CONFIG: without it (no
+    // pinned CONFIG, or one that cannot be read) they could be neither
+    // found nor removed.
+    if pinned_flow_seed(pin_paths).is_none()
+        && let Some((_, table)) = pin_paths
+            .iter()
+            .find(|(n, path)| *n == map_names::CONNTRACK && path.exists())
+    {
+        tracing::warn!(path = %table.display(), "pinned conntrack without a readable config (its hash seed): discarding it");
+        let _ = std::fs::remove_file(table);
+    }
 }
 
-fn write_config(ebpf: &mut Ebpf, options: &DataplaneOptions) -> Result<(), DataplaneError> {
-    let config = config(options);
+/// Writes `CONFIG`.
+fn write_config(
+    ebpf: &mut Ebpf,
+    options: &DataplaneOptions,
+    flow_shape: TableShape,
+) -> Result<(), DataplaneError> {
     let map = ebpf
         .map_mut(map_names::CONFIG)
         .ok_or(DataplaneError::MissingMap(map_names::CONFIG))?;
     let mut array: Array<_, DataplaneConfig> =
         Array::try_from(map).map_err(DataplaneError::map(map_names::CONFIG))?;
     array
-        .set(0, config, 0)
+        .set(0, config(options, flow_shape), 0)
         .map_err(DataplaneError::map(map_names::CONFIG))
+}
+
+/// The conntrack seed a pinned `CONFIG` carries: the pinned table's flows
+/// are placed by it, so the program must hash with it too.
+fn pinned_flow_seed(pin_paths: &[(&'static str, PathBuf)]) -> Option<u64> {
+    let (_, path) = pin_paths.iter().find(|(n, _)| *n == map_names::CONFIG)?;
+    let data = aya::maps::MapData::from_pin(path).ok()?;
+    let array: Array<_, DataplaneConfig> = Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    let seed = array.get(&0, 0).ok()?.flow_seed;
+    (seed != 0).then_some(seed)
 }

@@ -65,6 +65,7 @@ fn flow_json(entry: &MapEntry<FlowKey, NatEntry>, dump: &MapDump) -> Value {
         "rewritten_to": sock(v.dst_addr, v.dst_port).to_string(),
         "snat": v.flags & flow_flags::SNAT != 0,
         "fin_seen": v.flags & flow_flags::FIN != 0,
+        "closed": v.flags & flow_flags::CLOSED != 0,
         "stats_id": v.stats_id,
         "established": v.flags & flow_flags::SEEN != 0,
         "idle_s": dump.idle(v).as_secs_f64(),
