@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use vipr_dataplane::{Dataplane, DataplaneOptions, XdpMode};
 
-use crate::{Netns, VethEnd, unique_prefix, veth_pair};
+use crate::{Netns, VethEnd, leftovers, unique_prefix, veth_pair};
 
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
@@ -39,6 +39,41 @@ pub fn bin_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The scratch folder of the node named by `prefix` (state, socket, log).
+pub(crate) fn state_dir_of(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{STATE_DIR_PREFIX}{prefix}"))
+}
+pub(crate) const STATE_DIR_PREFIX: &str = "vipr-e2e-";
+
+fn uplink_of(prefix: &str) -> String {
+    format!("{prefix}u")
+}
+
+fn cgroup_root_of(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/cgroup/unified/vipr-e2e-{prefix}"))
+}
+
+/// The `vipr agent` flags every node named `prefix` runs with (and its
+/// `--cleanup` needs).
+pub(crate) fn node_agent_args(prefix: &str) -> Vec<String> {
+    let state_dir = state_dir_of(prefix);
+    vec![
+        "agent".into(),
+        "--state-dir".into(),
+        state_dir.join("state").display().to_string(),
+        "--node-name".into(),
+        prefix.to_owned(),
+        "--uplink".into(),
+        uplink_of(prefix),
+        "--cgroup-root".into(),
+        cgroup_root_of(prefix).display().to_string(),
+        "--api-socket".into(),
+        state_dir.join("vipr.sock").display().to_string(),
+        // The outside end runs vipr_pass with complete checksums.
+        "--xdp-redirect-uplink=true".into(),
+    ]
 }
 
 /// The agent's log filter in tests: debug for vipr's own crates, which also
@@ -86,7 +121,7 @@ impl AgentNode {
         let prefix = unique_prefix(tag);
         let node = Netns::new(format!("{prefix}-node"))?;
         let outside = Netns::new(format!("{prefix}-out"))?;
-        let uplink = format!("{prefix}u");
+        let uplink = uplink_of(&prefix);
         veth_pair(
             &VethEnd {
                 ns: &node,
@@ -102,14 +137,15 @@ impl AgentNode {
             },
         )?;
         let outside_xdp = outside_pass(&outside, &format!("{prefix}o"))?;
-        let state_dir = std::env::temp_dir().join(format!("vipr-e2e-{prefix}"));
+        let state_dir = state_dir_of(&prefix);
         std::fs::create_dir_all(&state_dir)?;
+        leftovers::claim(&state_dir)?;
         let mut node = AgentNode {
             agent: None,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             log_filter: log_filter.to_owned(),
             socket: state_dir.join("vipr.sock"),
-            cgroup_root: PathBuf::from(format!("/sys/fs/cgroup/unified/vipr-e2e-{prefix}")),
+            cgroup_root: cgroup_root_of(&prefix),
             state_dir,
             uplink,
             prefix,
@@ -122,21 +158,7 @@ impl AgentNode {
     }
 
     fn agent_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "agent".into(),
-            "--state-dir".into(),
-            self.state_dir.join("state").display().to_string(),
-            "--node-name".into(),
-            self.prefix.clone(),
-            "--uplink".into(),
-            self.uplink.clone(),
-            "--cgroup-root".into(),
-            self.cgroup_root.display().to_string(),
-            "--api-socket".into(),
-            self.socket.display().to_string(),
-            // The outside end runs vipr_pass with complete checksums.
-            "--xdp-redirect-uplink=true".into(),
-        ];
+        let mut args = node_agent_args(&self.prefix);
         args.extend(self.extra_args.iter().cloned());
         args
     }
@@ -195,6 +217,12 @@ impl AgentNode {
 
     pub fn agent_log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's process id, if it was started (nsenter execs vipr in
+    /// place: the same pid).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// The agent's resident set size in MiB (from /proc), if it runs.

@@ -67,8 +67,41 @@ impl Netns {
         Ok(ns)
     }
 
+    /// A guard for a namespace that already exists (one a killed process
+    /// left behind), if it does.
+    pub fn existing(name: impl Into<String>) -> Option<Self> {
+        let name = name.into();
+        std::path::Path::new("/run/netns")
+            .join(&name)
+            .exists()
+            .then_some(Netns { name })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Kills every process in the namespace and waits (at most 2 s) until
+    /// they are gone.
+    pub fn kill_processes(&self) {
+        let pids = || {
+            Command::new("ip")
+                .args(["netns", "pids", &self.name])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            let listed = pids();
+            if listed.trim().is_empty() || std::time::Instant::now() > deadline {
+                return;
+            }
+            for pid in listed.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).output();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// A command that runs inside this namespace.
@@ -144,14 +177,7 @@ pub fn spawn_in_netns<T: Send + 'static>(
 impl Drop for Netns {
     fn drop(&mut self) {
         // Processes left in the namespace would keep it alive.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-9", pid]).output();
-            }
-        }
+        self.kill_processes();
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
@@ -194,6 +220,7 @@ pub fn veth_pair(a: &VethEnd<'_>, b: &VethEnd<'_>) -> Result<()> {
 }
 
 pub mod agent;
+pub mod leftovers;
 pub mod maps;
 
 /// A folder on bpffs (`/sys/fs/bpf/<name>`) for one test's pinned maps and

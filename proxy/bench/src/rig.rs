@@ -5,7 +5,8 @@
 //! node's uplink takes frames in a NAPI thread of its own, pinned to
 //! another CPU than the flood generator's. Dropping the rig stops the
 //! agent, runs its `--cleanup` and deletes the namespaces (the agent node's
-//! guard does), also when unwinding.
+//! guard does), also when unwinding; a rig whose run was killed outright is
+//! removed by the next run (`vipr_e2e::leftovers`).
 
 use std::{collections::BTreeSet, net::Ipv4Addr, sync::Mutex, time::Duration};
 
@@ -53,6 +54,11 @@ impl Rig {
         } else {
             &["--xdp-redirect=false"]
         };
+        // A run killed outright (SIGKILL, a restart) left its rig running.
+        let swept = vipr_e2e::leftovers::sweep();
+        if !swept.is_empty() {
+            eprintln!("removed what killed runs left behind: {}", swept.join(", "));
+        }
         // At `info`, as on a production node: no per-flow debug log is measured.
         let node = AgentNode::start_logging("bench", flags, "info")
             .context("starting the node and its agent")?;
