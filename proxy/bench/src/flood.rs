@@ -34,6 +34,10 @@ use aya::{
         xdp::XdpLink,
     },
 };
+use nix::{
+    sched::{CpuSet, sched_setaffinity},
+    unistd::Pid,
+};
 use vipr_dataplane::vipr_common::bench::{FLOOD_HEADER_LEN, FloodPlan};
 
 const FLOOD_PROGRAM: &str = "vipr_bench_flood";
@@ -110,7 +114,7 @@ impl PacketTools {
     pub fn deliveries(&self) -> Result<Deliveries> {
         let map = self.ebpf.map("SINK_COUNT").context("no SINK_COUNT map")?;
         let aya::maps::Map::PerCpuArray(data) = map else {
-            anyhow::bail!("SINK_COUNT is no per-CPU array");
+            bail!("SINK_COUNT is no per-CPU array");
         };
         let id = data.info().context("SINK_COUNT's map info")?.id();
         let own = MapData::from_id(id).context("a handle of its own on SINK_COUNT")?;
@@ -318,33 +322,14 @@ fn ipv4_checksum(header: &[u8]) -> u16 {
     !(((folded & 0xffff) + (folded >> 16)) as u16)
 }
 
-/// Pins the calling thread to `cpu`.
-pub fn pin_thread(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: a valid set for the calling thread (pid 0).
-    if unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        bail!("pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Pins process (or kernel thread) `pid` to `cpu`.
+/// Pins task `pid` (a thread, or a kernel thread such as a NAPI one; 0:
+/// the calling thread) to `cpu`.
 pub fn pin_task(pid: i32, cpu: usize) -> Result<()> {
-    // SAFETY: as in `pin_thread`.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: a valid set; the kernel checks the pid.
-    if unsafe { libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) } != 0 {
-        bail!(
-            "pinning task {pid} to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .with_context(|| format!("CPU {cpu} is beyond a CPU set"))?;
+    sched_setaffinity(Pid::from_raw(pid), &set)
+        .with_context(|| format!("pinning task {pid} to CPU {cpu}"))
 }
 
 #[cfg(test)]

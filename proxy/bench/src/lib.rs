@@ -291,7 +291,7 @@ fn run_flood(
     amount: flood::Amount,
 ) -> Result<(u64, Duration)> {
     rig.node.outside.enter(|| {
-        flood::pin_thread(rig::GENERATOR_CPU)?;
+        flood::pin_task(0, rig::GENERATOR_CPU)?;
         let mut tools = rig.tools.lock().expect("packet tools");
         tools.flood(link, &datagrams, amount)
     })?

@@ -7,8 +7,9 @@
 //! FINs both ways (to expire soon); what it cannot know is that a backend
 //! went away. A UDP flow has no close, so a flow pinned to a
 //! removed backend would black-hole the client until it expired; those are
-//! cleared here whenever a UDP frontend loses a backend. (Idle flows expire
-//! in `expiry`.)
+//! cleared here whenever a UDP frontend loses a backend (one walk for a
+//! whole batch of changes: `Dataplane::defer_udp_flow_clears`). (Idle flows
+//! expire in `expiry`.)
 //!
 //! The table is mapped for the length of one operation and unmapped after:
 //! a standing mapping would count the whole table (64 MiB at the default
@@ -16,6 +17,7 @@
 //! kernel's, already counted as the map's.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
@@ -25,12 +27,12 @@ use aya::{
     maps::{Array, Map, MapData},
 };
 use vipr_common::{
-    DataplaneConfig, FlowKey, IPPROTO_UDP, NatEntry, flow_flags,
+    DataplaneConfig, Endpoint, FlowKey, IPPROTO_UDP, NatEntry, ServiceKey, flow_flags,
     flow_table::{self, FlowSlot, Found, SlotMemory as _, TableShape, user::RawSlots},
     map_names,
 };
 
-use crate::{BackendAddr, Dataplane, DataplaneError, Frontend, Protocol};
+use crate::{Dataplane, DataplaneError, Protocol};
 
 /// One translated flow, as its forward conntrack entry records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -179,32 +181,42 @@ pub(crate) fn is_reply(entry: &NatEntry) -> bool {
     entry.flags & flow_flags::REPLY != 0
 }
 
-/// Removes the UDP flows to `frontend` whose backend is not in `live`, both
-/// directions; returns how many flows went.
+/// Removes, both directions, the UDP flows to each frontend of `live` whose
+/// backend is not among its live ones, in one walk of the table; returns
+/// how many flows went.
 pub(crate) fn clear_udp_flows(
     ebpf: &Ebpf,
-    frontend: &Frontend,
-    live: &[BackendAddr],
+    live: &HashMap<ServiceKey, Vec<Endpoint>>,
 ) -> Result<usize, DataplaneError> {
-    let fe = frontend.key();
-    let live: Vec<_> = live.iter().map(|b| b.endpoint()).collect();
     let table = ConntrackTable::of(ebpf)?;
     let mut flows = 0;
     for (key, entry, found) in table.entries() {
-        let doomed = !is_reply(&entry)
-            && key.proto == IPPROTO_UDP
-            && key.dst_addr == fe.addr
-            && key.dst_port == fe.port
-            && !live
-                .iter()
-                .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port);
+        if is_reply(&entry) || key.proto != IPPROTO_UDP {
+            continue;
+        }
+        let frontend = ServiceKey {
+            addr: key.dst_addr,
+            port: key.dst_port,
+            proto: key.proto,
+            _pad: 0,
+        };
+        let Some(backends) = live.get(&frontend) else {
+            continue;
+        };
+        let doomed = !backends
+            .iter()
+            .any(|b| b.addr == entry.dst_addr && b.port == entry.dst_port);
         if doomed && table.remove(&found) {
             table.remove_key(&entry.tuple(key.proto).reversed());
             flows += 1;
         }
     }
     if flows > 0 {
-        tracing::debug!(frontend = %frontend, flows, "cleared UDP flows of removed backends");
+        tracing::debug!(
+            frontends = live.len(),
+            flows,
+            "cleared UDP flows of removed backends"
+        );
     }
     Ok(flows)
 }

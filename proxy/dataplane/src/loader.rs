@@ -183,7 +183,7 @@ impl Dataplane {
         let pin_paths = pin_paths(options.pin_dir.as_deref())?;
         discard_incompatible_pins(&pin_paths, options);
         let flow_shape = TableShape {
-            mask: conntrack_slots(options.max_flows) - 1,
+            mask: TableShape::slots_for(options.max_flows) - 1,
             seed: pinned_flow_seed(&pin_paths).unwrap_or_else(fresh_seed),
         };
         let xdp_redirect = u32::from(options.xdp_redirect);
@@ -195,7 +195,10 @@ impl Dataplane {
             .override_global(globals::XDP_REDIRECT, &xdp_redirect, true)
             .map_max_entries(map_names::SERVICES, options.max_services)
             .map_max_entries(map_names::BACKENDS, options.max_backends)
-            .map_max_entries(map_names::CONNTRACK, conntrack_slots(options.max_flows))
+            .map_max_entries(
+                map_names::CONNTRACK,
+                TableShape::slots_for(options.max_flows),
+            )
             .map_max_entries(map_names::SOURCE_RANGES, options.max_source_ranges)
             .map_max_entries(map_names::BACKEND_STATS, options.max_backend_stats)
             .map_max_entries(map_names::MAGLEV, options.max_maglev_entries)
@@ -544,12 +547,6 @@ fn pin_paths(pin_dir: Option<&Path>) -> Result<Vec<(&'static str, PathBuf)>, Dat
         .collect())
 }
 
-/// Slots of the conntrack table for `max_flows` flows (see
-/// `vipr_common::flow_table`).
-pub(crate) fn conntrack_slots(max_flows: u32) -> u32 {
-    TableShape::slots_for(max_flows)
-}
-
 /// `options` as the program reads them; `flow_shape` is the conntrack
 /// table's (its seed kept from a pinned table's config, or fresh).
 fn config(options: &DataplaneOptions, flow_shape: TableShape) -> DataplaneConfig {
@@ -630,7 +627,7 @@ fn expected_max_entries(name: &str, options: &DataplaneOptions) -> Option<u32> {
     match name {
         map_names::SERVICES => Some(options.max_services),
         map_names::BACKENDS => Some(options.max_backends),
-        map_names::CONNTRACK => Some(conntrack_slots(options.max_flows)),
+        map_names::CONNTRACK => Some(TableShape::slots_for(options.max_flows)),
         map_names::SOURCE_RANGES => Some(options.max_source_ranges),
         map_names::STATS => Some(Counter::COUNT),
         map_names::BACKEND_STATS => Some(options.max_backend_stats),

@@ -75,6 +75,9 @@ pub(crate) struct ServiceTable {
     /// How many counting frontends have each backend: its connection
     /// counter goes when none has it any more.
     counters: HashMap<BackendAddr, u32>,
+    /// UDP frontends whose flows wait to be cleared: `Some` while clears
+    /// are deferred ([`Dataplane::defer_udp_flow_clears`]).
+    deferred_udp_clears: Option<HashSet<Frontend>>,
 }
 
 impl ServiceTable {
@@ -340,9 +343,65 @@ impl Dataplane {
             .as_ref()
             .is_some_and(|p| p.backends.iter().any(|b| !backends.contains(b)));
         if frontend.protocol == Protocol::Udp && lost_backend {
-            flows::clear_udp_flows(self.ebpf(), &frontend, backends)?;
+            self.udp_flows_stale(frontend)?;
         }
         Ok(())
+    }
+
+    /// Defers the UDP flow clears the changes that follow call for, until
+    /// [`Dataplane::clear_deferred_udp_flows`]. A clear walks the whole
+    /// conntrack table, whose cost grows with its capacity (about 9 ms at
+    /// the default `--max-flows`), so a batch of changes (a sync of many
+    /// services) is cleared in one walk instead of one walk per frontend.
+    pub fn defer_udp_flow_clears(&mut self) {
+        self.services
+            .deferred_udp_clears
+            .get_or_insert_with(HashSet::new);
+    }
+
+    /// Clears, in one walk, the UDP flows of every frontend changed since
+    /// [`Dataplane::defer_udp_flow_clears`] whose backend is gone, and
+    /// clears at once again from here on. Returns the flows cleared.
+    pub fn clear_deferred_udp_flows(&mut self) -> Result<usize, DataplaneError> {
+        let stale = self.services.deferred_udp_clears.take().unwrap_or_default();
+        self.clear_udp_flows(stale)
+    }
+
+    /// `frontend`'s UDP flows may lead to backends it no longer has: cleared
+    /// now, or with the deferred ones.
+    fn udp_flows_stale(&mut self, frontend: Frontend) -> Result<(), DataplaneError> {
+        match &mut self.services.deferred_udp_clears {
+            Some(stale) => {
+                stale.insert(frontend);
+                Ok(())
+            }
+            None => self.clear_udp_flows([frontend]).map(drop),
+        }
+    }
+
+    /// Removes the UDP flows of `frontends` to backends they no longer have
+    /// (all of them for a frontend that went), in one walk of conntrack.
+    fn clear_udp_flows(
+        &self,
+        frontends: impl IntoIterator<Item = Frontend>,
+    ) -> Result<usize, DataplaneError> {
+        let live: HashMap<ServiceKey, Vec<Endpoint>> = frontends
+            .into_iter()
+            .map(|frontend| {
+                let backends = self
+                    .services
+                    .frontends
+                    .get(&frontend)
+                    .map_or_else(Vec::new, |p| {
+                        p.backends.iter().map(|b| b.endpoint()).collect()
+                    });
+                (frontend.key(), backends)
+            })
+            .collect();
+        if live.is_empty() {
+            return Ok(0);
+        }
+        flows::clear_udp_flows(self.ebpf(), &live)
     }
 
     /// Forgets `frontend`: new packets to it are no longer translated, and
@@ -363,15 +422,15 @@ impl Dataplane {
             balance::forget_affinities(ebpf, programmed.id)?;
         }
         write_source_ranges(ebpf, programmed.id, &[], &programmed.options.source_ranges)?;
-        if frontend.protocol == Protocol::Udp {
-            flows::clear_udp_flows(ebpf, frontend, &[])?;
-        }
         let gone = self.services.count_backends(&[], programmed.counted());
         balance::remove_counters(self.ebpf_mut(), &gone)?;
         self.services.backend_slots -= u64::from(programmed.backend_count());
         self.services.maglev_slots -= programmed.maglev.len() as u64;
         self.services.free_ids.push(programmed.id);
         self.services.stats.release_except(frontend, &[]);
+        if frontend.protocol == Protocol::Udp {
+            self.udp_flows_stale(*frontend)?;
+        }
         Ok(true)
     }
 

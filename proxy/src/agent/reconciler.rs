@@ -83,12 +83,14 @@ impl Reconciler {
             .into_iter()
             .filter(|s| !stored.contains(s))
             .collect();
-        for service in services.iter().chain(&gone) {
-            self.sync_service(service)?;
-        }
-        let strays = self
-            .sync
-            .remove_strays(&mut self.dataplane.lock().unwrap())?;
+        let strays = self.with_batched_flow_clears(|this| {
+            for service in services.iter().chain(&gone) {
+                this.sync_service(service)?;
+            }
+            Ok(this
+                .sync
+                .remove_strays(&mut this.dataplane.lock().unwrap())?)
+        })?;
         self.publish_dns();
         self.metrics
             .sync_duration
@@ -118,9 +120,11 @@ impl Reconciler {
                 self.affected_services(&event.object, &mut affected);
             }
         }
-        for service in &affected {
-            self.sync_service(service)?;
-        }
+        self.with_batched_flow_clears(|this| {
+            affected
+                .iter()
+                .try_for_each(|service| this.sync_service(service))
+        })?;
         self.publish_dns();
         let took = started.elapsed().as_secs_f64();
         if events.len() >= memory::TRIM_AFTER_OBJECTS {
@@ -143,6 +147,22 @@ impl Reconciler {
             "synced"
         );
         Ok(())
+    }
+
+    /// Runs `sync` with the data plane's UDP flow clears deferred to its
+    /// end: one walk of the conntrack table for the whole batch, not one
+    /// per UDP frontend that lost a backend. The clears run also when
+    /// `sync` fails part-way.
+    fn with_batched_flow_clears<T>(
+        &mut self,
+        sync: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        self.dataplane.lock().unwrap().defer_udp_flow_clears();
+        let synced = sync(self);
+        let cleared = self.dataplane.lock().unwrap().clear_deferred_udp_flows();
+        let value = synced?;
+        cleared?;
+        Ok(value)
     }
 
     fn affected_services(&self, object: &Object, affected: &mut BTreeSet<ServiceName>) {
